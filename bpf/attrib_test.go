@@ -1,0 +1,585 @@
+package bpf
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/identityd/identityd/internal/cgroup2"
+	"github.com/identityd/identityd/internal/sandboxtest"
+)
+
+const tokenPort = 7123
+
+// testPinDir is a pin directory private to this test and process.
+func testPinDir(t testing.TB) string {
+	name := strings.NewReplacer("/", "-", " ", "_").Replace(t.Name())
+	return filepath.Join(DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s", os.Getpid(), name))
+}
+
+// sweepOnce removes installations left by test processes that were killed
+// before their cleanups ran: their programs would otherwise stay attached to
+// the root cgroup.
+var sweepOnce sync.Once
+
+func sweepLeftoverPins() {
+	entries, err := os.ReadDir(DefaultBPFFS)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		rest, ok := strings.CutPrefix(e.Name(), "identityd-test-")
+		if !ok {
+			continue
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || pid == os.Getpid() || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue
+		}
+		Uninstall(context.Background(), Options{PinDir: filepath.Join(DefaultBPFFS, e.Name()), Logger: quiet})
+	}
+}
+
+var quiet = slog.New(slog.DiscardHandler)
+
+// install installs the programs for this test and uninstalls them when it
+// ends, checking that nothing is left behind.
+func install(t testing.TB) (*Installation, Options) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	sweepOnce.Do(sweepLeftoverPins)
+	opts := Options{PinDir: testPinDir(t), Logger: quiet}
+	in, err := Install(context.Background(), opts)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		in.Close()
+		assert.NoError(t, Uninstall(context.Background(), opts))
+		assert.NoDirExists(t, opts.PinDir)
+	})
+	return in, opts
+}
+
+// server is a token-endpoint listener in a world's host netns.
+type server struct {
+	t  testing.TB
+	ln *net.TCPListener
+}
+
+func listen(t testing.TB, w *sandboxtest.World, addr string) *server {
+	t.Helper()
+	ln, err := w.Listen("tcp", addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	return &server{t: t, ln: ln.(*net.TCPListener)}
+}
+
+func (s *server) addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
+
+// accept accepts one connection and returns its local and remote addresses.
+func (s *server) accept() (local, remote netip.AddrPort) {
+	s.t.Helper()
+	s.ln.SetDeadline(time.Now().Add(10 * time.Second))
+	c, err := s.ln.AcceptTCP()
+	require.NoError(s.t, err)
+	s.t.Cleanup(func() { c.Close() })
+	return c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+}
+
+func TestAttributesSandboxConnection(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	dual := listen(t, w, fmt.Sprintf(":%d", tokenPort)) // dual-stack [::]
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{
+		netip.AddrPortFrom(w.Router4, tokenPort),
+		netip.AddrPortFrom(w.Router6, tokenPort),
+	}))
+	client := a.Start(t)
+
+	for _, tc := range []struct {
+		name   string
+		family int
+		dest   netip.Addr
+	}{
+		{"ipv4", 4, w.Router4},
+		{"ipv6", 6, w.Router6},
+		{"ipv4-mapped-ipv6", 6, netip.AddrFrom16(w.Router4.As16())},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fd, err := client.Socket(tc.family)
+			require.NoError(t, err)
+			clientLocal, err := client.Connect(fd, netip.AddrPortFrom(tc.dest, tokenPort))
+			require.NoError(t, err)
+
+			local, remote := dual.accept()
+			assert.Equal(t, clientLocal.Addr().Unmap(), remote.Addr().Unmap(), "server sees the client's address")
+			rec, err := in.Lookup(local, remote)
+			require.NoError(t, err)
+			assert.Equal(t, a.CgroupID, rec.CgroupID, "cgroup id is the inode of the sandbox's cgroup")
+			assert.Equal(t, a.NetnsCookie, rec.NetnsCookie, "netns cookie is SO_NETNS_COOKIE inside the sandbox")
+			assert.Equal(t, uint32(client.Pid), rec.TGID)
+			assert.NotZero(t, rec.PID)
+			assert.NotZero(t, rec.SocketCookie)
+			assert.Zero(t, rec.Flags)
+			assert.InDelta(t, float64(bootTime()), float64(rec.Connected), float64(5*time.Second))
+
+			_, err = in.Lookup(local, remote)
+			assert.ErrorIs(t, err, ErrNoRecord, "a record is consumed by its lookup")
+		})
+	}
+}
+
+func TestNonEndpointLeavesNoRecord(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{netip.AddrPortFrom(w.Router4, tokenPort)}))
+	other := listen(t, w, netip.AddrPortFrom(w.Router4, 8080).String())
+	client := a.Start(t)
+
+	_, err := client.Dial(other.addr(), 1)
+	require.NoError(t, err)
+	local, remote := other.accept()
+	_, err = in.Lookup(local, remote)
+	assert.ErrorIs(t, err, ErrNoRecord)
+	assertNoRecords(t, in)
+}
+
+func assertNoRecords(t *testing.T, in *Installation) {
+	t.Helper()
+	var k attribConnKey
+	var v attribRecord
+	it := in.conns.Iterate()
+	n := 0
+	for it.Next(&k, &v) {
+		n++
+	}
+	require.NoError(t, it.Err())
+	assert.Zero(t, n, "records left in the map")
+}
+
+func TestWildcardEndpoint(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{netip.MustParseAddrPort("[::]:7123")}))
+	eps, err := in.Endpoints()
+	require.NoError(t, err)
+	assert.Equal(t, []netip.AddrPort{netip.MustParseAddrPort("[::]:7123")}, eps)
+
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	client := a.Start(t)
+	_, err = client.Dial(netip.AddrPortFrom(w.Router6, tokenPort), 1)
+	require.NoError(t, err)
+	rec, err := in.Lookup(srv.accept())
+	require.NoError(t, err)
+	assert.Equal(t, a.CgroupID, rec.CgroupID)
+
+	// Replacing the set removes the wildcard.
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{netip.AddrPortFrom(w.Router4, tokenPort)}))
+	_, err = client.Dial(netip.AddrPortFrom(w.Router6, tokenPort), 1)
+	require.NoError(t, err)
+	_, err = in.Lookup(srv.accept())
+	assert.ErrorIs(t, err, ErrNoRecord)
+}
+
+func TestConcurrentSandboxesNeverMisattributed(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a, b := w.AddSandbox("a"), w.AddSandbox("b")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{
+		netip.AddrPortFrom(w.Router4, tokenPort),
+		netip.AddrPortFrom(w.Router6, tokenPort),
+	}))
+	owner := map[netip.Addr]*sandboxtest.Sandbox{a.Addr4: a, a.Addr6: a, b.Addr4: b, b.Addr6: b}
+
+	const perFamily = 150
+	clients := []*sandboxtest.Client{a.Start(t), b.Start(t)}
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for _, c := range clients {
+		for _, dest := range []netip.Addr{w.Router4, w.Router6} {
+			wg.Go(func() {
+				if _, err := c.Dial(netip.AddrPortFrom(dest, tokenPort), perFamily); err != nil {
+					errs <- err
+				}
+			})
+		}
+	}
+
+	total := len(clients) * 2 * perFamily
+	for i := range total {
+		local, remote := srv.accept()
+		rec, err := in.Lookup(local, remote)
+		require.NoError(t, err, "connection %d from %s", i, remote)
+		want := owner[remote.Addr().Unmap()]
+		require.NotNil(t, want, "unexpected peer %s", remote)
+		require.Equal(t, want.CgroupID, rec.CgroupID, "connection from %s attributed to the wrong cgroup", remote)
+		require.Equal(t, want.NetnsCookie, rec.NetnsCookie, "connection from %s attributed to the wrong netns", remote)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	assertNoRecords(t, in)
+}
+
+func TestOwnerIsFixedAtSocketCreation(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a, b := w.AddSandbox("a"), w.AddSandbox("b")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
+
+	client := a.Start(t)
+	fd, err := client.Socket(4)
+	require.NoError(t, err)
+	require.NoError(t, client.MoveTo(b.CgroupDir))
+
+	_, err = client.Connect(fd, dest)
+	require.NoError(t, err)
+	rec, err := in.Lookup(srv.accept())
+	require.NoError(t, err)
+	assert.Equal(t, a.CgroupID, rec.CgroupID, "a socket belongs to the cgroup it was created in")
+
+	_, err = client.Dial(dest, 1)
+	require.NoError(t, err)
+	rec, err = in.Lookup(srv.accept())
+	require.NoError(t, err)
+	assert.Equal(t, b.CgroupID, rec.CgroupID, "a socket created after the move belongs to the new cgroup")
+	assert.Equal(t, a.NetnsCookie, rec.NetnsCookie, "the netns did not change")
+}
+
+func TestChildCgroupIsReported(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	child := a.ChildCgroup("worker")
+	childID, err := cgroup2.ID(child)
+	require.NoError(t, err)
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
+
+	client := a.Start(t)
+	require.NoError(t, client.MoveTo(child))
+	_, err = client.Dial(dest, 1)
+	require.NoError(t, err)
+	rec, err := in.Lookup(srv.accept())
+	require.NoError(t, err)
+	assert.Equal(t, childID, rec.CgroupID, "the record names the leaf cgroup; mapping it to its sandbox is the registry's job")
+}
+
+func TestSocketBeforeInstallIsUnattested(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	client := a.Start(t)
+	early, err := client.Socket(4)
+	require.NoError(t, err)
+
+	in, _ := install(t)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
+
+	_, err = client.Connect(early, dest)
+	require.NoError(t, err)
+	rec, err := in.Lookup(srv.accept())
+	require.ErrorIs(t, err, ErrUnattested)
+	assert.Zero(t, rec.CgroupID, "nothing is guessed for an unattested socket")
+	assert.Equal(t, a.NetnsCookie, rec.NetnsCookie, "the netns is still reported, for the refusal's log")
+
+	_, err = client.Dial(dest, 1)
+	require.NoError(t, err)
+	rec, err = in.Lookup(srv.accept())
+	require.NoError(t, err, "a socket created after Install is attested")
+	assert.Equal(t, a.CgroupID, rec.CgroupID)
+}
+
+// TestSameTupleFromTwoNetnsIsAmbiguous plays a sandbox that takes another's
+// address and source port: neither connection can be attributed.
+func TestSameTupleFromTwoNetnsIsAmbiguous(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a, b := w.AddSandbox("a"), w.AddSandbox("b")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
+	require.NoError(t, b.AddAddr(a.Addr4))
+
+	source := netip.AddrPortFrom(a.Addr4, 40123)
+	ca, cb := a.Start(t), b.Start(t)
+	fa, err := ca.Socket(4)
+	require.NoError(t, err)
+	require.NoError(t, ca.Bind(fa, source))
+	_, err = ca.Connect(fa, dest)
+	require.NoError(t, err)
+
+	fb, err := cb.Socket(4)
+	require.NoError(t, err)
+	require.NoError(t, cb.Bind(fb, source))
+	require.NoError(t, cb.ConnectNonblock(fb, dest))
+
+	rec, err := in.Lookup(srv.accept())
+	assert.ErrorIs(t, err, ErrAmbiguous)
+	assert.Equal(t, b.NetnsCookie, rec.NetnsCookie, "the record names the later publisher")
+}
+
+func TestRecordClosedBeforeLookupIsDropped(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
+	client := a.Start(t)
+
+	// Nothing listens: the connection is refused and its socket closes.
+	fd, err := client.Socket(4)
+	require.NoError(t, err)
+	_, err = client.Connect(fd, dest)
+	require.ErrorContains(t, err, "connection refused")
+	assertNoRecords(t, in)
+}
+
+func TestStaleRecord(t *testing.T) {
+	in, _ := install(t)
+	local := netip.MustParseAddrPort("10.0.0.1:7123")
+	remote := netip.MustParseAddrPort("10.0.0.2:40000")
+	rec := attribRecord{CgroupId: 42, NetnsCookie: 7, ConnectBootNs: uint64(bootTime() - 2*DefaultMaxRecordAge)}
+	require.NoError(t, in.conns.Put(makeConnKey(remote, local), rec))
+	got, err := in.Lookup(local, remote)
+	assert.ErrorIs(t, err, ErrStale)
+	assert.Equal(t, uint64(42), got.CgroupID)
+}
+
+// TestCapacity checks that the connection map keeps the promised number of
+// live records without evicting any.
+func TestCapacity(t *testing.T) {
+	in, _ := install(t)
+	const live = 65536
+	keys := make([]attribConnKey, live)
+	vals := make([]attribRecord, live)
+	now := uint64(bootTime())
+	for i := range keys {
+		keys[i] = makeConnKey(
+			netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000),
+			netip.MustParseAddrPort("10.0.0.1:7123"))
+		vals[i] = attribRecord{CgroupId: uint64(i + 1), ConnectBootNs: now}
+	}
+	for i := range keys {
+		require.NoError(t, in.conns.Put(keys[i], vals[i]))
+	}
+	for i := range keys {
+		var got attribRecord
+		require.NoError(t, in.conns.Lookup(keys[i], &got), "record %d was evicted", i)
+		require.Equal(t, uint64(i+1), got.CgroupId)
+	}
+}
+
+// attachedCopies counts programs at the cgroup's hook that use the map with
+// id: other installations (parallel test packages) attach their own copies
+// with their own maps.
+func attachedCopies(t *testing.T, cgroupRoot string, attach ebpf.AttachType, mapID ebpf.MapID) int {
+	t.Helper()
+	cg, err := os.Open(cgroupRoot)
+	require.NoError(t, err)
+	defer cg.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: attach})
+	require.NoError(t, err)
+	n := 0
+	for _, p := range res.Programs {
+		prog, err := ebpf.NewProgramFromID(p.ID)
+		if err != nil {
+			continue // detached meanwhile
+		}
+		info, err := prog.Info()
+		prog.Close()
+		require.NoError(t, err)
+		ids, _ := info.MapIDs()
+		for _, id := range ids {
+			if id == mapID {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {
+	t.Helper()
+	info, err := m.Info()
+	require.NoError(t, err)
+	id, ok := info.ID()
+	require.True(t, ok)
+	return id
+}
+
+// ownersMapID is the id of the map both programs use.
+func ownersMapID(t *testing.T, opts Options) ebpf.MapID {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapSockOwners), nil)
+	require.NoError(t, err)
+	defer m.Close()
+	return mapID(t, m)
+}
+
+func assertOneCopyEach(t *testing.T, opts Options) {
+	t.Helper()
+	root, err := cgroup2.Root()
+	require.NoError(t, err)
+	id := ownersMapID(t, opts)
+	for _, h := range hooks() {
+		assert.Equal(t, 1, attachedCopies(t, root, h.attach, id), "copies of %s attached", h.program)
+	}
+}
+
+func TestLoaderExitAdoptAndReinstall(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	opts := Options{PinDir: testPinDir(t), Logger: quiet}
+	t.Cleanup(func() { assert.NoError(t, Uninstall(context.Background(), opts)) })
+
+	// A loader process installs and exits; no process holds the programs.
+	loader := exec.Command(os.Args[0], "-test.run=^$")
+	loader.Env = append(os.Environ(), loaderPinDirEnv+"="+opts.PinDir, loaderEndpointsEnv+"="+dest.String())
+	out, err := loader.CombinedOutput()
+	require.NoError(t, err, "loader: %s", out)
+
+	client := a.Start(t)
+	_, err = client.Dial(dest, 1)
+	require.NoError(t, err)
+	local, remote := srv.accept()
+
+	// A new loader adopts the pins and attributes that connection.
+	in, err := Install(context.Background(), opts)
+	require.NoError(t, err)
+	rec, err := in.Lookup(local, remote)
+	require.NoError(t, err)
+	assert.Equal(t, a.CgroupID, rec.CgroupID)
+	assertOneCopyEach(t, opts)
+	in.Close()
+
+	for range 5 {
+		in, err := Install(context.Background(), opts)
+		require.NoError(t, err)
+		assertOneCopyEach(t, opts)
+		in.Close()
+	}
+}
+
+// TestReplacesChangedProgramInPlace plays an upgrade: the pinned link runs
+// some other program, and Install swaps ours in through the same link.
+func TestReplacesChangedProgramInPlace(t *testing.T) {
+	_, opts := install(t)
+	pin := linkPin(opts.PinDir, attribProgRecordConnect)
+	l, err := link.LoadPinnedLink(pin, nil)
+	require.NoError(t, err)
+	defer l.Close()
+	before, err := l.Info()
+	require.NoError(t, err)
+
+	old, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:    ebpf.SockOps,
+		License: "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R0, 1),
+			asm.Return(),
+		},
+	})
+	require.NoError(t, err)
+	defer old.Close()
+	require.NoError(t, l.Update(old))
+
+	in2, err := Install(context.Background(), opts)
+	require.NoError(t, err)
+	defer in2.Close()
+	after, err := l.Info()
+	require.NoError(t, err)
+	assert.Equal(t, before.ID, after.ID, "the same link carries the new program")
+	oldInfo, err := old.Info()
+	require.NoError(t, err)
+	oldID, _ := oldInfo.ID()
+	assert.NotEqual(t, oldID, after.Program, "the old program was replaced")
+	assertOneCopyEach(t, opts)
+}
+
+func TestUninstallLeavesNothing(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	opts := Options{PinDir: testPinDir(t), Logger: quiet}
+	in, err := Install(context.Background(), opts)
+	require.NoError(t, err)
+	id := ownersMapID(t, opts)
+	in.Close()
+	root, err := cgroup2.Root()
+	require.NoError(t, err)
+
+	require.NoError(t, Uninstall(context.Background(), opts))
+	assert.NoDirExists(t, opts.PinDir)
+	for _, h := range hooks() {
+		assert.Zero(t, attachedCopies(t, root, h.attach, id), "%s still attached", h.program)
+	}
+	require.NoError(t, Uninstall(context.Background(), opts), "a second Uninstall has nothing to do")
+}
+
+func TestInstallErrorsNameTheCause(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	ctx := context.Background()
+	_, err := Install(ctx, Options{PinDir: testPinDir(t), CgroupRoot: t.TempDir()})
+	assert.ErrorContains(t, err, "is not on a cgroup2 filesystem")
+
+	_, err = Install(ctx, Options{PinDir: filepath.Join(t.TempDir(), "pins")})
+	assert.ErrorContains(t, err, "is not on a bpffs")
+
+	// An unprivileged loader is told what it lacks. It runs from a copy of
+	// the test binary that the unprivileged user can reach.
+	dir, err := os.MkdirTemp("", "identityd-loader-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	require.NoError(t, os.Chmod(dir, 0o755))
+	bin := filepath.Join(dir, "loader")
+	self, err := os.ReadFile(os.Args[0])
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(bin, self, 0o755))
+	loader := exec.Command(bin, "-test.run=^$")
+	loader.Env = append(os.Environ(), loaderPinDirEnv+"="+testPinDir(t))
+	loader.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := loader.CombinedOutput()
+	require.Error(t, err)
+	assert.Contains(t, string(out), "needs root with CAP_BPF and CAP_NET_ADMIN")
+}

@@ -1,0 +1,111 @@
+package bpf
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
+)
+
+// Capability bits, from linux/capability.h.
+const (
+	capNetAdmin = 12
+	capSysAdmin = 21
+	capBPF      = 39
+)
+
+// checkPrivileges fails early, and by name, when the process cannot load
+// and attach cgroup programs.
+func checkPrivileges() error {
+	eff, err := effectiveCaps()
+	if err != nil {
+		return fmt.Errorf("read capabilities: %w", err)
+	}
+	has := func(c uint) bool { return eff&(1<<c) != 0 }
+	var missing []string
+	if !has(capBPF) && !has(capSysAdmin) {
+		missing = append(missing, "CAP_BPF")
+	}
+	if !has(capNetAdmin) {
+		missing = append(missing, "CAP_NET_ADMIN")
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("loading the attribution programs needs root with %s (running as uid %d without)",
+			strings.Join(missing, " and "), os.Geteuid())
+	}
+	return nil
+}
+
+func effectiveCaps() (uint64, error) {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if v, ok := strings.CutPrefix(s.Text(), "CapEff:"); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		}
+	}
+	if err := s.Err(); err != nil {
+		return 0, err
+	}
+	return 0, errors.New("no CapEff line in /proc/self/status")
+}
+
+// requirement is one kernel feature the programs depend on.
+type requirement struct {
+	what  string // as an operator would search for it
+	since string // first upstream release with it
+	probe func() error
+}
+
+func requirements() []requirement {
+	helper := func(pt ebpf.ProgramType, fn asm.BuiltinFunc) func() error {
+		return func() error { return features.HaveProgramHelper(pt, fn) }
+	}
+	return []requirement{
+		{"cgroup/sock_create programs", "4.10", func() error { return features.HaveProgramType(ebpf.CGroupSock) }},
+		{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+		{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},
+		{"socket local storage (BPF_MAP_TYPE_SK_STORAGE)", "5.2", func() error { return features.HaveMapType(ebpf.SkStorage) }},
+		{"bpf_get_current_cgroup_id in cgroup/sock_create", "4.18", helper(ebpf.CGroupSock, asm.FnGetCurrentCgroupId)},
+		{"bpf_sk_storage_get in cgroup/sock_create", "5.2", helper(ebpf.CGroupSock, asm.FnSkStorageGet)},
+		{"bpf_sk_storage_get in sockops", "5.2", helper(ebpf.SockOps, asm.FnSkStorageGet)},
+		{"bpf_get_netns_cookie in sockops", "5.8", helper(ebpf.SockOps, asm.FnGetNetnsCookie)},
+		{"bpf_ktime_get_boot_ns in sockops", "5.8", helper(ebpf.SockOps, asm.FnKtimeGetBootNs)},
+		{"bpf_get_socket_cookie in sockops", "5.1", helper(ebpf.SockOps, asm.FnGetSocketCookie)},
+		{"bpf_sock_ops_cb_flags_set in sockops", "4.16", helper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet)},
+	}
+}
+
+// diagnose turns a load or attach failure into one that names the cause: a
+// missing privilege, or the first kernel feature the programs need that this
+// kernel lacks. Unexplained errors are returned unchanged.
+func diagnose(err error) error {
+	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
+		return fmt.Errorf("%w (needs root with CAP_BPF and CAP_NET_ADMIN, and no lockdown or seccomp policy forbidding bpf())", err)
+	}
+	var uname unix.Utsname
+	release := "unknown"
+	if unix.Uname(&uname) == nil {
+		release = unix.ByteSliceToString(uname.Release[:])
+	}
+	for _, r := range requirements() {
+		if perr := r.probe(); perr != nil {
+			return fmt.Errorf("kernel %s is too old: it lacks %s (Linux %s or newer): %w", release, r.what, r.since, err)
+		}
+	}
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("kernel %s lacks bpf_link for cgroup programs (Linux 5.7 or newer): %w", release, err)
+	}
+	return err
+}

@@ -1,0 +1,353 @@
+package bpf
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/identityd/identityd/internal/cgroup2"
+)
+
+const (
+	// DefaultPinDir is where links and maps are pinned unless told otherwise.
+	DefaultPinDir = "/sys/fs/bpf/identityd"
+	// DefaultMaxRecordAge bounds how long a record may wait between the
+	// client's connect() and the server's lookup. Accept queues drain in
+	// milliseconds; anything older belongs to a connection nobody served.
+	DefaultMaxRecordAge = 30 * time.Second
+)
+
+// Options say where the programs are pinned and attached.
+type Options struct {
+	// PinDir is a directory on a bpffs for links and maps; DefaultPinDir if
+	// empty. A bpffs is mounted at /sys/fs/bpf when needed.
+	PinDir string
+	// CgroupRoot is the cgroup v2 directory the programs attach to; the root
+	// of the cgroup2 hierarchy from the mount table if empty.
+	CgroupRoot string
+	// MaxRecordAge is the age past which a record is reported stale;
+	// DefaultMaxRecordAge if zero.
+	MaxRecordAge time.Duration
+	// Logger receives what Install did; slog.Default() if nil.
+	Logger *slog.Logger
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.PinDir == "" {
+		o.PinDir = DefaultPinDir
+	}
+	o.PinDir = filepath.Clean(o.PinDir)
+	if o.CgroupRoot == "" {
+		root, err := cgroup2.Root()
+		if err != nil {
+			return o, err
+		}
+		o.CgroupRoot = root
+	}
+	if o.MaxRecordAge <= 0 {
+		o.MaxRecordAge = DefaultMaxRecordAge
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o, nil
+}
+
+// hook is one program and the cgroup hook it runs at.
+type hook struct {
+	program string
+	attach  ebpf.AttachType
+}
+
+// hooks lists the programs in attach order: the owner recorder goes first so
+// that as few sockets as possible reach connect() unattested.
+func hooks() []hook {
+	return []hook{
+		{attribProgRecordOwner, ebpf.AttachCGroupInetSockCreate},
+		{attribProgRecordConnect, ebpf.AttachCGroupSockOps},
+	}
+}
+
+func mapNames() []string {
+	return []string{attribMapSockOwners, attribMapEndpoints, attribMapConns}
+}
+
+func linkPin(pinDir, program string) string { return filepath.Join(pinDir, "links", program) }
+func mapsDir(pinDir string) string          { return filepath.Join(pinDir, "maps") }
+
+// Installation is the daemon's handle on the installed programs. Closing it
+// releases the handle only; the programs stay attached through their pins.
+type Installation struct {
+	pinDir     string
+	cgroupRoot string
+	maxAge     time.Duration
+	conns      *ebpf.Map
+	endpoints  *ebpf.Map
+}
+
+// Install loads the programs, attaches them to the cgroup root and pins them,
+// or adopts what an earlier Install pinned: unchanged programs are left as
+// they are, changed ones are swapped in place through their links, and a
+// second copy is never attached. Maps are always reused, so sockets created
+// under an earlier daemon stay attested.
+func Install(ctx context.Context, opts Options) (*Installation, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("install attribution programs: %w", err)
+	}
+	if err := checkPrivileges(); err != nil {
+		return nil, err
+	}
+	if ok, err := cgroup2.IsCgroup2(opts.CgroupRoot); err != nil {
+		return nil, fmt.Errorf("check cgroup root: %w", err)
+	} else if !ok {
+		return nil, fmt.Errorf("cgroup root %s is not on a cgroup2 filesystem", opts.CgroupRoot)
+	}
+	cgroupID, err := cgroup2.ID(opts.CgroupRoot)
+	if err != nil {
+		return nil, err
+	}
+	if err := ensureBPFFS(opts.PinDir); err != nil {
+		return nil, err
+	}
+	for _, dir := range []string{opts.PinDir, mapsDir(opts.PinDir), filepath.Join(opts.PinDir, "links")} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
+		}
+	}
+	unlock, err := lockDir(ctx, opts.PinDir)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+
+	spec, err := loadAttrib()
+	if err != nil {
+		return nil, fmt.Errorf("parse embedded attribution object: %w", err)
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinByName
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)},
+	})
+	if err != nil {
+		return nil, diagnose(fmt.Errorf("load attribution programs: %w", err))
+	}
+	defer coll.Close()
+
+	cgroup, err := os.Open(opts.CgroupRoot)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup root: %w", err)
+	}
+	defer cgroup.Close()
+
+	for _, h := range hooks() {
+		if err := attachOrAdopt(opts, cgroup, cgroupID, h, coll.Programs[h.program]); err != nil {
+			return nil, err
+		}
+	}
+
+	in := &Installation{
+		pinDir:     opts.PinDir,
+		cgroupRoot: opts.CgroupRoot,
+		maxAge:     opts.MaxRecordAge,
+		conns:      coll.DetachMap(attribMapConns),
+		endpoints:  coll.DetachMap(attribMapEndpoints),
+	}
+	// Records are consumed with BPF_MAP_LOOKUP_AND_DELETE_ELEM; find out now,
+	// not on the first request, if this kernel cannot do that for LRU maps.
+	var zero attribConnKey
+	var rec attribRecord
+	if err := in.conns.LookupAndDelete(&zero, &rec); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		in.Close()
+		return nil, fmt.Errorf("kernel lacks lookup-and-delete on LRU hash maps (Linux 5.14 or newer needed): %w", err)
+	}
+	return in, nil
+}
+
+// attachOrAdopt makes sure exactly one link runs prog at h on the cgroup,
+// pinned at its path under opts.PinDir.
+func attachOrAdopt(opts Options, cgroup *os.File, cgroupID uint64, h hook, prog *ebpf.Program) error {
+	pin := linkPin(opts.PinDir, h.program)
+	log := opts.Logger.With("program", h.program, "cgroup", opts.CgroupRoot, "pin", pin)
+
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err == nil {
+		defer l.Close()
+		info, err := l.Info()
+		if err != nil {
+			return fmt.Errorf("inspect pinned link %s: %w", pin, err)
+		}
+		cg := info.Cgroup()
+		switch {
+		case cg == nil:
+			return fmt.Errorf("pinned link %s is not a cgroup link", pin)
+		case cg.CgroupId == 0:
+			// Detached underneath us (cgroup gone, or BPF_LINK_DETACH):
+			// drop the pin and attach afresh below.
+			log.Warn("pinned link is defunct; attaching a new one")
+			if err := l.Unpin(); err != nil {
+				return fmt.Errorf("unpin defunct link %s: %w", pin, err)
+			}
+		case cg.CgroupId != cgroupID:
+			return fmt.Errorf("pinned link %s is attached to cgroup id %d, not to %s (id %d): uninstall it first",
+				pin, cg.CgroupId, opts.CgroupRoot, cgroupID)
+		default:
+			same, err := sameProgram(info.Program, prog)
+			if err != nil {
+				return fmt.Errorf("compare program behind %s: %w", pin, err)
+			}
+			if same {
+				log.Debug("adopted pinned program")
+				return nil
+			}
+			if err := l.Update(prog); err != nil {
+				return fmt.Errorf("replace program behind %s: %w", pin, err)
+			}
+			log.Info("replaced pinned program in place")
+			return nil
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+
+	l, err = link.AttachRawLink(link.RawLinkOptions{
+		Target:  int(cgroup.Fd()),
+		Program: prog,
+		Attach:  h.attach,
+	})
+	if err != nil {
+		return diagnose(fmt.Errorf("attach %s to %s: %w", h.program, opts.CgroupRoot, err))
+	}
+	// Closing an unpinned link detaches it, so a failed Pin leaves nothing behind.
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin %s link at %s: %w", h.program, pin, err)
+	}
+	log.Info("attached program")
+	return nil
+}
+
+// sameProgram reports whether the program with id has the same instructions
+// (its tag ignores map descriptors) and uses the same maps as prog.
+func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
+	cur, err := ebpf.NewProgramFromID(id)
+	if err != nil {
+		return false, fmt.Errorf("open program %d: %w", id, err)
+	}
+	defer cur.Close()
+	curInfo, err := cur.Info()
+	if err != nil {
+		return false, fmt.Errorf("inspect program %d: %w", id, err)
+	}
+	newInfo, err := prog.Info()
+	if err != nil {
+		return false, fmt.Errorf("inspect new program: %w", err)
+	}
+	if curInfo.Tag != newInfo.Tag {
+		return false, nil
+	}
+	curMaps, ok1 := curInfo.MapIDs()
+	newMaps, ok2 := newInfo.MapIDs()
+	if !ok1 || !ok2 {
+		// Without map ids the safe answer is "different": an update to an
+		// identical program is harmless.
+		return false, nil
+	}
+	slices.Sort(curMaps)
+	slices.Sort(newMaps)
+	return slices.Equal(curMaps, newMaps), nil
+}
+
+// Close releases the daemon's handle. The programs stay attached and keep
+// publishing records; use Uninstall to remove them.
+func (in *Installation) Close() error {
+	return errors.Join(in.conns.Close(), in.endpoints.Close())
+}
+
+// Uninstall detaches the programs and removes every pin under opts.PinDir.
+// It is safe to run when nothing, or only part of an installation, is there.
+func Uninstall(ctx context.Context, opts Options) error {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return fmt.Errorf("uninstall attribution programs: %w", err)
+	}
+	if _, err := os.Stat(opts.PinDir); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	unlock, err := lockDir(ctx, opts.PinDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	var errs []error
+	for _, h := range hooks() {
+		pin := linkPin(opts.PinDir, h.program)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
+			continue
+		}
+		// Detach explicitly: another process holding the link open would
+		// otherwise keep it attached after the pin is gone.
+		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", h.program, err))
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
+		}
+		l.Close()
+	}
+	for _, name := range mapNames() {
+		pin := filepath.Join(mapsDir(opts.PinDir), name)
+		if err := os.Remove(pin); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove map pin %s: %w", pin, err))
+		}
+	}
+	for _, dir := range []string{filepath.Join(opts.PinDir, "links"), mapsDir(opts.PinDir), opts.PinDir} {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove pin directory %s: %w", dir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// lockDir takes an exclusive flock on dir so that two daemons (or a daemon
+// and an uninstall) never attach or remove programs at the same time.
+func lockDir(ctx context.Context, dir string) (func(), error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open pin directory %s: %w", dir, err)
+	}
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock pin directory %s: %w", dir, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("wait for lock on pin directory %s: %w", dir, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

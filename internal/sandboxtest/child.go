@@ -1,0 +1,328 @@
+package sandboxtest
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/identityd/identityd/internal/cgroup2"
+)
+
+// childEnv names the netns a re-executed test binary joins to serve as a
+// sandbox client.
+const childEnv = "IDENTITYD_SANDBOXTEST_CHILD_NETNS"
+
+// replyTimeout bounds every command sent to a child, so that a wedged child
+// fails the test instead of hanging it.
+const replyTimeout = 30 * time.Second
+
+// RunChildIfRequested turns the process into a sandbox client when it was
+// started by Sandbox.Start, and never returns in that case. Call it first
+// thing in TestMain.
+func RunChildIfRequested() {
+	path := os.Getenv(childEnv)
+	if path == "" {
+		return
+	}
+	os.Exit(runChild(path))
+}
+
+// Client is a process running inside a sandbox's cgroup and netns that makes
+// sockets and connections on request. Sockets are made with plain system
+// calls on the one thread that joined the netns.
+type Client struct {
+	t     testing.TB
+	mu    sync.Mutex // one command at a time
+	cmd   *exec.Cmd
+	stdin *os.File
+	out   *os.File
+	lines *bufio.Reader
+	Pid   int
+}
+
+// Start runs a client process in the sandbox. It is killed in t.Cleanup.
+func (s *Sandbox) Start(t testing.TB) *Client {
+	t.Helper()
+	cg, err := os.Open(s.CgroupDir)
+	if err != nil {
+		t.Fatalf("sandboxtest: open cgroup: %v", err)
+	}
+	defer cg.Close()
+
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		t.Fatalf("sandboxtest: %v", err)
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		t.Fatalf("sandboxtest: %v", err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+s.Netns)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, os.Stderr
+	// CLONE_INTO_CGROUP: the child is in the sandbox's cgroup from its
+	// first instruction.
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("sandboxtest: start client in %s: %v", s.Name, err)
+	}
+	inR.Close()
+	outW.Close()
+	c := &Client{t: t, cmd: cmd, stdin: inW, out: outR, lines: bufio.NewReader(outR), Pid: cmd.Process.Pid}
+	t.Cleanup(c.Close)
+	if _, err := c.do("hello"); err != nil {
+		t.Fatalf("sandboxtest: client in %s did not start: %v", s.Name, err)
+	}
+	return c
+}
+
+// do sends one command line and returns the fields of the "ok" reply.
+func (c *Client) do(format string, args ...any) ([]string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, err := fmt.Fprintf(c.stdin, format+"\n", args...); err != nil {
+		return nil, fmt.Errorf("send to client: %w", err)
+	}
+	c.out.SetReadDeadline(time.Now().Add(replyTimeout))
+	line, err := c.lines.ReadString('\n')
+	if err != nil {
+		return nil, fmt.Errorf("read client reply: %w", err)
+	}
+	fields := strings.Fields(line)
+	switch {
+	case len(fields) > 0 && fields[0] == "ok":
+		return fields[1:], nil
+	case len(fields) > 0 && fields[0] == "err":
+		return nil, errors.New(strings.TrimSpace(strings.TrimPrefix(line, "err")))
+	}
+	return nil, fmt.Errorf("unexpected client reply %q", line)
+}
+
+// Socket makes a TCP socket (family 4 or 6) without connecting it.
+func (c *Client) Socket(family int) (int, error) {
+	f, err := c.do("socket %d", family)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(f[0])
+}
+
+// Connect connects socket fd to addr and returns the local address.
+func (c *Client) Connect(fd int, addr netip.AddrPort) (netip.AddrPort, error) {
+	f, err := c.do("connect %d %s", fd, addr)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	return netip.ParseAddrPort(f[0])
+}
+
+// Dial makes n connections to addr, keeps them open, and returns their local
+// addresses.
+func (c *Client) Dial(addr netip.AddrPort, n int) ([]netip.AddrPort, error) {
+	f, err := c.do("dial %s %d", addr, n)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.AddrPort, len(f))
+	for i, s := range f {
+		if out[i], err = netip.ParseAddrPort(s); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// Bind binds socket fd to addr.
+func (c *Client) Bind(fd int, addr netip.AddrPort) error {
+	_, err := c.do("bind %d %s", fd, addr)
+	return err
+}
+
+// ConnectNonblock starts connecting socket fd to addr and returns without
+// waiting for the handshake.
+func (c *Client) ConnectNonblock(fd int, addr netip.AddrPort) error {
+	_, err := c.do("connectnb %d %s", fd, addr)
+	return err
+}
+
+// CloseAll closes every socket the client holds.
+func (c *Client) CloseAll() error {
+	_, err := c.do("closeall")
+	return err
+}
+
+// MoveTo moves the client process into the cgroup at dir.
+func (c *Client) MoveTo(dir string) error { return cgroup2.Enter(dir, c.Pid) }
+
+// Close kills the client and waits for it.
+func (c *Client) Close() {
+	c.stdin.Close()
+	c.cmd.Process.Kill()
+	c.cmd.Wait()
+	c.out.Close()
+}
+
+// runChild is the client side: it joins the netns on its locked main thread
+// and serves commands from stdin until stdin closes.
+func runChild(path string) int {
+	runtime.LockOSThread()
+	ns, err := netns.GetFromPath(path)
+	if err == nil {
+		err = netns.Set(ns)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "sandboxtest client: enter netns %s: %v\n", path, err)
+		return 2
+	}
+	var fds []int
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		reply, err := serve(strings.Fields(in.Text()), &fds)
+		if err != nil {
+			fmt.Printf("err %v\n", err)
+		} else {
+			fmt.Printf("ok %s\n", reply)
+		}
+	}
+	return 0
+}
+
+func serve(cmd []string, fds *[]int) (string, error) {
+	if len(cmd) == 0 {
+		return "", errors.New("empty command")
+	}
+	switch {
+	case cmd[0] == "hello":
+		return "", nil
+	case cmd[0] == "socket" && len(cmd) == 2:
+		fd, err := socket(cmd[1] == "6")
+		if err != nil {
+			return "", err
+		}
+		*fds = append(*fds, fd)
+		return strconv.Itoa(fd), nil
+	case cmd[0] == "connect" && len(cmd) == 3:
+		fd, err := strconv.Atoi(cmd[1])
+		if err != nil {
+			return "", err
+		}
+		ap, err := netip.ParseAddrPort(cmd[2])
+		if err != nil {
+			return "", err
+		}
+		local, err := connect(fd, ap)
+		return local.String(), err
+	case (cmd[0] == "bind" || cmd[0] == "connectnb") && len(cmd) == 3:
+		fd, err := strconv.Atoi(cmd[1])
+		if err != nil {
+			return "", err
+		}
+		ap, err := netip.ParseAddrPort(cmd[2])
+		if err != nil {
+			return "", err
+		}
+		sa, err := sockaddr(fd, ap)
+		if err != nil {
+			return "", err
+		}
+		if cmd[0] == "bind" {
+			return "", unix.Bind(fd, sa)
+		}
+		if err := unix.SetNonblock(fd, true); err != nil {
+			return "", err
+		}
+		if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+			return "", fmt.Errorf("connect to %s: %w", ap, err)
+		}
+		return "", nil
+	case cmd[0] == "dial" && len(cmd) == 3:
+		ap, err := netip.ParseAddrPort(cmd[1])
+		if err != nil {
+			return "", err
+		}
+		n, err := strconv.Atoi(cmd[2])
+		if err != nil {
+			return "", err
+		}
+		var locals []string
+		for range n {
+			fd, err := socket(ap.Addr().Is6())
+			if err != nil {
+				return "", err
+			}
+			*fds = append(*fds, fd)
+			local, err := connect(fd, ap)
+			if err != nil {
+				return "", err
+			}
+			locals = append(locals, local.String())
+		}
+		return strings.Join(locals, " "), nil
+	case cmd[0] == "closeall":
+		for _, fd := range *fds {
+			unix.Close(fd)
+		}
+		*fds = nil
+		return "", nil
+	}
+	return "", fmt.Errorf("unknown command %q", strings.Join(cmd, " "))
+}
+
+func socket(v6 bool) (int, error) {
+	family := unix.AF_INET
+	if v6 {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socket: %w", err)
+	}
+	return fd, nil
+}
+
+// sockaddr converts ap for a socket of fd's family: an IPv4 address given
+// to an AF_INET6 socket becomes IPv4-mapped.
+func sockaddr(fd int, ap netip.AddrPort) (unix.Sockaddr, error) {
+	domain, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	if err != nil {
+		return nil, fmt.Errorf("socket domain: %w", err)
+	}
+	if domain == unix.AF_INET6 {
+		return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}, nil
+	}
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}, nil
+}
+
+func connect(fd int, ap netip.AddrPort) (netip.AddrPort, error) {
+	sa, err := sockaddr(fd, ap)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if err := unix.Connect(fd, sa); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("connect to %s: %w", ap, err)
+	}
+	local, err := unix.Getsockname(fd)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("getsockname: %w", err)
+	}
+	switch a := local.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)), nil
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port)), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("unexpected local address %T", local)
+}

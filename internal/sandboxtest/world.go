@@ -1,0 +1,468 @@
+// Package sandboxtest builds closed network worlds for tests that need the
+// real kernel: a "host" network namespace with a bridge carrying the router
+// addresses, and sandboxes that each own a cgroup v2 directory and a network
+// namespace joined to the bridge by a veth pair. Processes started in a
+// sandbox are real child processes placed in its cgroup at clone time and in
+// its netns before they make any socket.
+//
+// Nothing touches the machine's root network namespace: every address lives
+// inside namespaces the world created, and everything is removed again in
+// t.Cleanup, also when the test fails. Leftovers of killed test processes are
+// swept by the next New.
+//
+// Test binaries that use [Sandbox.Start] must call [RunChildIfRequested] at
+// the top of TestMain.
+package sandboxtest
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/identityd/identityd/internal/cgroup2"
+)
+
+const (
+	netnsDir   = "/run/netns"
+	namePrefix = "idt"
+)
+
+// worldSeq keeps names unique between worlds of one test process; the pid
+// keeps them unique between processes.
+var worldSeq atomic.Uint32
+
+// World is one closed network world.
+type World struct {
+	t         testing.TB
+	name      string
+	HostNetns string // path of the host netns
+	// CgroupDir is the parent of every sandbox cgroup of this world, under
+	// the cgroup2 root.
+	CgroupDir string
+	Router4   netip.Addr // router address on the host bridge, /24
+	Router6   netip.Addr // router address on the host bridge, /64
+	host      *netlink.Handle
+	bridge    netlink.Link
+	nextHost  atomic.Uint32
+}
+
+// Sandbox is a cgroup plus a netns joined to the world's bridge.
+type Sandbox struct {
+	w           *World
+	Name        string
+	CgroupDir   string
+	CgroupID    uint64
+	Netns       string // path of the sandbox netns
+	NetnsCookie uint64
+	Addr4       netip.Addr
+	Addr6       netip.Addr
+}
+
+// New makes a world and registers its removal with t.Cleanup. It skips the
+// test when not running as root.
+func New(t testing.TB) *World {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces and cgroups")
+	}
+	sweepLeftovers()
+
+	root, err := cgroup2.Root()
+	if err != nil {
+		t.Fatalf("sandboxtest: %v", err)
+	}
+	var r [2]byte
+	rand.Read(r[:])
+	// A random /24 (and /64) per world, so that records of parallel worlds
+	// sharing one attribution map do not collide on their 4-tuples.
+	w := &World{
+		t:         t,
+		name:      fmt.Sprintf("%s%d-%d", namePrefix, os.Getpid(), worldSeq.Add(1)),
+		Router4:   netip.AddrFrom4([4]byte{10, 100 + r[0]%100, r[1], 1}),
+		Router6:   netip.AddrFrom16([16]byte{0xfd, 0x00, 0x1d, 0x7d, 0, 0, r[0], r[1], 15: 1}),
+	}
+	w.HostNetns = filepath.Join(netnsDir, w.name+"-host")
+	w.CgroupDir = filepath.Join(root, w.name)
+	w.nextHost.Store(1)
+	t.Cleanup(w.cleanup)
+
+	if err := os.Mkdir(w.CgroupDir, 0o755); err != nil {
+		t.Fatalf("sandboxtest: create cgroup: %v", err)
+	}
+	if err := newNamedNetns(filepath.Base(w.HostNetns)); err != nil {
+		t.Fatalf("sandboxtest: create host netns: %v", err)
+	}
+	w.host, err = handleAt(w.HostNetns)
+	if err != nil {
+		t.Fatalf("sandboxtest: %v", err)
+	}
+	if err := w.setupHost(); err != nil {
+		t.Fatalf("sandboxtest: set up host netns: %v", err)
+	}
+	return w
+}
+
+func (w *World) setupHost() error {
+	lo, err := w.host.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	if err := w.host.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("bring lo up: %w", err)
+	}
+	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
+	if err := w.host.LinkAdd(br); err != nil {
+		return fmt.Errorf("add bridge: %w", err)
+	}
+	w.bridge, err = w.host.LinkByName("br0")
+	if err != nil {
+		return err
+	}
+	if err := addAddrs(w.host, w.bridge, w.Router4, w.Router6); err != nil {
+		return err
+	}
+	return w.host.LinkSetUp(w.bridge)
+}
+
+func addAddrs(h *netlink.Handle, l netlink.Link, v4, v6 netip.Addr) error {
+	for _, p := range []netip.Prefix{netip.PrefixFrom(v4, 24), netip.PrefixFrom(v6, 64)} {
+		addr := &netlink.Addr{IPNet: prefixNet(p), Flags: unix.IFA_F_NODAD}
+		if err := h.AddrAdd(l, addr); err != nil {
+			return fmt.Errorf("add %s to %s: %w", p, l.Attrs().Name, err)
+		}
+	}
+	return nil
+}
+
+func prefixNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// AddSandbox makes a sandbox with a cgroup, a netns, a veth to the bridge and
+// one IPv4 and one IPv6 address; it is removed in t.Cleanup.
+func (w *World) AddSandbox(name string) *Sandbox {
+	t := w.t
+	t.Helper()
+	n := w.nextHost.Add(1)
+	s := &Sandbox{
+		w:         w,
+		Name:      name,
+		CgroupDir: filepath.Join(w.CgroupDir, name),
+		Netns:     filepath.Join(netnsDir, w.name+"-"+name),
+	}
+	s.Addr4 = w.hostAddr4(n)
+	s.Addr6 = w.hostAddr6(n)
+	t.Cleanup(s.cleanup)
+
+	if err := os.Mkdir(s.CgroupDir, 0o755); err != nil {
+		t.Fatalf("sandboxtest: create cgroup: %v", err)
+	}
+	var err error
+	if s.CgroupID, err = cgroup2.ID(s.CgroupDir); err != nil {
+		t.Fatalf("sandboxtest: %v", err)
+	}
+	if err := newNamedNetns(filepath.Base(s.Netns)); err != nil {
+		t.Fatalf("sandboxtest: create netns: %v", err)
+	}
+	if err := w.connect(s, n); err != nil {
+		t.Fatalf("sandboxtest: wire sandbox %s: %v", name, err)
+	}
+	if s.NetnsCookie, err = NetnsCookie(s.Netns); err != nil {
+		t.Fatalf("sandboxtest: %v", err)
+	}
+	return s
+}
+
+func (w *World) hostAddr4(n uint32) netip.Addr {
+	a := w.Router4.As4()
+	a[3] = byte(n)
+	return netip.AddrFrom4(a)
+}
+
+func (w *World) hostAddr6(n uint32) netip.Addr {
+	a := w.Router6.As16()
+	a[15] = byte(n)
+	return netip.AddrFrom16(a)
+}
+
+// connect joins sandbox s to the bridge with a veth pair.
+func (w *World) connect(s *Sandbox, n uint32) error {
+	ns, err := netns.GetFromPath(s.Netns)
+	if err != nil {
+		return err
+	}
+	defer ns.Close()
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: fmt.Sprintf("veth%d", n), MasterIndex: w.bridge.Attrs().Index},
+		PeerName:      "eth0",
+		PeerNamespace: netlink.NsFd(ns),
+	}
+	if err := w.host.LinkAdd(veth); err != nil {
+		return fmt.Errorf("add veth: %w", err)
+	}
+	hostEnd, err := w.host.LinkByName(veth.Name)
+	if err != nil {
+		return err
+	}
+	if err := w.host.LinkSetUp(hostEnd); err != nil {
+		return err
+	}
+
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return fmt.Errorf("netlink handle in %s: %w", s.Netns, err)
+	}
+	defer h.Close()
+	for _, name := range []string{"lo", "eth0"} {
+		l, err := h.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		if name == "eth0" {
+			if err := addAddrs(h, l, s.Addr4, s.Addr6); err != nil {
+				return err
+			}
+		}
+		if err := h.LinkSetUp(l); err != nil {
+			return fmt.Errorf("bring %s up: %w", name, err)
+		}
+	}
+	for _, gw := range []netip.Addr{w.Router4, w.Router6} {
+		if err := h.RouteAdd(&netlink.Route{Gw: gw.AsSlice()}); err != nil {
+			return fmt.Errorf("default route via %s: %w", gw, err)
+		}
+	}
+	return nil
+}
+
+// AddAddr gives the sandbox's eth0 one more address, as a sandbox holding
+// CAP_NET_ADMIN in its own netns could.
+func (s *Sandbox) AddAddr(a netip.Addr) error {
+	h, err := handleAt(s.Netns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName("eth0")
+	if err != nil {
+		return err
+	}
+	bits := 24
+	if a.Is6() {
+		bits = 64
+	}
+	if err := h.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(a, bits)), Flags: unix.IFA_F_NODAD}); err != nil {
+		return fmt.Errorf("add %s to %s: %w", a, s.Name, err)
+	}
+	return nil
+}
+
+// ChildCgroup makes a cgroup below the sandbox's and returns its path.
+func (s *Sandbox) ChildCgroup(name string) string {
+	s.w.t.Helper()
+	dir := filepath.Join(s.CgroupDir, name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		s.w.t.Fatalf("sandboxtest: create child cgroup: %v", err)
+	}
+	return dir
+}
+
+// Do runs f on a thread inside the host netns; sockets f creates (listeners
+// included) belong to the host netns for good.
+func (w *World) Do(f func() error) error { return InNetns(w.HostNetns, f) }
+
+// Listen opens a listener inside the host netns.
+func (w *World) Listen(network, address string) (net.Listener, error) {
+	var ln net.Listener
+	err := w.Do(func() (err error) {
+		ln, err = net.Listen(network, address)
+		return err
+	})
+	return ln, err
+}
+
+// Do runs f on a thread inside the sandbox's netns. The calling process
+// stays in its own cgroup, so sockets made by f are not the sandbox's as far
+// as cgroup attribution goes: use Start for that.
+func (s *Sandbox) Do(f func() error) error { return InNetns(s.Netns, f) }
+
+// InNetns runs f on a fresh OS thread that has joined the netns at path.
+// The thread is never handed back to the Go scheduler: it exits with f.
+func InNetns(path string, f func() error) error {
+	return onThread(func() error {
+		ns, err := netns.GetFromPath(path)
+		if err != nil {
+			return fmt.Errorf("open netns %s: %w", path, err)
+		}
+		defer ns.Close()
+		if err := netns.Set(ns); err != nil {
+			return fmt.Errorf("enter netns %s: %w", path, err)
+		}
+		return f()
+	})
+}
+
+// onThread runs f on a locked OS thread that dies with it, so that namespace
+// changes never leak into other goroutines.
+func onThread(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		errc <- f()
+	}()
+	return <-errc
+}
+
+func newNamedNetns(name string) error {
+	return onThread(func() error {
+		ns, err := netns.NewNamed(name)
+		if err != nil {
+			return fmt.Errorf("create netns %s: %w", name, err)
+		}
+		return ns.Close()
+	})
+}
+
+func handleAt(path string) (*netlink.Handle, error) {
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		return nil, fmt.Errorf("netlink handle in %s: %w", path, err)
+	}
+	return h, nil
+}
+
+// NetnsCookie reads SO_NETNS_COOKIE from a socket made inside the netns at
+// path.
+func NetnsCookie(path string) (uint64, error) {
+	var cookie uint64
+	err := InNetns(path, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("read netns cookie of %s: %w", path, err)
+	}
+	return cookie, nil
+}
+
+func (s *Sandbox) cleanup() {
+	if err := netns.DeleteNamed(filepath.Base(s.Netns)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.w.t.Errorf("sandboxtest: delete netns %s: %v", s.Netns, err)
+	}
+	if err := removeCgroupTree(s.CgroupDir); err != nil {
+		s.w.t.Errorf("sandboxtest: %v", err)
+	}
+}
+
+func (w *World) cleanup() {
+	if w.host != nil {
+		w.host.Close()
+	}
+	if err := netns.DeleteNamed(filepath.Base(w.HostNetns)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		w.t.Errorf("sandboxtest: delete netns %s: %v", w.HostNetns, err)
+	}
+	if err := removeCgroupTree(w.CgroupDir); err != nil {
+		w.t.Errorf("sandboxtest: %v", err)
+	}
+}
+
+// removeCgroupTree removes dir and the cgroups below it, deepest first.
+// Processes still inside are killed first.
+func removeCgroupTree(dir string) error {
+	var dirs []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("walk cgroup %s: %w", dir, err)
+	}
+	slices.Reverse(dirs)
+	for _, d := range dirs {
+		killCgroup(d)
+		if err := os.Remove(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove cgroup %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+func killCgroup(dir string) {
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			unix.Kill(pid, unix.SIGKILL)
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, 0, nil)
+		}
+	}
+}
+
+// sweepLeftovers removes netns and cgroups left by test processes that died
+// before their cleanups ran.
+func sweepLeftovers() {
+	dead := func(name string) bool {
+		rest, ok := strings.CutPrefix(name, namePrefix)
+		if !ok {
+			return false
+		}
+		pidStr, _, ok := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		if !ok || err != nil || pid == os.Getpid() {
+			return false
+		}
+		return unix.Kill(pid, 0) == unix.ESRCH
+	}
+	if entries, err := os.ReadDir(netnsDir); err == nil {
+		for _, e := range entries {
+			if dead(e.Name()) {
+				netns.DeleteNamed(e.Name())
+			}
+		}
+	}
+	if root, err := cgroup2.Root(); err == nil {
+		if entries, err := os.ReadDir(root); err == nil {
+			for _, e := range entries {
+				if e.IsDir() && dead(e.Name()) {
+					removeCgroupTree(filepath.Join(root, e.Name()))
+				}
+			}
+		}
+	}
+}
