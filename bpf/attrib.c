@@ -77,6 +77,20 @@ struct {
 	__type(value, __u32);
 } endpoints SEC(".maps");
 
+// One bit per destination port that some endpoint uses, so that connections
+// to other ports are dismissed with an array access the verifier inlines
+// instead of two hash lookups.
+struct port_bitmap {
+	__u64 bits[1024];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_bitmap);
+} endpoint_ports SEC(".maps");
+
 // Twice the 65,536 live records promised: the LRU's per-CPU free lists can
 // evict before the map is nominally full.
 struct {
@@ -148,6 +162,14 @@ static __always_inline int conn_key_of(struct bpf_sock_ops *ops, struct conn_key
 
 static __always_inline int is_endpoint(const struct conn_key *key)
 {
+	__u32 zero = 0;
+	struct port_bitmap *ports = bpf_map_lookup_elem(&endpoint_ports, &zero);
+	if (!ports)
+		return 0;
+	__u16 port = key->dport;
+	if (!(ports->bits[(port >> 6) & 1023] & (1ULL << (port & 63))))
+		return 0;
+
 	struct endpoint ep = {};
 
 	ep.addr[0] = key->daddr[0];
@@ -191,10 +213,12 @@ static __always_inline void on_connect(struct bpf_sock_ops *ops)
 	// One netns cannot hold two live connections with the same tuple, so a
 	// record from the same netns belongs to a dead socket and is replaced.
 	// One from another netns may be live: keep neither answer.
-	struct record *old = bpf_map_lookup_elem(&conns, &key);
-	if (old && old->netns_cookie != rec.netns_cookie)
-		rec.flags |= RECORD_AMBIGUOUS;
-	bpf_map_update_elem(&conns, &key, &rec, BPF_ANY);
+	if (bpf_map_update_elem(&conns, &key, &rec, BPF_NOEXIST) != 0) {
+		struct record *old = bpf_map_lookup_elem(&conns, &key);
+		if (old && old->netns_cookie != rec.netns_cookie)
+			rec.flags |= RECORD_AMBIGUOUS;
+		bpf_map_update_elem(&conns, &key, &rec, BPF_ANY);
+	}
 
 	// Ask for state changes on this socket only, to drop its record when it
 	// closes without the server having consumed it.

@@ -28,6 +28,11 @@ type attribEndpoint struct {
 	Pad  uint16
 }
 
+type attribPortBitmap struct {
+	_    structs.HostLayout
+	Bits [1024]uint64
+}
+
 type attribRecord struct {
 	_             structs.HostLayout
 	CgroupId      uint64
@@ -52,6 +57,7 @@ type attribSockOwner struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	attribMapConns          = "conns"
+	attribMapEndpointPorts  = "endpoint_ports"
 	attribMapEndpoints      = "endpoints"
 	attribMapSockOwners     = "sock_owners"
 	attribProgRecordConnect = "record_connect"
@@ -108,9 +114,10 @@ type attribProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribMapSpecs struct {
-	Conns      *ebpf.MapSpec `ebpf:"conns"`
-	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
-	SockOwners *ebpf.MapSpec `ebpf:"sock_owners"`
+	Conns         *ebpf.MapSpec `ebpf:"conns"`
+	EndpointPorts *ebpf.MapSpec `ebpf:"endpoint_ports"`
+	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
+	SockOwners    *ebpf.MapSpec `ebpf:"sock_owners"`
 }
 
 // attribVariableSpecs contains global variables before they are loaded into the kernel.
@@ -139,14 +146,16 @@ func (o *attribObjects) Close() error {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribMaps struct {
-	Conns      *ebpf.Map `ebpf:"conns"`
-	Endpoints  *ebpf.Map `ebpf:"endpoints"`
-	SockOwners *ebpf.Map `ebpf:"sock_owners"`
+	Conns         *ebpf.Map `ebpf:"conns"`
+	EndpointPorts *ebpf.Map `ebpf:"endpoint_ports"`
+	Endpoints     *ebpf.Map `ebpf:"endpoints"`
+	SockOwners    *ebpf.Map `ebpf:"sock_owners"`
 }
 
 func (m *attribMaps) Close() error {
 	return _AttribClose(
 		m.Conns,
+		m.EndpointPorts,
 		m.Endpoints,
 		m.SockOwners,
 	)

@@ -1,7 +1,9 @@
 package bpf
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"log/slog"
 	"net"
@@ -367,12 +369,33 @@ func TestRecordClosedBeforeLookupIsDropped(t *testing.T) {
 	assertNoRecords(t, in)
 }
 
+// TestLayout ties the hand-written encodings to the generated types, which
+// bpf2go derives from attrib.c.
+func TestLayout(t *testing.T) {
+	assert.Equal(t, connKeySize, binary.Size(attribConnKey{}))
+	assert.Equal(t, recordSize, binary.Size(attribRecord{}))
+
+	client := netip.MustParseAddrPort("10.1.2.3:40000")
+	server := netip.MustParseAddrPort("[fd00::1]:7123")
+	k := connKey(client, server)
+	var got attribConnKey
+	require.NoError(t, binary.Read(bytes.NewReader(k[:]), binary.NativeEndian, &got))
+	assert.Equal(t, attribConnKey{Saddr: addrWords(client.Addr()), Daddr: addrWords(server.Addr()), Sport: 40000, Dport: 7123}, got)
+
+	want := attribRecord{CgroupId: 1, NetnsCookie: 2, SocketCookie: 3, ConnectBootNs: 4, Pid: 5, Tgid: 6, Flags: 7}
+	var raw bytes.Buffer
+	require.NoError(t, binary.Write(&raw, binary.NativeEndian, want))
+	assert.Equal(t, Record{CgroupID: 1, NetnsCookie: 2, SocketCookie: 3, Connected: 4, PID: 5, TGID: 6, Flags: 7},
+		decodeRecord([recordSize]byte(raw.Bytes())))
+}
+
 func TestStaleRecord(t *testing.T) {
 	in, _ := install(t)
 	local := netip.MustParseAddrPort("10.0.0.1:7123")
 	remote := netip.MustParseAddrPort("10.0.0.2:40000")
 	rec := attribRecord{CgroupId: 42, NetnsCookie: 7, ConnectBootNs: uint64(bootTime() - 2*DefaultMaxRecordAge)}
-	require.NoError(t, in.conns.Put(makeConnKey(remote, local), rec))
+	key := connKey(remote, local)
+	require.NoError(t, in.conns.Put(key[:], rec))
 	got, err := in.Lookup(local, remote)
 	assert.ErrorIs(t, err, ErrStale)
 	assert.Equal(t, uint64(42), got.CgroupID)
@@ -383,21 +406,21 @@ func TestStaleRecord(t *testing.T) {
 func TestCapacity(t *testing.T) {
 	in, _ := install(t)
 	const live = 65536
-	keys := make([]attribConnKey, live)
+	keys := make([][connKeySize]byte, live)
 	vals := make([]attribRecord, live)
 	now := uint64(bootTime())
 	for i := range keys {
-		keys[i] = makeConnKey(
+		keys[i] = connKey(
 			netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000),
 			netip.MustParseAddrPort("10.0.0.1:7123"))
 		vals[i] = attribRecord{CgroupId: uint64(i + 1), ConnectBootNs: now}
 	}
 	for i := range keys {
-		require.NoError(t, in.conns.Put(keys[i], vals[i]))
+		require.NoError(t, in.conns.Put(keys[i][:], vals[i]))
 	}
 	for i := range keys {
 		var got attribRecord
-		require.NoError(t, in.conns.Lookup(keys[i], &got), "record %d was evicted", i)
+		require.NoError(t, in.conns.Lookup(keys[i][:], &got), "record %d was evicted", i)
 		require.Equal(t, uint64(i+1), got.CgroupId)
 	}
 }

@@ -79,7 +79,7 @@ func hooks() []hook {
 }
 
 func mapNames() []string {
-	return []string{attribMapSockOwners, attribMapEndpoints, attribMapConns}
+	return []string{attribMapSockOwners, attribMapEndpoints, attribMapEndpointPorts, attribMapConns}
 }
 
 func linkPin(pinDir, program string) string { return filepath.Join(pinDir, "links", program) }
@@ -93,6 +93,7 @@ type Installation struct {
 	maxAge     time.Duration
 	conns      *ebpf.Map
 	endpoints  *ebpf.Map
+	ports      *ebpf.Map // bitmap of the endpoints' ports
 }
 
 // Install loads the programs, attaches them to the cgroup root and pins them,
@@ -164,6 +165,7 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 		maxAge:     opts.MaxRecordAge,
 		conns:      coll.DetachMap(attribMapConns),
 		endpoints:  coll.DetachMap(attribMapEndpoints),
+		ports:      coll.DetachMap(attribMapEndpointPorts),
 	}
 	// Records are consumed with BPF_MAP_LOOKUP_AND_DELETE_ELEM; find out now,
 	// not on the first request, if this kernel cannot do that for LRU maps.
@@ -273,7 +275,7 @@ func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
 // Close releases the daemon's handle. The programs stay attached and keep
 // publishing records; use Uninstall to remove them.
 func (in *Installation) Close() error {
-	return errors.Join(in.conns.Close(), in.endpoints.Close())
+	return errors.Join(in.conns.Close(), in.endpoints.Close(), in.ports.Close())
 }
 
 // Uninstall detaches the programs and removes every pin under opts.PinDir.

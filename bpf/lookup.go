@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -92,23 +93,17 @@ func (r Record) LogValue() slog.Value {
 // ErrAmbiguous, and the returned Record holds whatever the kernel did record,
 // for the refusal's log line.
 func (in *Installation) Lookup(local, remote netip.AddrPort) (Record, error) {
-	key := makeConnKey(remote, local)
-	var raw attribRecord
-	if err := in.conns.LookupAndDelete(&key, &raw); err != nil {
+	// Raw bytes instead of the generated structs: this runs once per accepted
+	// connection, and the structs would go through reflection.
+	key := connKey(remote, local)
+	var raw [recordSize]byte
+	if err := in.conns.LookupAndDelete(key[:], raw[:]); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return Record{}, fmt.Errorf("attribute %s -> %s: %w", remote, local, ErrNoRecord)
 		}
 		return Record{}, fmt.Errorf("look up attribution of %s -> %s: %w", remote, local, err)
 	}
-	rec := Record{
-		CgroupID:     raw.CgroupId,
-		NetnsCookie:  raw.NetnsCookie,
-		SocketCookie: raw.SocketCookie,
-		PID:          raw.Pid,
-		TGID:         raw.Tgid,
-		Connected:    time.Duration(raw.ConnectBootNs),
-		Flags:        Flags(raw.Flags),
-	}
+	rec := decodeRecord(raw)
 	switch {
 	case rec.Flags&FlagAmbiguous != 0:
 		return rec, fmt.Errorf("attribute %s -> %s: %w", remote, local, ErrAmbiguous)
@@ -119,6 +114,38 @@ func (in *Installation) Lookup(local, remote netip.AddrPort) (Record, error) {
 		return rec, fmt.Errorf("attribute %s -> %s: record is %s old: %w", remote, local, age.Round(time.Millisecond), ErrStale)
 	}
 	return rec, nil
+}
+
+// Sizes of struct conn_key and struct record in attrib.c.
+const (
+	connKeySize = 36
+	recordSize  = 48
+)
+
+// connKey lays out struct conn_key: both addresses as 16 bytes in network
+// order (IPv4 as ::ffff:a.b.c.d), then both ports in host order.
+func connKey(client, server netip.AddrPort) [connKeySize]byte {
+	var k [connKeySize]byte
+	c, s := client.Addr().As16(), server.Addr().As16()
+	copy(k[0:16], c[:])
+	copy(k[16:32], s[:])
+	binary.NativeEndian.PutUint16(k[32:], client.Port())
+	binary.NativeEndian.PutUint16(k[34:], server.Port())
+	return k
+}
+
+func decodeRecord(b [recordSize]byte) Record {
+	u64 := func(off int) uint64 { return binary.NativeEndian.Uint64(b[off:]) }
+	u32 := func(off int) uint32 { return binary.NativeEndian.Uint32(b[off:]) }
+	return Record{
+		CgroupID:     u64(0),
+		NetnsCookie:  u64(8),
+		SocketCookie: u64(16),
+		Connected:    time.Duration(u64(24)),
+		PID:          u32(32),
+		TGID:         u32(36),
+		Flags:        Flags(u32(40)),
+	}
 }
 
 // bootTime reads CLOCK_BOOTTIME, the clock bpf_ktime_get_boot_ns uses.
@@ -133,8 +160,9 @@ func bootTime() time.Duration {
 
 // SetEndpoints makes eps the complete set of token endpoints whose
 // connections are recorded. An unspecified address (0.0.0.0 or ::) matches
-// any destination address with that port. New endpoints are added before old
-// ones are removed, so an endpoint present in both sets is never absent.
+// any destination address with that port. An endpoint present before and
+// after the call is never absent in between: new endpoints are enabled
+// before old ones are removed.
 func (in *Installation) SetEndpoints(eps []netip.AddrPort) error {
 	want := make(map[attribEndpoint]bool, len(eps))
 	for _, ep := range eps {
@@ -149,38 +177,62 @@ func (in *Installation) SetEndpoints(eps []netip.AddrPort) error {
 			return fmt.Errorf("add token endpoint %s: %w", endpointString(ep), err)
 		}
 	}
-	var stale []attribEndpoint
+	current, err := in.endpointSet()
+	if err != nil {
+		return err
+	}
+	// The union first, so that the ports of both old and new endpoints pass
+	// the bitmap until the old ones are gone.
+	if err := in.setPorts(current); err != nil {
+		return err
+	}
+	for ep := range current {
+		if want[ep] {
+			continue
+		}
+		if err := in.endpoints.Delete(ep); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove token endpoint %s: %w", endpointString(ep), err)
+		}
+	}
+	return in.setPorts(want)
+}
+
+func (in *Installation) endpointSet() (map[attribEndpoint]bool, error) {
+	set := make(map[attribEndpoint]bool)
 	var ep attribEndpoint
 	var v uint32
 	it := in.endpoints.Iterate()
 	for it.Next(&ep, &v) {
-		if !want[ep] {
-			stale = append(stale, ep)
-		}
+		set[ep] = true
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("list token endpoints: %w", err)
+		return nil, fmt.Errorf("list token endpoints: %w", err)
 	}
-	for _, ep := range stale {
-		if err := in.endpoints.Delete(ep); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("remove token endpoint %s: %w", endpointString(ep), err)
-		}
+	return set, nil
+}
+
+func (in *Installation) setPorts(eps map[attribEndpoint]bool) error {
+	var bm attribPortBitmap
+	for ep := range eps {
+		bm.Bits[ep.Port>>6] |= 1 << (ep.Port & 63)
+	}
+	if err := in.ports.Put(uint32(0), &bm); err != nil {
+		return fmt.Errorf("set token endpoint ports: %w", err)
 	}
 	return nil
 }
 
 // Endpoints returns the configured token endpoints.
 func (in *Installation) Endpoints() ([]netip.AddrPort, error) {
-	var out []netip.AddrPort
-	var ep attribEndpoint
-	var v uint32
-	it := in.endpoints.Iterate()
-	for it.Next(&ep, &v) {
+	set, err := in.endpointSet()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netip.AddrPort, 0, len(set))
+	for ep := range set {
 		out = append(out, netip.AddrPortFrom(addrFromWords(ep.Addr), ep.Port))
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list token endpoints: %w", err)
-	}
+	slices.SortFunc(out, netip.AddrPort.Compare)
 	return out, nil
 }
 
@@ -201,15 +253,6 @@ func addrFromWords(w [4]uint32) netip.Addr {
 		binary.NativeEndian.PutUint32(b[4*i:], w[i])
 	}
 	return netip.AddrFrom16(b).Unmap()
-}
-
-func makeConnKey(client, server netip.AddrPort) attribConnKey {
-	return attribConnKey{
-		Saddr: addrWords(client.Addr()),
-		Daddr: addrWords(server.Addr()),
-		Sport: client.Port(),
-		Dport: server.Port(),
-	}
 }
 
 func makeEndpoint(ep netip.AddrPort) attribEndpoint {

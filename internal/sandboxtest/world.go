@@ -91,10 +91,10 @@ func New(t testing.TB) *World {
 	// A random /24 (and /64) per world, so that records of parallel worlds
 	// sharing one attribution map do not collide on their 4-tuples.
 	w := &World{
-		t:         t,
-		name:      fmt.Sprintf("%s%d-%d", namePrefix, os.Getpid(), worldSeq.Add(1)),
-		Router4:   netip.AddrFrom4([4]byte{10, 100 + r[0]%100, r[1], 1}),
-		Router6:   netip.AddrFrom16([16]byte{0xfd, 0x00, 0x1d, 0x7d, 0, 0, r[0], r[1], 15: 1}),
+		t:       t,
+		name:    fmt.Sprintf("%s%d-%d", namePrefix, os.Getpid(), worldSeq.Add(1)),
+		Router4: netip.AddrFrom4([4]byte{10, 100 + r[0]%100, r[1], 1}),
+		Router6: netip.AddrFrom16([16]byte{0xfd, 0x00, 0x1d, 0x7d, 0, 0, r[0], r[1], 15: 1}),
 	}
 	w.HostNetns = filepath.Join(netnsDir, w.name+"-host")
 	w.CgroupDir = filepath.Join(root, w.name)
