@@ -6,7 +6,7 @@ GO ?= go
 
 # The whole test suite, with the race detector. This is what CI runs.
 test: deps
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 30m ./...
 
 demo: deps
 	$(GO) test -count=1 -v -run 'TestAttributesSandboxConnection|TestConcurrentSandboxesNeverMisattributed' ./bpf/

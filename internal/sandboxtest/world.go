@@ -223,7 +223,7 @@ func (w *World) connect(s *Sandbox, n uint32) error {
 		return err
 	}
 
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink handle in %s: %w", s.Netns, err)
 	}
@@ -344,7 +344,7 @@ func handleAt(path string) (*netlink.Handle, error) {
 		return nil, fmt.Errorf("open netns %s: %w", path, err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, fmt.Errorf("netlink handle in %s: %w", path, err)
 	}
