@@ -35,7 +35,7 @@ func parseConsole(console string) *Result {
 	var cur *PackageResult
 	var out strings.Builder
 	idx := map[string]int{} // test name -> index in cur.Tests
-	var running []string // tests that printed "=== RUN" and no result yet
+	var running []string    // tests that printed "=== RUN" and no result yet
 	for _, line := range strings.Split(console, "\n") {
 		// Firmware escape sequences or kernel messages can precede a marker
 		// on its line.
