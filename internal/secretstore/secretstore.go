@@ -1,0 +1,159 @@
+// Package secretstore keeps each sandbox's bearer secret on disk, so that a
+// running sandbox keeps authenticating across any number of daemon restarts.
+//
+// Only a SHA-256 hash of the secret is stored: the secrets are 32 random
+// bytes, so a fast hash loses nothing to guessing, and a leaked state
+// directory does not leak usable secrets. Each sandbox has one file,
+// <dir>/<id>.json, 0600 in a 0700 directory, replaced atomically. A file
+// holds a list of hashes, each with an optional expiry, so that a rotated
+// secret's predecessor can stay valid for a grace window.
+package secretstore
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/identityd/identityd/internal/atomicfile"
+)
+
+// ErrNotFound means no secret is stored for the sandbox.
+var ErrNotFound = errors.New("no secret stored for sandbox")
+
+// validID keeps ids usable as file names: no separators, no leading dot.
+var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// ValidID reports whether id can name a sandbox in the store.
+func ValidID(id string) bool { return validID.MatchString(id) }
+
+// Store is a directory of secret hashes.
+type Store struct {
+	dir string
+	now func() time.Time
+}
+
+// record is the on-disk form.
+type record struct {
+	Version int         `json:"version"`
+	Hashes  []hashEntry `json:"hashes"`
+}
+
+type hashEntry struct {
+	SHA256   string     `json:"sha256"`
+	NotAfter *time.Time `json:"not_after,omitempty"`
+}
+
+// Open opens (creating if needed) the store in dir, and removes leftovers of
+// writes a crash interrupted.
+func Open(dir string) (*Store, error) {
+	if err := atomicfile.MkdirPrivate(dir); err != nil {
+		return nil, fmt.Errorf("open secret store: %w", err)
+	}
+	if err := atomicfile.RemoveTemps(dir); err != nil {
+		return nil, fmt.Errorf("open secret store: remove interrupted writes: %w", err)
+	}
+	return &Store{dir: dir, now: time.Now}, nil
+}
+
+func (s *Store) path(id string) (string, error) {
+	if !ValidID(id) {
+		return "", fmt.Errorf("invalid sandbox id %q", id)
+	}
+	return filepath.Join(s.dir, id+".json"), nil
+}
+
+func hashOf(secret string) string {
+	sum := sha256.Sum256([]byte(secret))
+	return hex.EncodeToString(sum[:])
+}
+
+// Put makes secret the only valid secret of sandbox id, durably.
+func (s *Store) Put(id, secret string) error {
+	p, err := s.path(id)
+	if err != nil {
+		return fmt.Errorf("store secret: %w", err)
+	}
+	b, err := json.Marshal(record{Version: 1, Hashes: []hashEntry{{SHA256: hashOf(secret)}}})
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.WriteFile(p, b, 0o600); err != nil {
+		return fmt.Errorf("store secret of %s: %w", id, err)
+	}
+	return nil
+}
+
+// Verify reports whether bearer is a currently valid secret of sandbox id.
+// The comparison runs in constant time. A missing file is ErrNotFound; an
+// unreadable or corrupt one is an error, never a match.
+func (s *Store) Verify(id, bearer string) (bool, error) {
+	p, err := s.path(id)
+	if err != nil {
+		return false, fmt.Errorf("verify secret: %w", err)
+	}
+	b, err := os.ReadFile(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("verify secret of %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return false, fmt.Errorf("verify secret of %s: %w", id, err)
+	}
+	rec, err := parse(b)
+	if err != nil {
+		return false, fmt.Errorf("verify secret of %s: %w", id, err)
+	}
+	want := sha256.Sum256([]byte(bearer))
+	now := s.now()
+	match := 0
+	for _, h := range rec.Hashes {
+		got, err := hex.DecodeString(h.SHA256)
+		if err != nil || len(got) != sha256.Size {
+			return false, fmt.Errorf("verify secret of %s: corrupt hash in %s", id, p)
+		}
+		valid := h.NotAfter == nil || now.Before(*h.NotAfter)
+		// Every entry is compared, valid or not, so that timing says
+		// nothing about which one matched.
+		if subtle.ConstantTimeCompare(got, want[:]) == 1 && valid {
+			match = 1
+		}
+	}
+	return match == 1, nil
+}
+
+func parse(b []byte) (record, error) {
+	var rec record
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rec); err != nil {
+		return rec, fmt.Errorf("corrupt secret record: %w", err)
+	}
+	if rec.Version != 1 {
+		return rec, fmt.Errorf("secret record has unknown version %d", rec.Version)
+	}
+	if len(rec.Hashes) == 0 {
+		return rec, errors.New("secret record holds no hash")
+	}
+	return rec, nil
+}
+
+// Delete revokes every secret of sandbox id, durably. Deleting a missing
+// record is not an error.
+func (s *Store) Delete(id string) error {
+	p, err := s.path(id)
+	if err != nil {
+		return fmt.Errorf("delete secret: %w", err)
+	}
+	if err := atomicfile.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("delete secret of %s: %w", id, err)
+	}
+	return nil
+}
