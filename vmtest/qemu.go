@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -154,28 +155,45 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		"-kernel", cfg.Kernel.Vmlinuz, "-initrd", initrd,
 		"-append", "console=ttyS0 panic=-1 quiet")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.Stdin = nil
-	var console bytes.Buffer
-	out, err := cmd.StdoutPipe()
+	pr, pw, err := os.Pipe()
 	if err != nil {
 		return nil, err
 	}
-	cmd.Stderr = cmd.Stdout
+	defer pr.Close()
+	cmd.Stdout, cmd.Stderr = pw, pw
 	start := time.Now()
-	if err := cmd.Start(); err != nil {
+	// Pdeathsig follows the OS thread that forked QEMU, so QEMU is started
+	// and waited for on one locked thread that lives exactly as long.
+	started := make(chan error, 1)
+	exited := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		exited <- cmd.Wait()
+	}()
+	err = <-started
+	pw.Close()
+	if err != nil {
 		return nil, fmt.Errorf("start qemu-system-x86_64 (install qemu-system-x86): %w", err)
 	}
+	var console bytes.Buffer
 	sink := io.Writer(&console)
 	if cfg.Console != nil {
 		sink = io.MultiWriter(&console, cfg.Console)
 	}
-	// Normalise the serial console's CRLF while copying.
-	sc := bufio.NewScanner(out)
+	// Normalise the serial console's CRLF while copying; EOF comes when
+	// QEMU exits.
+	sc := bufio.NewScanner(pr)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		fmt.Fprintln(sink, strings.TrimRight(sc.Text(), "\r"))
 	}
-	waitErr := cmd.Wait()
+	waitErr := <-exited
 
 	res := parseConsole(console.String())
 	res.Accel = accel

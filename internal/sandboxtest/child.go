@@ -2,9 +2,14 @@ package sandboxtest
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"runtime"
@@ -74,8 +79,11 @@ func (s *Sandbox) Start(t testing.TB) *Client {
 	cmd.Env = append(os.Environ(), childEnv+"="+s.Netns)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, os.Stderr
 	// CLONE_INTO_CGROUP: the child is in the sandbox's cgroup from its
-	// first instruction.
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
+	// first instruction. No Pdeathsig: it fires when the forking OS thread
+	// exits, and Go ends threads that InNetns locked, so children would die
+	// at random. Cleanup kills them, and a dead test's leftovers are killed
+	// with its cgroups by the next New.
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("sandboxtest: start client in %s: %v", s.Name, err)
 	}
@@ -91,24 +99,70 @@ func (s *Sandbox) Start(t testing.TB) *Client {
 
 // do sends one command line and returns the fields of the "ok" reply.
 func (c *Client) do(format string, args ...any) ([]string, error) {
+	rest, err := c.doRaw(format, args...)
+	if err != nil {
+		return nil, err
+	}
+	return strings.Fields(rest), nil
+}
+
+// doRaw sends one command line and returns the "ok" reply's text.
+func (c *Client) doRaw(format string, args ...any) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, err := fmt.Fprintf(c.stdin, format+"\n", args...); err != nil {
-		return nil, fmt.Errorf("send to client: %w", err)
+		return "", fmt.Errorf("send to client: %w", err)
 	}
 	c.out.SetReadDeadline(time.Now().Add(replyTimeout))
 	line, err := c.lines.ReadString('\n')
 	if err != nil {
-		return nil, fmt.Errorf("read client reply: %w", err)
+		return "", fmt.Errorf("read client reply: %w", err)
 	}
-	fields := strings.Fields(line)
-	switch {
-	case len(fields) > 0 && fields[0] == "ok":
-		return fields[1:], nil
-	case len(fields) > 0 && fields[0] == "err":
-		return nil, errors.New(strings.TrimSpace(strings.TrimPrefix(line, "err")))
+	line = strings.TrimSuffix(line, "\n")
+	if rest, ok := strings.CutPrefix(line, "ok"); ok {
+		return strings.TrimPrefix(rest, " "), nil
 	}
-	return nil, fmt.Errorf("unexpected client reply %q", line)
+	if rest, ok := strings.CutPrefix(line, "err "); ok {
+		return "", errors.New(rest)
+	}
+	return "", fmt.Errorf("unexpected client reply %q", line)
+}
+
+// HTTPRequest is a request a client makes from inside its sandbox.
+type HTTPRequest struct {
+	Method string            `json:"method"`
+	URL    string            `json:"url"`
+	Header map[string]string `json:"header,omitempty"`
+	// Repeat sends the request this many times on one connection
+	// (keep-alive); 1 if zero.
+	Repeat int `json:"repeat,omitempty"`
+	// Source, if set, is the local address to bind before connecting.
+	Source string `json:"source,omitempty"`
+}
+
+// HTTPResponse is what came back.
+type HTTPResponse struct {
+	Status int         `json:"status"`
+	Header http.Header `json:"header"`
+	Body   string      `json:"body"`
+}
+
+// HTTP makes req from inside the sandbox, on one new connection, and returns
+// every response.
+func (c *Client) HTTP(req HTTPRequest) ([]HTTPResponse, error) {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	rest, err := c.doRaw("http %s", b)
+	if err != nil {
+		return nil, err
+	}
+	var out []HTTPResponse
+	if err := json.Unmarshal([]byte(rest), &out); err != nil {
+		return nil, fmt.Errorf("decode client reply: %w", err)
+	}
+	return out, nil
 }
 
 // Socket makes a TCP socket (family 4 or 6) without connecting it.
@@ -189,7 +243,17 @@ func runChild(path string) int {
 	}
 	var fds []int
 	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 64<<10), 1<<20)
 	for in.Scan() {
+		if arg, ok := strings.CutPrefix(in.Text(), "http "); ok {
+			reply, err := serveHTTP(arg)
+			if err != nil {
+				fmt.Printf("err %v\n", err)
+			} else {
+				fmt.Printf("ok %s\n", reply)
+			}
+			continue
+		}
 		reply, err := serve(strings.Fields(in.Text()), &fds)
 		if err != nil {
 			fmt.Printf("err %v\n", err)
@@ -279,6 +343,80 @@ func serve(cmd []string, fds *[]int) (string, error) {
 		return "", nil
 	}
 	return "", fmt.Errorf("unknown command %q", strings.Join(cmd, " "))
+}
+
+// serveHTTP makes the socket and connection on this thread, which is in
+// the sandbox's netns, then speaks HTTP over it.
+func serveHTTP(arg string) (string, error) {
+	var req HTTPRequest
+	if err := json.Unmarshal([]byte(arg), &req); err != nil {
+		return "", err
+	}
+	u, err := url.Parse(req.URL)
+	if err != nil {
+		return "", err
+	}
+	dest, err := netip.ParseAddrPort(u.Host)
+	if err != nil {
+		return "", fmt.Errorf("URL host must be address:port: %w", err)
+	}
+	fd, err := socket(dest.Addr().Is6() && !dest.Addr().Is4In6())
+	if err != nil {
+		return "", err
+	}
+	if req.Source != "" {
+		src, err := netip.ParseAddrPort(req.Source)
+		if err != nil {
+			unix.Close(fd)
+			return "", err
+		}
+		sa, err := sockaddr(fd, src)
+		if err == nil {
+			err = unix.Bind(fd, sa)
+		}
+		if err != nil {
+			unix.Close(fd)
+			return "", fmt.Errorf("bind %s: %w", src, err)
+		}
+	}
+	if _, err := connect(fd, dest); err != nil {
+		unix.Close(fd)
+		return "", err
+	}
+	f := os.NewFile(uintptr(fd), "http")
+	conn, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(replyTimeout))
+	br := bufio.NewReader(conn)
+	var out []HTTPResponse
+	for range max(req.Repeat, 1) {
+		hr, err := http.NewRequest(req.Method, req.URL, nil)
+		if err != nil {
+			return "", err
+		}
+		for k, v := range req.Header {
+			hr.Header.Set(k, v)
+		}
+		if err := hr.Write(conn); err != nil {
+			return "", fmt.Errorf("send request: %w", err)
+		}
+		resp, err := http.ReadResponse(br, hr)
+		if err != nil {
+			return "", fmt.Errorf("read response: %w", err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return "", fmt.Errorf("read body: %w", err)
+		}
+		out = append(out, HTTPResponse{Status: resp.StatusCode, Header: resp.Header, Body: string(body)})
+	}
+	b, err := json.Marshal(out)
+	return string(b), err
 }
 
 func socket(v6 bool) (int, error) {

@@ -27,6 +27,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -64,6 +65,7 @@ type World struct {
 // Sandbox is a cgroup plus a netns joined to the world's bridge.
 type Sandbox struct {
 	w           *World
+	deleteOnce  sync.Once
 	Name        string
 	CgroupDir   string
 	CgroupID    uint64
@@ -156,6 +158,13 @@ func prefixNet(p netip.Prefix) *net.IPNet {
 // AddSandbox makes a sandbox with a cgroup, a netns, a veth to the bridge and
 // one IPv4 and one IPv6 address; it is removed in t.Cleanup.
 func (w *World) AddSandbox(name string) *Sandbox {
+	n := w.nextHost.Add(1)
+	return w.AddSandboxAt(name, w.hostAddr4(n), w.hostAddr6(n))
+}
+
+// AddSandboxAt is AddSandbox with the sandbox's addresses given, for
+// example those of a deleted sandbox.
+func (w *World) AddSandboxAt(name string, addr4, addr6 netip.Addr) *Sandbox {
 	t := w.t
 	t.Helper()
 	n := w.nextHost.Add(1)
@@ -164,10 +173,10 @@ func (w *World) AddSandbox(name string) *Sandbox {
 		Name:      name,
 		CgroupDir: filepath.Join(w.CgroupDir, name),
 		Netns:     filepath.Join(netnsDir, w.name+"-"+name),
+		Addr4:     addr4,
+		Addr6:     addr6,
 	}
-	s.Addr4 = w.hostAddr4(n)
-	s.Addr6 = w.hostAddr6(n)
-	t.Cleanup(s.cleanup)
+	t.Cleanup(s.Delete)
 
 	if err := os.Mkdir(s.CgroupDir, 0o755); err != nil {
 		t.Fatalf("sandboxtest: create cgroup: %v", err)
@@ -370,13 +379,28 @@ func NetnsCookie(path string) (uint64, error) {
 	return cookie, nil
 }
 
-func (s *Sandbox) cleanup() {
-	if err := netns.DeleteNamed(filepath.Base(s.Netns)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.w.t.Errorf("sandboxtest: delete netns %s: %v", s.Netns, err)
-	}
-	if err := removeCgroupTree(s.CgroupDir); err != nil {
-		s.w.t.Errorf("sandboxtest: %v", err)
-	}
+// Delete tears the sandbox down now: its processes are killed, its netns
+// and cgroup removed, and the host forgets its addresses' neighbour entries
+// so that a later sandbox can take them over at once.
+func (s *Sandbox) Delete() {
+	s.deleteOnce.Do(func() {
+		if err := removeCgroupTree(s.CgroupDir); err != nil {
+			s.w.t.Errorf("sandboxtest: %v", err)
+		}
+		if err := netns.DeleteNamed(filepath.Base(s.Netns)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			s.w.t.Errorf("sandboxtest: delete netns %s: %v", s.Netns, err)
+		}
+		if s.w.host != nil && s.w.bridge != nil {
+			for _, a := range []netip.Addr{s.Addr4, s.Addr6} {
+				neighs, _ := s.w.host.NeighList(s.w.bridge.Attrs().Index, 0)
+				for _, n := range neighs {
+					if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
+						s.w.host.NeighDel(&n)
+					}
+				}
+			}
+		}
+	})
 }
 
 func (w *World) cleanup() {

@@ -1,0 +1,60 @@
+package tokenserver
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the token server's Prometheus metrics. They are registered on
+// the operator's registry, never served on the sandbox-facing endpoint.
+type Metrics struct {
+	requests *prometheus.CounterVec
+	refusals *prometheus.CounterVec
+	latency  prometheus.Histogram
+}
+
+// NewMetrics creates the metrics and registers them with reg (nothing is
+// registered if reg is nil). liveSandboxes, if set, backs a gauge of live
+// sandboxes.
+func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metrics, error) {
+	m := &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "identityd_token_requests_total",
+			Help: "Token requests by outcome: issued, refused, failed.",
+		}, []string{"outcome"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "identityd_token_refusals_total",
+			Help: "Refused token requests by reason.",
+		}, []string{"reason"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "identityd_token_request_duration_seconds",
+			Help:    "Time to answer a token request.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	cs := []prometheus.Collector{m.requests, m.refusals, m.latency}
+	if liveSandboxes != nil {
+		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "identityd_live_sandboxes",
+			Help: "Sandboxes the registry currently knows as live.",
+		}, liveSandboxes))
+	}
+	for _, c := range cs {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register token server metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+func (m *Metrics) observe(outcome string, d time.Duration) {
+	m.requests.WithLabelValues(outcome).Inc()
+	m.latency.Observe(d.Seconds())
+}
+
+func (m *Metrics) refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }

@@ -1,0 +1,453 @@
+package tokenserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"github.com/google/uuid"
+	"golang.org/x/time/rate"
+
+	"github.com/identityd/identityd/bpf"
+	"github.com/identityd/identityd/internal/registry"
+	"github.com/identityd/identityd/internal/secretstore"
+)
+
+// Attester reports what the kernel recorded about the socket that opened an
+// accepted connection; *bpf.Installation is the real one.
+type Attester interface {
+	Lookup(local, remote netip.AddrPort) (bpf.Record, error)
+}
+
+// Registry ties an attested caller to a live sandbox; *registry.Index is
+// the real one.
+type Registry interface {
+	Resolve(cgroupID, netnsCookie uint64) (registry.Sandbox, error)
+	Len() int
+}
+
+// Secrets checks a bearer against the sandbox's persisted secret;
+// *secretstore.Store is the real one.
+type Secrets interface {
+	Verify(sandboxID, bearer string) (bool, error)
+}
+
+// KeySet signs tokens and publishes the keys that verify them; *Keys is the
+// real one.
+type KeySet interface {
+	Sign(claims any) (string, error)
+	JWKS() jose.JSONWebKeySet
+	Algorithms() []string
+}
+
+// Defaults for Config.
+const (
+	DefaultTTL       = 3600 * time.Second
+	MinTTL           = 60 * time.Second
+	DefaultRateLimit = rate.Limit(10)
+	DefaultBurst     = 20
+)
+
+// Config wires a Server to its parts.
+type Config struct {
+	// Issuer is the iss claim and the base of the discovery URLs.
+	Issuer string
+	// DefaultAudience is used when a request names none; ["miren"] if nil.
+	DefaultAudience []string
+	Attester        Attester
+	Registry        Registry
+	Secrets         Secrets
+	Keys            KeySet
+	// RateLimit and Burst bound each sandbox's requests (token bucket);
+	// DefaultRateLimit and DefaultBurst if zero.
+	RateLimit rate.Limit
+	Burst     int
+	Logger    *slog.Logger
+	Metrics   *Metrics
+	Now       func() time.Time
+}
+
+// Server serves the token endpoint and OIDC discovery.
+type Server struct {
+	cfg Config
+	log *slog.Logger
+
+	mu        sync.Mutex
+	limiters  map[string]*limiter
+	lastSweep time.Time
+}
+
+type limiter struct {
+	*rate.Limiter
+	lastUsed time.Time
+}
+
+// New checks cfg and returns a Server.
+func New(cfg Config) (*Server, error) {
+	switch {
+	case cfg.Issuer == "":
+		return nil, errors.New("token server: no issuer URL")
+	case cfg.Attester == nil || cfg.Registry == nil || cfg.Secrets == nil || cfg.Keys == nil:
+		return nil, errors.New("token server: attester, registry, secrets and keys are all required")
+	}
+	cfg.Issuer = strings.TrimRight(cfg.Issuer, "/")
+	if cfg.DefaultAudience == nil {
+		cfg.DefaultAudience = []string{"miren"}
+	}
+	if cfg.RateLimit == 0 {
+		cfg.RateLimit = DefaultRateLimit
+	}
+	if cfg.Burst == 0 {
+		cfg.Burst = DefaultBurst
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics, _ = NewMetrics(nil, nil)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, limiters: map[string]*limiter{}}, nil
+}
+
+// HTTPServer returns an http.Server for the token endpoint with the
+// timeouts and limits a sandbox-facing server needs, attributing each
+// connection once, when it is accepted. Serve it on any listener, including
+// one inherited from a previous daemon.
+func (s *Server) HTTPServer() *http.Server {
+	return &http.Server{
+		Handler:           s.Handler(),
+		ConnContext:       s.ConnContext,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    8 << 10,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+}
+
+type attestationKey struct{}
+
+// attestation is the kernel's answer for one connection, shared by every
+// request that arrives on it.
+type attestation struct {
+	rec bpf.Record
+	err error
+}
+
+// ConnContext attributes an accepted connection. The kernel's record is
+// consumed here, so keep-alive requests on the connection reuse this answer.
+func (s *Server) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	att := &attestation{}
+	local, lok := tcpAddr(c.LocalAddr())
+	remote, rok := tcpAddr(c.RemoteAddr())
+	if lok && rok {
+		att.rec, att.err = s.cfg.Attester.Lookup(local, remote)
+	} else {
+		att.err = fmt.Errorf("connection %s -> %s is not TCP: %w", c.RemoteAddr(), c.LocalAddr(), bpf.ErrNoRecord)
+	}
+	return context.WithValue(ctx, attestationKey{}, att)
+}
+
+func tcpAddr(a net.Addr) (netip.AddrPort, bool) {
+	t, ok := a.(*net.TCPAddr)
+	if !ok {
+		return netip.AddrPort{}, false
+	}
+	return t.AddrPort(), true
+}
+
+// Handler routes the sandbox-facing paths. Paths are matched exactly: no
+// redirects, no prefix matches; anything else is a JSON 404.
+func (s *Server) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/token":
+			s.serveToken(w, r)
+		case "/.well-known/openid-configuration":
+			s.serveDiscovery(w, r)
+		case "/.well-known/miren/jwks", "/.well-known/jwks.json":
+			s.serveJWKS(w, r)
+		default:
+			writeError(w, http.StatusNotFound, "not found")
+		}
+	})
+}
+
+// Refusal reasons, as counted in metrics and logged.
+const (
+	reasonMethod        = "method_not_allowed"
+	reasonAuthorization = "bad_authorization_header"
+	reasonNoRecord      = "no_record"
+	reasonUnattested    = "unattested"
+	reasonStale         = "stale_record"
+	reasonAmbiguous     = "ambiguous_record"
+	reasonUnknown       = "unknown_sandbox"
+	reasonRateLimited   = "rate_limited"
+	reasonBadSecret     = "bad_secret"
+	reasonBadTTL        = "bad_ttl"
+)
+
+// Messages of the contract; sandboxes' clients may match on them.
+const (
+	msgMethod        = "only GET is allowed"
+	msgAuthorization = "missing or invalid Authorization header"
+	msgUnknownSource = "unknown source address"
+	msgInvalidToken  = "invalid token"
+	msgBadTTL        = "ttl must be a positive integer (seconds)"
+	msgIssueFailed   = "failed to issue token"
+	msgRateLimited   = "rate limit exceeded"
+)
+
+func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	outcome := "failed"
+	defer func() { s.cfg.Metrics.observe(outcome, time.Since(start)) }()
+
+	att, _ := r.Context().Value(attestationKey{}).(*attestation)
+	if att == nil {
+		att = &attestation{err: bpf.ErrNoRecord}
+	}
+	refuse := func(status int, msg, reason string, sandbox string, cause error) {
+		outcome = "refused"
+		s.cfg.Metrics.refused(reason)
+		attrs := []any{"status", status, "reason", reason, "remote", r.RemoteAddr, "caller", att.rec}
+		if sandbox != "" {
+			attrs = append(attrs, "sandbox", sandbox)
+		}
+		if cause != nil {
+			attrs = append(attrs, "error", cause.Error())
+		}
+		s.log.Warn("token request refused", attrs...)
+		writeError(w, status, msg)
+	}
+
+	if r.Method != http.MethodGet {
+		refuse(http.StatusMethodNotAllowed, msgMethod, reasonMethod, "", nil)
+		return
+	}
+	bearer, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok {
+		refuse(http.StatusUnauthorized, msgAuthorization, reasonAuthorization, "", nil)
+		return
+	}
+	if att.err != nil {
+		refuse(http.StatusForbidden, msgUnknownSource, attestationReason(att.err), "", att.err)
+		return
+	}
+	sb, err := s.cfg.Registry.Resolve(att.rec.CgroupID, att.rec.NetnsCookie)
+	if err != nil {
+		refuse(http.StatusForbidden, msgUnknownSource, reasonUnknown, "", err)
+		return
+	}
+	if wait, ok := s.allow(sb.ID); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
+		refuse(http.StatusTooManyRequests, msgRateLimited, reasonRateLimited, sb.ID, nil)
+		return
+	}
+	valid, err := s.cfg.Secrets.Verify(sb.ID, bearer)
+	switch {
+	case errors.Is(err, secretstore.ErrNotFound):
+		refuse(http.StatusForbidden, msgInvalidToken, reasonBadSecret, sb.ID, err)
+		return
+	case err != nil:
+		s.log.Error("verify secret", "sandbox", sb.ID, "caller", att.rec, "error", err)
+		writeError(w, http.StatusInternalServerError, msgIssueFailed)
+		return
+	case !valid:
+		refuse(http.StatusForbidden, msgInvalidToken, reasonBadSecret, sb.ID, nil)
+		return
+	}
+	q := r.URL.Query()
+	ttl, ok := parseTTL(q)
+	if !ok {
+		refuse(http.StatusBadRequest, msgBadTTL, reasonBadTTL, sb.ID, nil)
+		return
+	}
+	aud := q["audience"]
+	if len(aud) == 0 {
+		aud = s.cfg.DefaultAudience
+	}
+	token, err := s.issue(sb, aud, ttl)
+	if err != nil {
+		s.log.Error("issue token", "sandbox", sb.ID, "caller", att.rec, "error", err)
+		writeError(w, http.StatusInternalServerError, msgIssueFailed)
+		return
+	}
+	outcome = "issued"
+	s.log.Debug("token issued", "sandbox", sb.ID, "caller", att.rec, "aud", aud, "ttl", ttl)
+	writeJSON(w, http.StatusOK, map[string]string{"value": token})
+}
+
+func attestationReason(err error) string {
+	switch {
+	case errors.Is(err, bpf.ErrUnattested):
+		return reasonUnattested
+	case errors.Is(err, bpf.ErrStale):
+		return reasonStale
+	case errors.Is(err, bpf.ErrAmbiguous):
+		return reasonAmbiguous
+	}
+	return reasonNoRecord
+}
+
+// parseTTL reads the ttl parameter: absent means the default; otherwise a
+// positive decimal integer, clamped into [MinTTL, MaxTTL].
+func parseTTL(q map[string][]string) (time.Duration, bool) {
+	v, present := q["ttl"]
+	if !present || len(v) == 0 {
+		return DefaultTTL, true
+	}
+	s := v[0]
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" || strings.TrimLeft(s, "0") == "" {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n > int64(MaxTTL/time.Second) {
+		// Digits only, so the only error is overflow: clamp.
+		return MaxTTL, true
+	}
+	return min(max(time.Duration(n)*time.Second, MinTTL), MaxTTL), true
+}
+
+// Claims is the token's payload, as the contract lists it. aud is always an
+// array, even with one audience.
+type Claims struct {
+	Issuer         string   `json:"iss"`
+	Subject        string   `json:"sub"`
+	Audience       []string `json:"aud"`
+	IssuedAt       int64    `json:"iat"`
+	NotBefore      int64    `json:"nbf"`
+	Expiry         int64    `json:"exp"`
+	ID             string   `json:"jti"`
+	App            string   `json:"app,omitempty"`
+	SandboxID      string   `json:"sandbox_id"`
+	OrganizationID string   `json:"organization_id,omitempty"`
+	IdentityType   string   `json:"identity_type"`
+}
+
+// Subject builds sub: org:<org>:app:<app>:sandbox:<id>, leaving out empty
+// org and app parts. A part containing ':' would make sub ambiguous.
+func Subject(org, app, sandboxID string) (string, error) {
+	var b strings.Builder
+	for _, p := range [][2]string{{"org", org}, {"app", app}, {"sandbox", sandboxID}} {
+		if strings.Contains(p[1], ":") {
+			return "", fmt.Errorf("%s %q contains ':'", p[0], p[1])
+		}
+		if p[1] == "" {
+			if p[0] == "sandbox" {
+				return "", errors.New("empty sandbox id")
+			}
+			continue
+		}
+		if b.Len() > 0 {
+			b.WriteByte(':')
+		}
+		b.WriteString(p[0] + ":" + p[1])
+	}
+	return b.String(), nil
+}
+
+func (s *Server) issue(sb registry.Sandbox, aud []string, ttl time.Duration) (string, error) {
+	sub, err := Subject(sb.Org, sb.App, sb.ID)
+	if err != nil {
+		return "", err
+	}
+	now := s.cfg.Now().Unix()
+	return s.cfg.Keys.Sign(Claims{
+		Issuer:         s.cfg.Issuer,
+		Subject:        sub,
+		Audience:       aud,
+		IssuedAt:       now,
+		NotBefore:      now,
+		Expiry:         now + int64(ttl/time.Second),
+		ID:             uuid.NewString(),
+		App:            sb.App,
+		SandboxID:      sb.ID,
+		OrganizationID: sb.Org,
+		IdentityType:   "sandbox",
+	})
+}
+
+// allow takes a token from the sandbox's bucket, or says how long to wait.
+func (s *Server) allow(id string) (time.Duration, bool) {
+	now := s.cfg.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// Drop the buckets of sandboxes idle for long, so that sandbox churn
+	// does not grow the map for ever.
+	if now.Sub(s.lastSweep) > time.Minute {
+		for k, l := range s.limiters {
+			if now.Sub(l.lastUsed) > 10*time.Minute {
+				delete(s.limiters, k)
+			}
+		}
+		s.lastSweep = now
+	}
+	l, ok := s.limiters[id]
+	if !ok {
+		l = &limiter{Limiter: rate.NewLimiter(s.cfg.RateLimit, s.cfg.Burst)}
+		s.limiters[id] = l
+	}
+	l.lastUsed = now
+	r := l.ReserveN(now, 1)
+	if d := r.DelayFrom(now); d > 0 {
+		r.CancelAt(now)
+		return d, false
+	}
+	return 0, true
+}
+
+func (s *Server) serveDiscovery(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeError(w, http.StatusMethodNotAllowed, msgMethod)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{
+		"issuer":                                s.cfg.Issuer,
+		"jwks_uri":                              s.cfg.Issuer + "/.well-known/miren/jwks",
+		"response_types_supported":              []string{"id_token"},
+		"subject_types_supported":               []string{"public"},
+		"id_token_signing_alg_values_supported": s.cfg.Keys.Algorithms(),
+		"claims_supported": []string{"iss", "sub", "aud", "iat", "nbf", "exp", "jti",
+			"app", "sandbox_id", "organization_id", "identity_type"},
+	})
+}
+
+func (s *Server) serveJWKS(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeError(w, http.StatusMethodNotAllowed, msgMethod)
+		return
+	}
+	w.Header().Set("Cache-Control", "max-age=60")
+	writeJSON(w, http.StatusOK, s.cfg.Keys.JWKS())
+}
+
+func writeError(w http.ResponseWriter, status int, msg string) {
+	writeJSON(w, status, map[string]string{"error": msg})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		status, b = http.StatusInternalServerError, []byte(`{"error":"`+msgIssueFailed+`"}`)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)+1))
+	w.WriteHeader(status)
+	w.Write(append(b, '\n'))
+}
