@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -42,7 +43,7 @@ var quiet = slog.New(slog.DiscardHandler)
 // env is a closed world with the real attribution programs, a registry, a
 // secret store, signing keys and a token server listening on the router.
 type env struct {
-	t       *testing.T
+	t       testing.TB
 	w       *sandboxtest.World
 	in      *bpf.Installation
 	reg     *registry.Index
@@ -53,16 +54,19 @@ type env struct {
 	issuer  string
 	metrics *prometheus.Registry
 	stop    func()
+	hs      *http.Server
+	log     *slog.Logger
 }
 
 type envOptions struct {
-	alg   string
-	keys  KeySet // replaces the real keys when set
+	alg      string
+	keys     KeySet   // replaces the real keys when set
+	attester Attester // replaces the kernel when set
 	burst int
 	rate  rate.Limit
 }
 
-func newEnv(t *testing.T, o envOptions) *env {
+func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: loads BPF programs, creates namespaces and cgroups")
@@ -70,7 +74,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 	if o.alg == "" {
 		o.alg = RS256
 	}
-	e := &env{t: t, w: sandboxtest.New(t), state: filepath.Join(t.TempDir(), "state")}
+	e := &env{t: t, w: sandboxtest.New(t), state: filepath.Join(t.TempDir(), "state"), log: quiet}
 	pins := bpf.Options{PinDir: filepath.Join(bpf.DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s", os.Getpid(),
 		strings.ReplaceAll(t.Name(), "/", "-"))), Logger: quiet}
 	var err error
@@ -106,18 +110,23 @@ func (e *env) serve(o envOptions) {
 	if o.keys != nil {
 		keys = o.keys
 	}
+	var att Attester = e.in
+	if o.attester != nil {
+		att = o.attester
+	}
 	metrics, err := NewMetrics(e.metrics, func() float64 { return float64(e.reg.Len()) })
 	if err != nil {
 		metrics, _ = NewMetrics(nil, nil) // a restarted server in the same test
 	}
 	e.srv, err = New(Config{
-		Issuer: e.issuer, Attester: e.in, Registry: e.reg, Secrets: e.secrets, Keys: keys,
-		Logger: quiet, Metrics: metrics, RateLimit: o.rate, Burst: o.burst,
+		Issuer: e.issuer, Attester: att, Registry: e.reg, Secrets: e.secrets, Keys: keys,
+		Logger: e.log, Metrics: metrics, RateLimit: o.rate, Burst: o.burst,
 	})
 	require.NoError(t, err)
 	ln, err := e.w.Listen("tcp", fmt.Sprintf(":%d", port))
 	require.NoError(t, err)
 	hs := e.srv.HTTPServer()
+	e.hs = hs
 	go hs.Serve(ln)
 	// Closing the listener too: Close may run before Serve has taken it.
 	e.stop = func() { ln.Close(); hs.Close() }
@@ -272,13 +281,104 @@ func TestContract(t *testing.T) {
 		}
 	})
 	t.Run("404", func(t *testing.T) {
-		for _, p := range []string{"/", "/v1/token/", "/v1/tokens", "/v2/token", "//v1/token"} {
+		for _, p := range []string{"/", "/v1/token/", "/v1/tokens", "/v2/token", "//v1/token", "/metrics"} {
 			assertError(t, e.getFrom(a, "GET", p, bearer(secretA), e.w.Router4), 404, "not found")
 		}
 	})
 	t.Run("ipv6", func(t *testing.T) {
 		tokenOf(t, e.getFrom(a, "GET", "/v1/token", bearer(secretA), e.w.Router6))
 	})
+}
+
+// blockingKeys holds every Sign until release is closed.
+type blockingKeys struct {
+	KeySet
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (k blockingKeys) Sign(c any) (string, error) {
+	k.entered <- struct{}{}
+	<-k.release
+	return k.KeySet.Sign(c)
+}
+
+func TestGracefulShutdownFinishesInFlight(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	e.stop()
+	keys := blockingKeys{KeySet: e.keys, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	e.serve(envOptions{keys: keys})
+	_, a, secretA := e.sandbox("a", "web", "")
+
+	got := make(chan sandboxtest.HTTPResponse, 1)
+	go func() { got <- e.get(a, "GET", "", bearer(secretA)) }()
+	<-keys.entered // the request is inside the handler
+
+	done := make(chan error, 1)
+	go func() { done <- e.hs.Shutdown(context.Background()) }()
+	select {
+	case <-done:
+		t.Fatal("Shutdown returned while a request was in flight")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(keys.release)
+	tokenOf(t, <-got)
+	require.NoError(t, <-done)
+}
+
+// TestRefusalsAreLoggedWithTheKernelsView checks the operator's side of a
+// refusal: one structured line naming what the kernel attested, and never
+// the secret.
+func TestRefusalsAreLoggedWithTheKernelsView(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	var buf syncBuffer
+	e.stop()
+	e.log = slog.New(slog.NewJSONHandler(&buf, nil))
+	e.serve(envOptions{})
+	sbA, a, secretA := e.sandbox("a", "web", "")
+	_, b, _ := e.sandbox("b", "web", "")
+	assertError(t, e.get(b, "GET", "", bearer(secretA)), 403, "invalid token")
+	tokenOf(t, e.get(a, "GET", "", bearer(secretA)))
+
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	require.Len(t, lines, 1, "one line per refusal, none for success: %s", buf.String())
+	assert.NotContains(t, lines[0], secretA)
+	var entry struct {
+		Msg    string `json:"msg"`
+		Status int    `json:"status"`
+		Reason string `json:"reason"`
+		Caller struct {
+			CgroupID    uint64 `json:"cgroup_id"`
+			NetnsCookie uint64 `json:"netns_cookie"`
+			PID         uint64 `json:"pid"`
+		} `json:"caller"`
+		Sandbox string `json:"sandbox"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(lines[0]), &entry))
+	assert.Equal(t, 403, entry.Status)
+	assert.Equal(t, reasonBadSecret, entry.Reason)
+	assert.Equal(t, "sb-b", entry.Sandbox)
+	assert.NotEqual(t, sbA.CgroupID, entry.Caller.CgroupID)
+	assert.NotZero(t, entry.Caller.CgroupID)
+	assert.NotZero(t, entry.Caller.NetnsCookie)
+	assert.Equal(t, uint64(b.Pid), entry.Caller.PID)
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 type failingKeys struct{ KeySet }

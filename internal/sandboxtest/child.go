@@ -147,6 +147,34 @@ type HTTPResponse struct {
 	Body   string      `json:"body"`
 }
 
+// LoadResult is what Load measured.
+type LoadResult struct {
+	// Latencies holds each request's time from socket() to the end of the
+	// response body.
+	Latencies []time.Duration `json:"latencies"`
+	Failures  int             `json:"failures"`
+	Elapsed   time.Duration   `json:"elapsed"`
+}
+
+// Load makes req n times from inside the sandbox, each time on a new
+// connection, one after the other, and reports how long each took.
+// Responses other than 200 count as failures.
+func (c *Client) Load(req HTTPRequest, n int) (LoadResult, error) {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return LoadResult{}, err
+	}
+	rest, err := c.doRaw("load %d %s", n, b)
+	if err != nil {
+		return LoadResult{}, err
+	}
+	var res LoadResult
+	if err := json.Unmarshal([]byte(rest), &res); err != nil {
+		return res, fmt.Errorf("decode client reply: %w", err)
+	}
+	return res, nil
+}
+
 // HTTP makes req from inside the sandbox, on one new connection, and returns
 // every response.
 func (c *Client) HTTP(req HTTPRequest) ([]HTTPResponse, error) {
@@ -245,6 +273,15 @@ func runChild(path string) int {
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 64<<10), 1<<20)
 	for in.Scan() {
+		if arg, ok := strings.CutPrefix(in.Text(), "load "); ok {
+			reply, err := serveLoad(arg)
+			if err != nil {
+				fmt.Printf("err %v\n", err)
+			} else {
+				fmt.Printf("ok %s\n", reply)
+			}
+			continue
+		}
 		if arg, ok := strings.CutPrefix(in.Text(), "http "); ok {
 			reply, err := serveHTTP(arg)
 			if err != nil {
@@ -345,6 +382,34 @@ func serve(cmd []string, fds *[]int) (string, error) {
 	return "", fmt.Errorf("unknown command %q", strings.Join(cmd, " "))
 }
 
+func serveLoad(arg string) (string, error) {
+	nStr, js, ok := strings.Cut(arg, " ")
+	if !ok {
+		return "", errors.New("load: want n and a request")
+	}
+	n, err := strconv.Atoi(nStr)
+	if err != nil {
+		return "", err
+	}
+	var req HTTPRequest
+	if err := json.Unmarshal([]byte(js), &req); err != nil {
+		return "", err
+	}
+	res := LoadResult{Latencies: make([]time.Duration, 0, n)}
+	start := time.Now()
+	for range n {
+		t := time.Now()
+		resps, err := doHTTP(req)
+		res.Latencies = append(res.Latencies, time.Since(t))
+		if err != nil || resps[0].Status != http.StatusOK {
+			res.Failures++
+		}
+	}
+	res.Elapsed = time.Since(start)
+	b, err := json.Marshal(res)
+	return string(b), err
+}
+
 // serveHTTP makes the socket and connection on this thread, which is in
 // the sandbox's netns, then speaks HTTP over it.
 func serveHTTP(arg string) (string, error) {
@@ -352,23 +417,32 @@ func serveHTTP(arg string) (string, error) {
 	if err := json.Unmarshal([]byte(arg), &req); err != nil {
 		return "", err
 	}
-	u, err := url.Parse(req.URL)
+	out, err := doHTTP(req)
 	if err != nil {
 		return "", err
+	}
+	b, err := json.Marshal(out)
+	return string(b), err
+}
+
+func doHTTP(req HTTPRequest) ([]HTTPResponse, error) {
+	u, err := url.Parse(req.URL)
+	if err != nil {
+		return nil, err
 	}
 	dest, err := netip.ParseAddrPort(u.Host)
 	if err != nil {
-		return "", fmt.Errorf("URL host must be address:port: %w", err)
+		return nil, fmt.Errorf("URL host must be address:port: %w", err)
 	}
 	fd, err := socket(dest.Addr().Is6() && !dest.Addr().Is4In6())
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	if req.Source != "" {
 		src, err := netip.ParseAddrPort(req.Source)
 		if err != nil {
 			unix.Close(fd)
-			return "", err
+			return nil, err
 		}
 		sa, err := sockaddr(fd, src)
 		if err == nil {
@@ -376,18 +450,18 @@ func serveHTTP(arg string) (string, error) {
 		}
 		if err != nil {
 			unix.Close(fd)
-			return "", fmt.Errorf("bind %s: %w", src, err)
+			return nil, fmt.Errorf("bind %s: %w", src, err)
 		}
 	}
 	if _, err := connect(fd, dest); err != nil {
 		unix.Close(fd)
-		return "", err
+		return nil, err
 	}
 	f := os.NewFile(uintptr(fd), "http")
 	conn, err := net.FileConn(f)
 	f.Close()
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(replyTimeout))
@@ -396,27 +470,26 @@ func serveHTTP(arg string) (string, error) {
 	for range max(req.Repeat, 1) {
 		hr, err := http.NewRequest(req.Method, req.URL, nil)
 		if err != nil {
-			return "", err
+			return nil, err
 		}
 		for k, v := range req.Header {
 			hr.Header.Set(k, v)
 		}
 		if err := hr.Write(conn); err != nil {
-			return "", fmt.Errorf("send request: %w", err)
+			return nil, fmt.Errorf("send request: %w", err)
 		}
 		resp, err := http.ReadResponse(br, hr)
 		if err != nil {
-			return "", fmt.Errorf("read response: %w", err)
+			return nil, fmt.Errorf("read response: %w", err)
 		}
 		body, err := io.ReadAll(resp.Body)
 		resp.Body.Close()
 		if err != nil {
-			return "", fmt.Errorf("read body: %w", err)
+			return nil, fmt.Errorf("read body: %w", err)
 		}
 		out = append(out, HTTPResponse{Status: resp.StatusCode, Header: resp.Header, Body: string(body)})
 	}
-	b, err := json.Marshal(out)
-	return string(b), err
+	return out, nil
 }
 
 func socket(v6 bool) (int, error) {

@@ -1,0 +1,144 @@
+package tokenserver
+
+import (
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/identityd/identityd/bpf"
+	"github.com/identityd/identityd/internal/sandboxtest"
+)
+
+// switchAttester answers either from the kernel or, as the baseline, from a
+// map of source addresses: the old server's way, without the kernel's cost.
+type switchAttester struct {
+	kernel  Attester
+	trivial atomic.Bool
+	byAddr  map[netip.Addr]bpf.Record
+}
+
+func (s *switchAttester) Lookup(local, remote netip.AddrPort) (bpf.Record, error) {
+	if !s.trivial.Load() {
+		return s.kernel.Lookup(local, remote)
+	}
+	rec, ok := s.byAddr[remote.Addr().Unmap()]
+	if !ok {
+		return bpf.Record{}, bpf.ErrNoRecord
+	}
+	return rec, nil
+}
+
+// BenchmarkIssuance measures token issuance from two sandboxed clients,
+// each request on a new connection (so each pays for attestation), with the
+// kernel attesting callers and with a trivial in-memory lookup by source
+// address, interleaved in blocks within one run. b.N counts requests per
+// configuration.
+//
+//	go test -run '^$' -bench Issuance -benchtime 2000x -count 3 ./tokenserver/
+//
+// Reported per algorithm: requests/s and p50/p99 latency for both, and
+// attested-throughput-ratio (target >= 0.9).
+func BenchmarkIssuance(b *testing.B) {
+	for _, alg := range []string{RS256, ES256, EdDSA} {
+		b.Run(alg, func(b *testing.B) { benchmarkIssuance(b, alg) })
+	}
+}
+
+func benchmarkIssuance(b *testing.B, alg string) {
+	e := newEnv(b, envOptions{alg: alg})
+	sbA, a, secretA := e.sandbox("a", "web", "")
+	sbB, c, secretB := e.sandbox("b", "web", "")
+	sw := &switchAttester{kernel: e.in, byAddr: map[netip.Addr]bpf.Record{
+		sbA.Addr4: {CgroupID: sbA.CgroupID, NetnsCookie: sbA.NetnsCookie},
+		sbB.Addr4: {CgroupID: sbB.CgroupID, NetnsCookie: sbB.NetnsCookie},
+	}}
+	e.stop()
+	e.serve(envOptions{attester: sw, rate: rate.Inf, burst: 1})
+	endpoints := []netip.AddrPort{netip.AddrPortFrom(e.w.Router4, port), netip.AddrPortFrom(e.w.Router6, port)}
+
+	type clientLoad struct {
+		c      *sandboxtest.Client
+		secret string
+	}
+	clients := []clientLoad{{a, secretA}, {c, secretB}}
+	type stats struct {
+		lat     []time.Duration
+		elapsed time.Duration
+	}
+	var results [2]stats // [trivial]
+	const block = 100
+	b.ResetTimer()
+	for done, round := 0, 0; done < b.N; done, round = done+block, round+1 {
+		n := min(block, b.N-done)
+		for _, trivial := range [2]bool{round%2 == 0, round%2 != 0} {
+			sw.trivial.Store(trivial)
+			// Without attestation the kernel need not publish anything.
+			eps := endpoints
+			if trivial {
+				eps = nil
+			}
+			if err := e.in.SetEndpoints(eps); err != nil {
+				b.Fatal(err)
+			}
+			var mu sync.Mutex
+			var wg sync.WaitGroup
+			start := time.Now()
+			for i, cl := range clients {
+				// Split the block between the clients.
+				share := n / len(clients)
+				if i == 0 {
+					share += n % len(clients)
+				}
+				wg.Go(func() {
+					res, err := cl.c.Load(sandboxtest.HTTPRequest{Method: "GET", URL: e.issuer + "/v1/token",
+						Header: map[string]string{"Authorization": bearer(cl.secret)}}, share)
+					if err != nil || res.Failures > 0 {
+						b.Errorf("load (trivial=%v): %v, %d failures", trivial, err, res.Failures)
+						return
+					}
+					mu.Lock()
+					results[b2i(trivial)].lat = append(results[b2i(trivial)].lat, res.Latencies...)
+					mu.Unlock()
+				})
+			}
+			wg.Wait()
+			results[b2i(trivial)].elapsed += time.Since(start)
+		}
+	}
+	b.StopTimer()
+
+	name := [2]string{"attested", "trivial"}
+	for i := range results {
+		r := &results[i]
+		slices.Sort(r.lat)
+		rps := float64(len(r.lat)) / r.elapsed.Seconds()
+		b.ReportMetric(rps, "req/s-"+name[i])
+		b.ReportMetric(ms(percentile(r.lat, 0.50)), "p50-ms-"+name[i])
+		b.ReportMetric(ms(percentile(r.lat, 0.99)), "p99-ms-"+name[i])
+	}
+	ratio := (float64(len(results[0].lat)) / results[0].elapsed.Seconds()) /
+		(float64(len(results[1].lat)) / results[1].elapsed.Seconds())
+	b.ReportMetric(ratio, "attested-throughput-ratio")
+}
+
+func b2i(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, int(p*float64(len(sorted))))]
+}
+
