@@ -141,4 +141,3 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 	}
 	return sorted[min(len(sorted)-1, int(p*float64(len(sorted))))]
 }
-

@@ -62,8 +62,8 @@ type envOptions struct {
 	alg      string
 	keys     KeySet   // replaces the real keys when set
 	attester Attester // replaces the kernel when set
-	burst int
-	rate  rate.Limit
+	burst    int
+	rate     rate.Limit
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
