@@ -419,7 +419,7 @@ func (s *Server) serveDiscovery(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, map[string]any{
 		"issuer":                                s.cfg.Issuer,
-		"jwks_uri":                              s.cfg.Issuer + "/.well-known/miren/jwks",
+		"jwks_uri":                              s.cfg.Issuer + "/.well-known/jwks.json",
 		"response_types_supported":              []string{"id_token"},
 		"subject_types_supported":               []string{"public"},
 		"id_token_signing_alg_values_supported": s.cfg.Keys.Algorithms(),

@@ -1,0 +1,45 @@
+package tokenserver
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestOperatorHandler(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := NewMetrics(reg, func() float64 { return 3 })
+	require.NoError(t, err)
+	m.refused(reasonUnattested)
+	_, err = NewMetrics(reg, nil)
+	assert.Error(t, err, "registering twice is an error, not a panic")
+
+	var readyErr error = errors.New("rebuilding sandboxes")
+	srv := httptest.NewServer(OperatorHandler(reg, func() error { return readyErr }))
+	defer srv.Close()
+	get := func(path string) (int, string) {
+		resp, err := http.Get(srv.URL + path)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	code, body := get("/metrics")
+	assert.Equal(t, 200, code)
+	assert.Contains(t, body, `identityd_token_refusals_total{reason="unattested"} 1`)
+	assert.Contains(t, body, "identityd_live_sandboxes 3")
+	code, _ = get("/healthz")
+	assert.Equal(t, 200, code)
+	code, body = get("/readyz")
+	assert.Equal(t, 503, code)
+	assert.Contains(t, body, "rebuilding sandboxes")
+	readyErr = nil
+	code, _ = get("/readyz")
+	assert.Equal(t, 200, code)
+}
