@@ -23,7 +23,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,10 +35,11 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/identityd/identityd/internal/cgroup2"
+	"github.com/identityd/identityd/internal/netnsutil"
 )
 
 const (
-	netnsDir   = "/run/netns"
+	netnsDir   = netnsutil.Dir
 	namePrefix = "idt"
 )
 
@@ -106,10 +106,10 @@ func New(t testing.TB) *World {
 	if err := os.Mkdir(w.CgroupDir, 0o755); err != nil {
 		t.Fatalf("sandboxtest: create cgroup: %v", err)
 	}
-	if err := newNamedNetns(filepath.Base(w.HostNetns)); err != nil {
+	if err := netnsutil.NewNamed(filepath.Base(w.HostNetns)); err != nil {
 		t.Fatalf("sandboxtest: create host netns: %v", err)
 	}
-	w.host, err = handleAt(w.HostNetns)
+	w.host, err = netnsutil.Handle(w.HostNetns)
 	if err != nil {
 		t.Fatalf("sandboxtest: %v", err)
 	}
@@ -185,13 +185,13 @@ func (w *World) AddSandboxAt(name string, addr4, addr6 netip.Addr) *Sandbox {
 	if s.CgroupID, err = cgroup2.ID(s.CgroupDir); err != nil {
 		t.Fatalf("sandboxtest: %v", err)
 	}
-	if err := newNamedNetns(filepath.Base(s.Netns)); err != nil {
+	if err := netnsutil.NewNamed(filepath.Base(s.Netns)); err != nil {
 		t.Fatalf("sandboxtest: create netns: %v", err)
 	}
 	if err := w.connect(s, n); err != nil {
 		t.Fatalf("sandboxtest: wire sandbox %s: %v", name, err)
 	}
-	if s.NetnsCookie, err = NetnsCookie(s.Netns); err != nil {
+	if s.NetnsCookie, err = netnsutil.Cookie(s.Netns); err != nil {
 		t.Fatalf("sandboxtest: %v", err)
 	}
 	return s
@@ -232,9 +232,9 @@ func (w *World) connect(s *Sandbox, n uint32) error {
 		return err
 	}
 
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
+	h, err := netnsutil.Handle(s.Netns)
 	if err != nil {
-		return fmt.Errorf("netlink handle in %s: %w", s.Netns, err)
+		return err
 	}
 	defer h.Close()
 	for _, name := range []string{"lo", "eth0"} {
@@ -262,7 +262,7 @@ func (w *World) connect(s *Sandbox, n uint32) error {
 // AddAddr gives the sandbox's eth0 one more address, as a sandbox holding
 // CAP_NET_ADMIN in its own netns could.
 func (s *Sandbox) AddAddr(a netip.Addr) error {
-	h, err := handleAt(s.Netns)
+	h, err := netnsutil.Handle(s.Netns)
 	if err != nil {
 		return err
 	}
@@ -293,7 +293,7 @@ func (s *Sandbox) ChildCgroup(name string) string {
 
 // Do runs f on a thread inside the host netns; sockets f creates (listeners
 // included) belong to the host netns for good.
-func (w *World) Do(f func() error) error { return InNetns(w.HostNetns, f) }
+func (w *World) Do(f func() error) error { return netnsutil.Do(w.HostNetns, f) }
 
 // Listen opens a listener inside the host netns.
 func (w *World) Listen(network, address string) (net.Listener, error) {
@@ -308,76 +308,7 @@ func (w *World) Listen(network, address string) (net.Listener, error) {
 // Do runs f on a thread inside the sandbox's netns. The calling process
 // stays in its own cgroup, so sockets made by f are not the sandbox's as far
 // as cgroup attribution goes: use Start for that.
-func (s *Sandbox) Do(f func() error) error { return InNetns(s.Netns, f) }
-
-// InNetns runs f on a fresh OS thread that has joined the netns at path.
-// The thread is never handed back to the Go scheduler: it exits with f.
-func InNetns(path string, f func() error) error {
-	return onThread(func() error {
-		ns, err := netns.GetFromPath(path)
-		if err != nil {
-			return fmt.Errorf("open netns %s: %w", path, err)
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			return fmt.Errorf("enter netns %s: %w", path, err)
-		}
-		return f()
-	})
-}
-
-// onThread runs f on a locked OS thread that dies with it, so that namespace
-// changes never leak into other goroutines.
-func onThread(f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		errc <- f()
-	}()
-	return <-errc
-}
-
-func newNamedNetns(name string) error {
-	return onThread(func() error {
-		ns, err := netns.NewNamed(name)
-		if err != nil {
-			return fmt.Errorf("create netns %s: %w", name, err)
-		}
-		return ns.Close()
-	})
-}
-
-func handleAt(path string) (*netlink.Handle, error) {
-	ns, err := netns.GetFromPath(path)
-	if err != nil {
-		return nil, fmt.Errorf("open netns %s: %w", path, err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, fmt.Errorf("netlink handle in %s: %w", path, err)
-	}
-	return h, nil
-}
-
-// NetnsCookie reads SO_NETNS_COOKIE from a socket made inside the netns at
-// path.
-func NetnsCookie(path string) (uint64, error) {
-	var cookie uint64
-	err := InNetns(path, func() error {
-		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			return err
-		}
-		defer unix.Close(fd)
-		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		return err
-	})
-	if err != nil {
-		return 0, fmt.Errorf("read netns cookie of %s: %w", path, err)
-	}
-	return cookie, nil
-}
+func (s *Sandbox) Do(f func() error) error { return netnsutil.Do(s.Netns, f) }
 
 // Delete tears the sandbox down now: its processes are killed, its netns
 // and cgroup removed, and the host forgets its addresses' neighbour entries
