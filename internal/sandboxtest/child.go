@@ -61,7 +61,14 @@ type Client struct {
 // Start runs a client process in the sandbox. It is killed in t.Cleanup.
 func (s *Sandbox) Start(t testing.TB) *Client {
 	t.Helper()
-	cg, err := os.Open(s.CgroupDir)
+	return StartClient(t, s.CgroupDir, s.Netns)
+}
+
+// StartClient runs a client process in the cgroup at cgroupDir and the
+// netns at netnsPath, for sandboxes made by something other than a World.
+func StartClient(t testing.TB, cgroupDir, netnsPath string) *Client {
+	t.Helper()
+	cg, err := os.Open(cgroupDir)
 	if err != nil {
 		t.Fatalf("sandboxtest: open cgroup: %v", err)
 	}
@@ -76,7 +83,7 @@ func (s *Sandbox) Start(t testing.TB) *Client {
 		t.Fatalf("sandboxtest: %v", err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+s.Netns)
+	cmd.Env = append(os.Environ(), childEnv+"="+netnsPath)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = inR, outW, os.Stderr
 	// CLONE_INTO_CGROUP: the child is in the sandbox's cgroup from its
 	// first instruction. No Pdeathsig: it fires when the forking OS thread
@@ -85,14 +92,14 @@ func (s *Sandbox) Start(t testing.TB) *Client {
 	// with its cgroups by the next New.
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("sandboxtest: start client in %s: %v", s.Name, err)
+		t.Fatalf("sandboxtest: start client in %s: %v", cgroupDir, err)
 	}
 	inR.Close()
 	outW.Close()
 	c := &Client{t: t, cmd: cmd, stdin: inW, out: outR, lines: bufio.NewReader(outR), Pid: cmd.Process.Pid}
 	t.Cleanup(c.Close)
 	if _, err := c.do("hello"); err != nil {
-		t.Fatalf("sandboxtest: client in %s did not start: %v", s.Name, err)
+		t.Fatalf("sandboxtest: client in %s did not start: %v", cgroupDir, err)
 	}
 	return c
 }

@@ -145,6 +145,19 @@ func parse(b []byte) (record, error) {
 	return rec, nil
 }
 
+// Has reports whether any secret is stored for sandbox id.
+func (s *Store) Has(id string) (bool, error) {
+	p, err := s.path(id)
+	if err != nil {
+		return false, err
+	}
+	_, err = os.Stat(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
 // Delete revokes every secret of sandbox id, durably. Deleting a missing
 // record is not an error.
 func (s *Store) Delete(id string) error {
