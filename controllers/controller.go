@@ -485,10 +485,14 @@ func (c *Controller) rebuild(ctx context.Context) error {
 			}
 		}
 	}
+	cgroups := make(map[string]bool, len(c.live))
+	for _, r := range c.live {
+		cgroups[r.CgroupPath] = true
+	}
 	if entries, err := os.ReadDir(c.cfg.CgroupParent); err == nil {
 		for _, e := range entries {
 			p := filepath.Join(c.cfg.CgroupParent, e.Name())
-			if e.IsDir() && !c.knownCgroup(p) {
+			if e.IsDir() && !cgroups[p] {
 				c.log.Warn("cgroup under the sandbox parent has no record; never trusted", "cgroup", p)
 			}
 		}
@@ -502,15 +506,6 @@ func cutSuffix(s, suffix string) (string, bool) {
 		return s[:len(s)-len(suffix)], true
 	}
 	return "", false
-}
-
-func (c *Controller) knownCgroup(p string) bool {
-	for _, r := range c.live {
-		if r.CgroupPath == p {
-			return true
-		}
-	}
-	return false
 }
 
 // check says why r is no longer a live sandbox, or "" if it is; it

@@ -32,6 +32,10 @@ func TestMain(m *testing.M) {
 	if cfg := os.Getenv(daemonEnv); cfg != "" {
 		os.Exit(runDaemon(cfg))
 	}
+	if os.Getenv(sleeperEnv) != "" {
+		time.Sleep(5 * time.Minute) // a task of another runtime
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 
@@ -201,13 +205,17 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 	assert.ErrorIs(t, err, registry.ErrUnknownCaller)
 }
 
-// startIn starts a process in a cgroup, as another runtime would.
+const sleeperEnv = "IDENTITYD_CONTROLLERS_TEST_SLEEPER"
+
+// startIn starts a process in a cgroup, as another runtime would. It is
+// this test binary, so that it exists in the QEMU guest too.
 func startIn(t *testing.T, cgroupDir string) *exec.Cmd {
 	t.Helper()
 	cg, err := os.Open(cgroupDir)
 	require.NoError(t, err)
 	defer cg.Close()
-	cmd := exec.Command("sleep", "300")
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), sleeperEnv+"=1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
