@@ -2,14 +2,18 @@
 # namespaces (inside namespaces they make themselves; see README.md).
 GO ?= go
 
-.PHONY: test demo generate deps
+.PHONY: test demo build generate deps
 
 # The whole test suite, with the race detector. This is what CI runs.
 test: deps
 	$(GO) test -race -count=1 -timeout 30m ./...
 
-demo: deps
-	$(GO) test -count=1 -v -run 'TestAttributesSandboxConnection|TestConcurrentSandboxesNeverMisattributed' ./bpf/
+# The original bug's repro, end to end, in a closed network world.
+demo: build
+	./bin/identityd demo
+
+build:
+	$(GO) build -o bin/ ./cmd/...
 
 # Regenerates the committed bpf2go output (needs clang, llvm, libbpf-dev).
 generate:

@@ -3,6 +3,7 @@ module github.com/identityd/identityd
 go 1.26.0
 
 require (
+	github.com/alecthomas/kong v1.17.0
 	github.com/cilium/ebpf v0.22.0
 	github.com/coreos/go-oidc/v3 v3.21.0
 	github.com/go-jose/go-jose/v4 v4.1.9

@@ -1,19 +1,105 @@
-// Command identityd is the workload-identity token server daemon.
+// Command identityd is the workload-identity token server daemon: it
+// attributes every connection to its token endpoint with eBPF, rebuilds its
+// sandboxes from the live kernel at start, and issues JWTs to the sandboxes
+// whose bearer secret matches the copy on disk.
 package main
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
+	"net/netip"
 	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/alecthomas/kong"
+
+	"github.com/identityd/identityd/bpf"
+	"github.com/identityd/identityd/internal/daemon"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
-func main() {
-	if len(os.Args) == 2 && os.Args[1] == "version" {
-		fmt.Println("identityd", version)
-		return
+type cli struct {
+	Serve     serveCmd     `cmd:"" default:"withargs" help:"Run the daemon (the default command)."`
+	Version   versionCmd   `cmd:"" help:"Print the version."`
+	Demo      demoCmd      `cmd:"" help:"Play the original bug's repro end to end in a closed network world (needs root)."`
+	Uninstall uninstallCmd `cmd:"" help:"Detach the attribution programs and remove their pins (sandboxes lose attribution)."`
+}
+
+type serveCmd struct {
+	StateDir        string       `default:"/var/lib/identityd" env:"IDENTITYD_STATE_DIR" help:"Records, secrets and signing keys (0700)."`
+	CgroupParent    string       `env:"IDENTITYD_CGROUP_PARENT" help:"Parent of sandbox cgroups (default <cgroup2 root>/identityd)."`
+	BPFDir          string       `name:"bpf-dir" default:"/sys/fs/bpf/identityd" env:"IDENTITYD_BPF_DIR" help:"bpffs directory for the pinned programs and maps."`
+	Listen          string       `env:"IDENTITYD_LISTEN" help:"Token endpoint address (default <router address>:7123)."`
+	Issuer          string       `env:"IDENTITYD_ISSUER" help:"Issuer URL: the iss claim and the base of OIDC discovery (default http://<listen>)."`
+	SigningAlg      string       `default:"RS256" enum:"RS256,ES256,EdDSA" env:"IDENTITYD_SIGNING_ALG" help:"Token signing algorithm (RS256, ES256, EdDSA)."`
+	DefaultAudience []string     `default:"miren" env:"IDENTITYD_DEFAULT_AUDIENCE" help:"Audience when a request names none."`
+	OperatorListen  string       `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
+	AdminSocket     string       `default:"/run/identityd/admin.sock" env:"IDENTITYD_ADMIN_SOCKET" help:"Unix socket of the admin API (0600)."`
+	HostNetns       string       `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the bridge and the token endpoint (default: the daemon's own)."`
+	Bridge          string       `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Bridge that sandboxes are attached to."`
+	Subnet          netip.Prefix `default:"10.88.0.0/16" env:"IDENTITYD_SUBNET" help:"Sandbox address pool; its first address is the router."`
+	RateLimit       float64      `default:"10" env:"IDENTITYD_RATE_LIMIT" help:"Token requests per second per sandbox."`
+	Burst           int          `default:"20" env:"IDENTITYD_BURST" help:"Burst of token requests per sandbox."`
+	LogLevel        string       `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
+	LogFormat       string       `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
+}
+
+func (s *serveCmd) logger() (*slog.Logger, error) {
+	level, err := daemon.LogLevel(s.LogLevel)
+	if err != nil {
+		return nil, err
 	}
-	fmt.Fprintln(os.Stderr, "identityd: the daemon is not assembled yet; see README.md")
-	os.Exit(2)
+	opts := &slog.HandlerOptions{Level: level}
+	if s.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+}
+
+func (s *serveCmd) Run(ctx context.Context) error {
+	log, err := s.logger()
+	if err != nil {
+		return err
+	}
+	return daemon.Run(ctx, daemon.Config{
+		StateDir: s.StateDir, CgroupParent: s.CgroupParent, BPFDir: s.BPFDir, Listen: s.Listen,
+		Issuer: s.Issuer, SigningAlg: s.SigningAlg, DefaultAudience: s.DefaultAudience,
+		OperatorListen: s.OperatorListen, AdminSocket: s.AdminSocket, HostNetns: s.HostNetns,
+		Bridge: s.Bridge, Subnet: s.Subnet, RateLimit: s.RateLimit, Burst: s.Burst, Logger: log,
+	})
+}
+
+type versionCmd struct{}
+
+func (versionCmd) Run() error {
+	fmt.Println("identityd", version)
+	return nil
+}
+
+type uninstallCmd struct {
+	BPFDir string `name:"bpf-dir" default:"/sys/fs/bpf/identityd" env:"IDENTITYD_BPF_DIR" help:"bpffs directory of the pinned programs."`
+}
+
+func (u *uninstallCmd) Run(ctx context.Context) error {
+	return bpf.Uninstall(ctx, bpf.Options{PinDir: u.BPFDir})
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	var c cli
+	k := kong.Parse(&c,
+		kong.Name("identityd"),
+		kong.Description("Workload-identity token server: kernel-attested callers, secrets that survive restarts."),
+		kong.BindTo(ctx, (*context.Context)(nil)),
+		kong.UsageOnError(),
+	)
+	if err := k.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "identityd: %v\n", err)
+		os.Exit(1)
+	}
 }

@@ -1,0 +1,208 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"sort"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/identityd/identityd/controllers"
+)
+
+// exitCode carries a child's exit status out of Run.
+type exitCode int
+
+func (e exitCode) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
+
+func asExit(err error, out *exitCode) bool { return errors.As(err, out) }
+
+type runCmd struct {
+	App  string   `required:"" help:"App name (the token's app claim)."`
+	Org  string   `help:"Organisation (the token's organization_id claim)."`
+	ID   string   `help:"Sandbox id (generated if empty)."`
+	Keep bool     `help:"Keep the sandbox after the command exits."`
+	Cmd  []string `arg:"" passthrough:"" help:"Command and arguments."`
+}
+
+// Run creates the sandbox, then starts the command in its cgroup (at clone
+// time) and its netns (joined before exec), with the identity environment.
+// The command does not depend on identityd staying up.
+func (r *runCmd) Run(ctx context.Context, c *cli) error {
+	api := c.admin()
+	var created controllers.Created
+	if err := api.Do(ctx, "POST", "/v1/sandboxes", controllers.CreateRequest{ID: r.ID, App: r.App, Org: r.Org}, &created); err != nil {
+		return err
+	}
+	sb := created.Sandbox
+	fmt.Fprintf(os.Stderr, "identityctl: sandbox %s (cgroup %s, netns %s)\n", sb.ID, sb.CgroupPath, sb.NetnsPath)
+	code, err := runIn(sb, created.Env, r.Cmd)
+	if !r.Keep {
+		// The command is gone, but its children may linger: kill them.
+		if derr := api.Do(context.Background(), "DELETE", "/v1/sandboxes/"+sb.ID+"?kill=true", nil, nil); derr != nil {
+			err = errors.Join(err, fmt.Errorf("delete sandbox %s: %w", sb.ID, derr))
+		}
+	}
+	if err != nil {
+		return err
+	}
+	if code != 0 {
+		return exitCode(code)
+	}
+	return nil
+}
+
+func runIn(sb controllers.Record, env map[string]string, argv []string) (int, error) {
+	if len(argv) == 0 {
+		return 0, errors.New("no command given")
+	}
+	if argv[0] == "--" {
+		argv = argv[1:]
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	cg, err := os.Open(sb.CgroupPath)
+	if err != nil {
+		return 0, fmt.Errorf("open sandbox cgroup: %w", err)
+	}
+	defer cg.Close()
+	cmd := exec.Command(self, append([]string{"__exec", "--netns", sb.NetnsPath, "--"}, argv...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	cmd.Env = os.Environ()
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start %s in sandbox: %w", argv[0], err)
+	}
+	// Forward signals to the command; its exit decides ours.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
+	defer signal.Stop(sigs)
+	go func() {
+		for s := range sigs {
+			cmd.Process.Signal(s)
+		}
+	}()
+	err = cmd.Wait()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return 128 + int(ws.Signal()), nil
+		}
+		return ee.ExitCode(), nil
+	}
+	return 0, err
+}
+
+type execCmd struct {
+	Netns string   `required:"" help:"Network namespace to join."`
+	Cmd   []string `arg:"" passthrough:""`
+}
+
+// Run joins the netns on this thread and execs the command: the new image
+// starts inside the netns, before it makes any socket.
+func (e *execCmd) Run() error {
+	argv := e.Cmd
+	if len(argv) > 0 && argv[0] == "--" {
+		argv = argv[1:]
+	}
+	if len(argv) == 0 {
+		return errors.New("no command given")
+	}
+	path, err := exec.LookPath(argv[0])
+	if err != nil {
+		return err
+	}
+	runtime.LockOSThread()
+	ns, err := netns.GetFromPath(e.Netns)
+	if err != nil {
+		return fmt.Errorf("open netns %s: %w", e.Netns, err)
+	}
+	if err := netns.Set(ns); err != nil {
+		return fmt.Errorf("enter netns %s: %w", e.Netns, err)
+	}
+	return syscall.Exec(path, argv, os.Environ())
+}
+
+type lsCmd struct {
+	Output string `short:"o" default:"table" enum:"table,json" help:"table or json."`
+}
+
+func (l *lsCmd) Run(ctx context.Context, c *cli) error {
+	var recs []controllers.Record
+	if err := c.admin().Do(ctx, "GET", "/v1/sandboxes", nil, &recs); err != nil {
+		return err
+	}
+	if l.Output == "json" {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(recs)
+	}
+	sort.Slice(recs, func(i, j int) bool { return recs[i].ID < recs[j].ID })
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tAPP\tORG\tOWNED\tADDRESS\tCGROUP\tNETNS\tCREATED")
+	for _, r := range recs {
+		var addrs []string
+		for _, a := range r.Addresses {
+			addrs = append(addrs, a.Addr().String())
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", r.ID, r.App, dash(r.Org), r.Owned,
+			dash(strings.Join(addrs, ",")), dash(r.CgroupPath), dash(r.NetnsPath), r.Created.Format("2006-01-02 15:04:05"))
+	}
+	return tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+type rmCmd struct {
+	ID   string `arg:"" help:"Sandbox id."`
+	Kill bool   `default:"true" negatable:"" help:"Kill tasks still running in the sandbox (--no-kill refuses instead)."`
+}
+
+func (r *rmCmd) Run(ctx context.Context, c *cli) error {
+	return c.admin().Do(ctx, "DELETE", fmt.Sprintf("/v1/sandboxes/%s?kill=%v", r.ID, r.Kill), nil, nil)
+}
+
+type adoptCmd struct {
+	App    string `required:"" help:"App name."`
+	Org    string `help:"Organisation."`
+	ID     string `help:"Sandbox id (generated if empty)."`
+	Cgroup string `help:"Existing cgroup (path under the cgroup2 root)."`
+	Netns  string `help:"Existing network namespace (path)."`
+}
+
+func (a *adoptCmd) Run(ctx context.Context, c *cli) error {
+	var created controllers.Created
+	if err := c.admin().Do(ctx, "POST", "/v1/sandboxes/adopt", controllers.AdoptRequest{
+		ID: a.ID, App: a.App, Org: a.Org, CgroupPath: a.Cgroup, NetnsPath: a.Netns,
+	}, &created); err != nil {
+		return err
+	}
+	keys := make([]string, 0, len(created.Env))
+	for k := range created.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Printf("%s=%s\n", k, created.Env[k])
+	}
+	return nil
+}
