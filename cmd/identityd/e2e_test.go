@@ -1,0 +1,301 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/identityd/identityd/bpf"
+	"github.com/identityd/identityd/controllers"
+	"github.com/identityd/identityd/internal/netnsutil"
+	"github.com/identityd/identityd/internal/sandboxtest"
+)
+
+func TestMain(m *testing.M) {
+	sandboxtest.RunChildIfRequested()
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// binaries builds identityd and identityctl once per test process, into a
+// directory any user can read (the not-root test runs the daemon as nobody).
+func binaries(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		if binDir, buildErr = os.MkdirTemp("", "identityd-e2e-"); buildErr != nil {
+			return
+		}
+		os.Chmod(binDir, 0o755)
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "github.com/identityd/identityd/cmd/...")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	require.NoError(t, buildErr)
+	return binDir
+}
+
+// world is a closed network world with one identityd configuration in it.
+type world struct {
+	t        *testing.T
+	w        *sandboxtest.World
+	bin      string
+	args     []string
+	state    string
+	admin    string
+	pins     string
+	operator string
+	daemon   *exec.Cmd
+	stderr   *strings.Builder
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: runs identityd")
+	}
+	w := sandboxtest.New(t)
+	var r [2]byte
+	rand.Read(r[:])
+	tmp := t.TempDir()
+	ow := &world{t: t, w: w, bin: binaries(t), state: filepath.Join(tmp, "state"), admin: filepath.Join(tmp, "run", "admin.sock"),
+		pins: filepath.Join(bpf.DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s", os.Getpid(), t.Name()))}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	ow.operator = ln.Addr().String()
+	ln.Close()
+	ow.args = []string{"serve",
+		"--state-dir", ow.state, "--cgroup-parent", filepath.Join(w.CgroupDir, "sandboxes"), "--bpf-dir", ow.pins,
+		"--admin-socket", ow.admin, "--host-netns", w.HostNetns, "--bridge", "idtest0",
+		"--subnet", netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 150 + r[0]%50, r[1], 0}), 24).String(),
+		"--operator-listen", ow.operator, "--log-level", "debug"}
+	t.Cleanup(func() {
+		ow.kill(syscall.SIGKILL)
+		for _, e := range must(os.ReadDir(netnsutil.Dir)) {
+			if strings.HasPrefix(e.Name(), "identityd-e2e") {
+				netnsutil.DeleteNamed(e.Name())
+			}
+		}
+		bpf.Uninstall(context.Background(), bpf.Options{PinDir: ow.pins})
+	})
+	return ow
+}
+
+func must[T any](v T, _ error) T { return v }
+
+// start runs identityd and waits until its admin API answers, which it
+// does only after the rebuild, with the token endpoint already serving.
+func (ow *world) start() time.Duration {
+	ow.t.Helper()
+	ow.daemon = exec.Command(filepath.Join(ow.bin, "identityd"), ow.args...)
+	ow.stderr = &strings.Builder{}
+	ow.daemon.Stdout, ow.daemon.Stderr = io.Discard, ow.stderr
+	begin := time.Now()
+	require.NoError(ow.t, ow.daemon.Start())
+	api := controllers.NewAdminClient(ow.admin)
+	require.Eventually(ow.t, func() bool {
+		return api.Do(context.Background(), "GET", "/v1/sandboxes", nil, nil) == nil
+	}, 30*time.Second, 10*time.Millisecond, "identityd did not become ready")
+	return time.Since(begin)
+}
+
+// kill stops the daemon with sig and returns its exit code.
+func (ow *world) kill(sig syscall.Signal) int {
+	if ow.daemon == nil || ow.daemon.Process == nil {
+		return -1
+	}
+	ow.daemon.Process.Signal(sig)
+	ow.daemon.Wait()
+	code := ow.daemon.ProcessState.ExitCode()
+	ow.daemon = nil
+	return code
+}
+
+func (ow *world) create(id, app string) controllers.Created {
+	ow.t.Helper()
+	var c controllers.Created
+	require.NoError(ow.t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "POST", "/v1/sandboxes",
+		controllers.CreateRequest{ID: id, App: app}, &c))
+	return c
+}
+
+// fetch asks for a token from inside the sandbox, as its workload would,
+// and returns the claims.
+func fetch(t *testing.T, c *sandboxtest.Client, env map[string]string) map[string]any {
+	t.Helper()
+	resps, err := c.HTTP(sandboxtest.HTTPRequest{Method: "GET", URL: env["MIREN_IDENTITY_TOKEN_URL"],
+		Header: map[string]string{"Authorization": "Bearer " + env["MIREN_IDENTITY_TOKEN_SECRET"]}})
+	require.NoError(t, err)
+	require.Equal(t, 200, resps[0].Status, resps[0].Body)
+	var body struct{ Value string }
+	require.NoError(t, json.Unmarshal([]byte(resps[0].Body), &body))
+	payload, err := base64.RawURLEncoding.DecodeString(strings.Split(body.Value, ".")[1])
+	require.NoError(t, err)
+	var claims map[string]any
+	require.NoError(t, json.Unmarshal(payload, &claims))
+	return claims
+}
+
+func suffix() string {
+	var b [3]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%x", b)
+}
+
+// TestOriginalBugRepro: a sandbox that uses workload identity keeps getting
+// tokens, as the same sandbox, across ten restarts of real identityd
+// processes, alternately stopped with SIGTERM and killed with SIGKILL, and
+// a sandbox started while the daemon was down works once it is back.
+func TestOriginalBugRepro(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	sb := ow.create("e2e-"+suffix(), "web")
+	client := sandboxtest.StartClient(t, sb.Sandbox.CgroupPath, sb.Sandbox.NetnsPath)
+	first := fetch(t, client, sb.Env)
+	assert.Equal(t, sb.Sandbox.ID, first["sandbox_id"])
+
+	for i := range 10 {
+		sig := []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL}[i%2]
+		code := ow.kill(sig)
+		if sig == syscall.SIGTERM {
+			assert.Equal(t, 0, code, "SIGTERM is a clean exit:\n%s", ow.stderr)
+			assert.DirExists(t, filepath.Join(ow.pins, "links"), "the programs stay pinned and attached")
+		}
+		took := ow.start()
+		got := fetch(t, client, sb.Env)
+		assert.Equal(t, first["sub"], got["sub"], "restart %d (%s)", i+1, sig)
+		t.Logf("restart %d after %s: ready in %s, token for %s", i+1, sig, took.Round(time.Millisecond), got["sandbox_id"])
+	}
+
+	// A sandbox created earlier, whose workload starts while no daemon runs.
+	late := ow.create("e2e-late-"+suffix(), "batch")
+	ow.kill(syscall.SIGKILL)
+	lateClient := sandboxtest.StartClient(t, late.Sandbox.CgroupPath, late.Sandbox.NetnsPath)
+	ow.start()
+	assert.Equal(t, late.Sandbox.ID, fetch(t, lateClient, late.Env)["sandbox_id"])
+	assert.Equal(t, first["sub"], fetch(t, client, sb.Env)["sub"])
+
+	// The operator endpoint reports readiness and metrics.
+	resp, err := http.Get("http://" + ow.operator + "/readyz")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, 200, resp.StatusCode)
+	resp, err = http.Get("http://" + ow.operator + "/metrics")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Contains(t, string(body), "identityd_live_sandboxes 2")
+}
+
+// TestRefusesToStart: each broken precondition stops the daemon at once
+// with one line naming the cause.
+func TestRefusesToStart(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	ow.kill(syscall.SIGTERM)
+
+	run := func(t *testing.T, cred *syscall.Credential, args ...string) (int, string) {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(ow.bin, "identityd"), args...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if cred != nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		}
+		done := make(chan struct{})
+		go func() { cmd.Run(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			t.Fatal("identityd did not refuse; it started")
+		}
+		return cmd.ProcessState.ExitCode(), strings.TrimSpace(stderr.String())
+	}
+	with := func(flag, value string) []string {
+		out := append([]string(nil), ow.args...)
+		for i := range out {
+			if out[i] == flag {
+				out[i+1] = value
+			}
+		}
+		return out
+	}
+	lastLine := func(s string) string {
+		lines := strings.Split(s, "\n")
+		return lines[len(lines)-1]
+	}
+
+	t.Run("not root", func(t *testing.T) {
+		code, out := run(t, &syscall.Credential{Uid: 65534, Gid: 65534}, ow.args...)
+		assert.Equal(t, 1, code)
+		assert.Contains(t, lastLine(out), "identityd: identityd must run as root")
+	})
+	t.Run("state dir open to others", func(t *testing.T) {
+		require.NoError(t, os.Chmod(ow.state, 0o777))
+		defer os.Chmod(ow.state, 0o700)
+		code, out := run(t, nil, ow.args...)
+		assert.Equal(t, 1, code)
+		assert.Contains(t, lastLine(out), "group or others can reach it")
+	})
+	t.Run("key file readable by others", func(t *testing.T) {
+		keys, _ := filepath.Glob(filepath.Join(ow.state, "keys", "*.jwk.json"))
+		require.NotEmpty(t, keys)
+		require.NoError(t, os.Chmod(keys[0], 0o644))
+		defer os.Chmod(keys[0], 0o600)
+		code, out := run(t, nil, ow.args...)
+		assert.Equal(t, 1, code)
+		assert.Contains(t, lastLine(out), "group or others can read it (want 0600)")
+	})
+	t.Run("no bpffs", func(t *testing.T) {
+		code, out := run(t, nil, with("--bpf-dir", filepath.Join(t.TempDir(), "pins"))...)
+		assert.Equal(t, 1, code)
+		assert.Contains(t, lastLine(out), "is not on a bpffs")
+	})
+	t.Run("listen address in use", func(t *testing.T) {
+		// Something else holds the router's port 7123.
+		var ln net.Listener
+		ow.start() // makes sure the bridge and router address exist
+		ow.kill(syscall.SIGTERM)
+		var router string
+		for i, a := range ow.args {
+			if a == "--subnet" {
+				router = netip.MustParsePrefix(ow.args[i+1]).Addr().Next().String()
+			}
+		}
+		require.NoError(t, ow.w.Do(func() (err error) {
+			ln, err = net.Listen("tcp", router+":7123")
+			return err
+		}))
+		defer ln.Close()
+		code, out := run(t, nil, ow.args...)
+		assert.Equal(t, 1, code)
+		assert.Contains(t, lastLine(out), "address already in use")
+	})
+}
