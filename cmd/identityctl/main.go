@@ -23,7 +23,9 @@ type cli struct {
 	Rm    rmCmd    `cmd:"" help:"Delete a sandbox (revokes its secret first)."`
 	Adopt adoptCmd `cmd:"" help:"Register a sandbox another runtime made; prints the environment to inject."`
 	Token tokenCmd `cmd:"" help:"Fetch an identity token from inside a sandbox (reads MIREN_IDENTITY_TOKEN_*)."`
-	Exec  execCmd  `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run)."`
+
+	RotateKey rotateKeyCmd `cmd:"" name:"rotate-key" help:"Make a new signing key sign from now on; the old one stays published until its tokens expire."`
+	Exec      execCmd      `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run)."`
 }
 
 func (c *cli) admin() *controllers.AdminClient { return controllers.NewAdminClient(c.AdminSocket) }

@@ -206,3 +206,22 @@ func (a *adoptCmd) Run(ctx context.Context, c *cli) error {
 	}
 	return nil
 }
+
+type rotateKeyCmd struct{}
+
+func (rotateKeyCmd) Run(ctx context.Context, c *cli) error {
+	var jwks struct {
+		Keys []struct {
+			KeyID string `json:"kid"`
+			Alg   string `json:"alg"`
+		} `json:"keys"`
+	}
+	if err := c.admin().Do(ctx, "POST", "/v1/keys/rotate", nil, &jwks); err != nil {
+		return err
+	}
+	fmt.Println("published keys (the last one signs):")
+	for _, k := range jwks.Keys {
+		fmt.Printf("  %s %s\n", k.Alg, k.KeyID)
+	}
+	return nil
+}

@@ -201,6 +201,12 @@ func TestOriginalBugRepro(t *testing.T) {
 	assert.Equal(t, late.Sandbox.ID, fetch(t, lateClient, late.Env)["sandbox_id"])
 	assert.Equal(t, first["sub"], fetch(t, client, sb.Env)["sub"])
 
+	// Key rotation through identityctl: the new key signs, the old one
+	// stays published.
+	out, err := exec.Command(filepath.Join(ow.bin, "identityctl"), "--admin-socket", ow.admin, "rotate-key").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Equal(t, 3, strings.Count(string(out), "\n"), "two keys published:\n%s", out)
+
 	// The operator endpoint reports readiness and metrics.
 	resp, err := http.Get("http://" + ow.operator + "/readyz")
 	require.NoError(t, err)

@@ -5,6 +5,7 @@ package daemon
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -173,7 +174,19 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	adminSrv := &http.Server{Handler: controllers.AdminHandler(ctrl), ReadHeaderTimeout: 5 * time.Second}
+	admin := http.NewServeMux()
+	admin.Handle("/", controllers.AdminHandler(ctrl))
+	admin.HandleFunc("POST /v1/keys/rotate", func(w http.ResponseWriter, r *http.Request) {
+		if err := keys.Rotate(); err != nil {
+			log.Error("rotate signing key", "error", err)
+			http.Error(w, `{"error":"rotate signing key failed"}`, http.StatusInternalServerError)
+			return
+		}
+		log.Info("signing key rotated; the previous key stays published until its tokens expire")
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(keys.JWKS())
+	})
+	adminSrv := &http.Server{Handler: admin, ReadHeaderTimeout: 5 * time.Second}
 	serve("admin", adminLn, adminSrv)
 
 	runCtx, stopResync := context.WithCancel(ctx)
