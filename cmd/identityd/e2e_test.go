@@ -305,3 +305,76 @@ func TestRefusesToStart(t *testing.T) {
 		assert.Contains(t, lastLine(out), "address already in use")
 	})
 }
+
+// TestIdentityctlRun: run creates a sandbox, runs the command inside it
+// with the identity environment, passes the exit code and signals through,
+// and deletes the sandbox afterwards unless told to keep it.
+func TestIdentityctlRun(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	ctl := filepath.Join(ow.bin, "identityctl")
+	run := func(args ...string) (*exec.Cmd, *strings.Builder) {
+		cmd := exec.Command(ctl, append([]string{"--admin-socket", ow.admin, "run"}, args...)...)
+		var out strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &out
+		return cmd, &out
+	}
+	list := func() []controllers.Record {
+		var recs []controllers.Record
+		require.NoError(t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "GET", "/v1/sandboxes", nil, &recs))
+		return recs
+	}
+
+	// The sandboxed command fetches its own token.
+	id := "e2e-run-" + suffix()
+	cmd, out := run("--app", "web", "--id", id, "--", ctl, "token", "--decode", "--max-attempts", "3")
+	require.NoError(t, cmd.Run(), out.String())
+	assert.Contains(t, out.String(), `"sandbox_id": "`+id+`"`)
+	assert.Empty(t, list(), "the sandbox is deleted when the command exits")
+
+	cmd, out = run("--app", "web", "--", "sh", "-c", "exit 3")
+	err := cmd.Run()
+	require.Error(t, err)
+	assert.Equal(t, 3, cmd.ProcessState.ExitCode(), out.String())
+
+	cmd, out = run("--app", "web", "--keep", "--id", "e2e-keep-"+suffix(), "--", "true")
+	require.NoError(t, cmd.Run(), out.String())
+	assert.Len(t, list(), 1, "--keep keeps the sandbox")
+
+	cmd, out = run("--app", "web", "--", "sleep", "30")
+	require.NoError(t, cmd.Start())
+	require.Eventually(t, func() bool { return len(list()) == 2 }, 10*time.Second, 20*time.Millisecond)
+	time.Sleep(100 * time.Millisecond) // let sleep start inside the sandbox
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
+	assert.Equal(t, 128+int(syscall.SIGTERM), cmd.ProcessState.ExitCode(), "the signal reached the command: %s", out.String())
+	assert.Len(t, list(), 1)
+
+	lsOut, err := exec.Command(ctl, "--admin-socket", ow.admin, "ls").CombinedOutput()
+	require.NoError(t, err)
+	assert.Contains(t, string(lsOut), "e2e-keep-")
+}
+
+// TestDemo runs the README's first command's program and checks that it
+// shows what it promises: tokens, tokens again after a SIGKILL and restart,
+// and both impostors refused.
+func TestDemo(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	out, err := exec.Command(filepath.Join(binaries(t), "identityd"), "demo").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	s := string(out)
+	for _, want := range []string{
+		"demo-a got a token",
+		"demo-b got a token",
+		"identityd killed",
+		"demo-a (never restarted) got a token",
+		"demo-b (never restarted) got a token",
+		"sandbox demo-b presenting demo-a's secret: refused, token server refused: 403 Forbidden: invalid token",
+		"a host process (in no sandbox) presenting demo-a's secret: refused, token server refused: 403 Forbidden: unknown source address",
+	} {
+		assert.Contains(t, s, want)
+	}
+	assert.NoFileExists(t, "/run/netns/identityd-demo", "the demo cleans up")
+}
