@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -120,6 +121,23 @@ func BenchmarkRebuild(b *testing.B) {
 			b.ReportMetric(float64(floor.Nanoseconds())/float64(b.N), "ns/floor")
 			b.ReportMetric(float64(rebuild)/float64(floor), "ratio")
 			b.ReportMetric(float64(heap), "heap-bytes")
+			b.ReportMetric(float64(vmRSS()), "process-rss-bytes")
 		})
 	}
+}
+
+// vmRSS is the resident set of this process, from /proc/self/status.
+func vmRSS() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			var kb int64
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
+			return kb * 1024
+		}
+	}
+	return 0
 }
