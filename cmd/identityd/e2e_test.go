@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -72,7 +71,25 @@ type world struct {
 	pins     string
 	operator string
 	daemon   *exec.Cmd
-	stderr   *strings.Builder
+	stderr   *syncBuffer
+}
+
+// syncBuffer collects a daemon's log while tests read it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 func newWorld(t *testing.T) *world {
@@ -94,7 +111,8 @@ func newWorld(t *testing.T) *world {
 		"--state-dir", ow.state, "--cgroup-parent", filepath.Join(w.CgroupDir, "sandboxes"), "--bpf-dir", ow.pins,
 		"--admin-socket", ow.admin, "--host-netns", w.HostNetns, "--bridge", "idtest0",
 		"--subnet", netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 150 + r[0]%50, r[1], 0}), 24).String(),
-		"--operator-listen", ow.operator, "--log-level", "debug"}
+		"--operator-listen", ow.operator, "--log-level", "debug", "--log-format", "json",
+		"--rate-limit", "1000", "--burst", "1000", "--signing-alg", "EdDSA"}
 	t.Cleanup(func() {
 		ow.kill(syscall.SIGKILL)
 		for _, e := range must(os.ReadDir(netnsutil.Dir)) {
@@ -114,7 +132,7 @@ func must[T any](v T, _ error) T { return v }
 func (ow *world) start() time.Duration {
 	ow.t.Helper()
 	ow.daemon = exec.Command(filepath.Join(ow.bin, "identityd"), ow.args...)
-	ow.stderr = &strings.Builder{}
+	ow.stderr = &syncBuffer{}
 	ow.daemon.Stdout, ow.daemon.Stderr = io.Discard, ow.stderr
 	begin := time.Now()
 	require.NoError(ow.t, ow.daemon.Start())
@@ -153,13 +171,7 @@ func fetch(t *testing.T, c *sandboxtest.Client, env map[string]string) map[strin
 		Header: map[string]string{"Authorization": "Bearer " + env["MIREN_IDENTITY_TOKEN_SECRET"]}})
 	require.NoError(t, err)
 	require.Equal(t, 200, resps[0].Status, resps[0].Body)
-	var body struct{ Value string }
-	require.NoError(t, json.Unmarshal([]byte(resps[0].Body), &body))
-	payload, err := base64.RawURLEncoding.DecodeString(strings.Split(body.Value, ".")[1])
-	require.NoError(t, err)
-	var claims map[string]any
-	require.NoError(t, json.Unmarshal(payload, &claims))
-	return claims
+	return claimsOf(t, resps[0].Body)
 }
 
 func suffix() string {
@@ -217,6 +229,31 @@ func TestOriginalBugRepro(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	assert.Contains(t, string(body), "identityd_live_sandboxes 2")
+}
+
+// refusals returns the daemon's "token request refused" log lines.
+func (ow *world) refusals() []refusal {
+	var out []refusal
+	for _, line := range strings.Split(ow.stderr.String(), "\n") {
+		var r refusal
+		if json.Unmarshal([]byte(line), &r) == nil && r.Msg == "token request refused" {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+type refusal struct {
+	Msg     string `json:"msg"`
+	Status  int    `json:"status"`
+	Reason  string `json:"reason"`
+	Sandbox string `json:"sandbox"`
+	Caller  struct {
+		CgroupID    uint64 `json:"cgroup_id"`
+		NetnsCookie uint64 `json:"netns_cookie"`
+		PID         uint32 `json:"pid"`
+		Flags       string `json:"flags"`
+	} `json:"caller"`
 }
 
 // TestRefusesToStart: each broken precondition stops the daemon at once

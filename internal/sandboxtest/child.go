@@ -145,6 +145,9 @@ type HTTPRequest struct {
 	Repeat int `json:"repeat,omitempty"`
 	// Source, if set, is the local address to bind before connecting.
 	Source string `json:"source,omitempty"`
+	// FD, if set, is a socket made earlier with Socket, to connect and use
+	// instead of a new one.
+	FD int `json:"fd,omitempty"`
 }
 
 // HTTPResponse is what came back.
@@ -441,9 +444,11 @@ func doHTTP(req HTTPRequest) ([]HTTPResponse, error) {
 	if err != nil {
 		return nil, fmt.Errorf("URL host must be address:port: %w", err)
 	}
-	fd, err := socket(dest.Addr().Is6() && !dest.Addr().Is4In6())
-	if err != nil {
-		return nil, err
+	fd := req.FD
+	if fd == 0 {
+		if fd, err = socket(dest.Addr().Is6() && !dest.Addr().Is4In6()); err != nil {
+			return nil, err
+		}
 	}
 	if req.Source != "" {
 		src, err := netip.ParseAddrPort(req.Source)

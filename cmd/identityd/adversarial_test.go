@@ -1,0 +1,257 @@
+package main
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+
+	"github.com/identityd/identityd/controllers"
+	"github.com/identityd/identityd/internal/cgroup2"
+	"github.com/identityd/identityd/internal/netnsutil"
+	"github.com/identityd/identityd/internal/sandboxtest"
+)
+
+// get makes one token request from c with secret, optionally from a given
+// source address, and returns status and body.
+func get(t *testing.T, c *sandboxtest.Client, env map[string]string, secret, source string) (int, string) {
+	t.Helper()
+	resps, err := c.HTTP(sandboxtest.HTTPRequest{Method: "GET", URL: env["MIREN_IDENTITY_TOKEN_URL"], Source: source,
+		Header: map[string]string{"Authorization": "Bearer " + secret}})
+	require.NoError(t, err)
+	return resps[0].Status, strings.TrimSpace(resps[0].Body)
+}
+
+// lastRefusal waits for the daemon's log line about the latest refusal.
+func (ow *world) lastRefusal(t *testing.T, n int) refusal {
+	t.Helper()
+	var rs []refusal
+	require.Eventually(t, func() bool { rs = ow.refusals(); return len(rs) >= n }, 5*time.Second, 10*time.Millisecond)
+	return rs[n-1]
+}
+
+// TestImpostorsAreRefused plays each impostor against a real daemon and
+// checks the refusal and its log line, which names what the kernel attested.
+func TestImpostorsAreRefused(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	tag := suffix()
+	a := ow.create("e2e-a-"+tag, "billing")
+	b := ow.create("e2e-b-"+tag, "search")
+	ca := sandboxtest.StartClient(t, a.Sandbox.CgroupPath, a.Sandbox.NetnsPath)
+	cb := sandboxtest.StartClient(t, b.Sandbox.CgroupPath, b.Sandbox.NetnsPath)
+	secretA, secretB := a.Env["MIREN_IDENTITY_TOKEN_SECRET"], b.Env["MIREN_IDENTITY_TOKEN_SECRET"]
+	refused := 0
+	expect := func(t *testing.T, status int, body string, wantStatus int, wantMsg, wantReason string, cgroupID uint64) {
+		t.Helper()
+		assert.Equal(t, wantStatus, status, body)
+		assert.JSONEq(t, fmt.Sprintf(`{"error":%q}`, wantMsg), body)
+		refused++
+		r := ow.lastRefusal(t, refused)
+		assert.Equal(t, wantReason, r.Reason)
+		assert.Equal(t, cgroupID, r.Caller.CgroupID, "the log names the attested cgroup")
+	}
+
+	status, body := get(t, ca, a.Env, secretA, "")
+	require.Equal(t, 200, status, "A itself is served: %s", body)
+
+	t.Run("B with A's stolen secret", func(t *testing.T) {
+		status, body := get(t, cb, a.Env, secretA, "")
+		expect(t, status, body, 403, "invalid token", "bad_secret", b.Sandbox.CgroupID)
+	})
+	t.Run("host root process with A's secret", func(t *testing.T) {
+		req, _ := http.NewRequest("GET", a.Env["MIREN_IDENTITY_TOKEN_URL"], nil)
+		req.Header.Set("Authorization", "Bearer "+secretA)
+		client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, n, addr string) (net.Conn, error) {
+			var c net.Conn
+			err := ow.w.Do(func() (err error) { c, err = net.Dial(n, addr); return err })
+			return c, err
+		}}}
+		resp, err := client.Do(req)
+		require.NoError(t, err)
+		var sb strings.Builder
+		buf := make([]byte, 512)
+		n, _ := resp.Body.Read(buf)
+		sb.Write(buf[:n])
+		resp.Body.Close()
+		self, err := os.ReadFile("/proc/self/cgroup")
+		require.NoError(t, err)
+		root, _ := cgroup2.Root()
+		var selfID uint64
+		for _, line := range strings.Split(string(self), "\n") {
+			if p, ok := strings.CutPrefix(line, "0::"); ok {
+				selfID, _ = cgroup2.ID(root + p)
+			}
+		}
+		expect(t, resp.StatusCode, strings.TrimSpace(sb.String()), 403, "unknown source address", "unknown_sandbox", selfID)
+	})
+	t.Run("B takes A's address", func(t *testing.T) {
+		// B, root in its own netns, takes A's address; A's answers to ARP
+		// would make the stolen address flap, so A loses it, and the host
+		// forgets A's MAC.
+		addrA := a.Sandbox.Addresses[0]
+		nlAddrA := &netlink.Addr{IPNet: &net.IPNet{IP: addrA.Addr().AsSlice(), Mask: net.CIDRMask(addrA.Bits(), 32)}}
+		ha, err := netnsutil.Handle(a.Sandbox.NetnsPath)
+		require.NoError(t, err)
+		ethA, err := ha.LinkByName("eth0")
+		require.NoError(t, err)
+		require.NoError(t, ha.AddrDel(ethA, nlAddrA))
+		ha.Close()
+		hh, err := netnsutil.Handle(ow.w.HostNetns)
+		require.NoError(t, err)
+		neighs, _ := hh.NeighList(0, 0)
+		for _, n := range neighs {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == addrA.Addr() {
+				hh.NeighDel(&n)
+			}
+		}
+		hh.Close()
+
+		h, err := netnsutil.Handle(b.Sandbox.NetnsPath)
+		require.NoError(t, err)
+		defer h.Close()
+		eth0, err := h.LinkByName("eth0")
+		require.NoError(t, err)
+		require.NoError(t, h.AddrAdd(eth0, nlAddrA))
+		source := netip.AddrPortFrom(addrA.Addr(), 0).String()
+		status, body := get(t, cb, a.Env, secretA, source)
+		expect(t, status, body, 403, "invalid token", "bad_secret", b.Sandbox.CgroupID)
+		// From A's address, B is still B: the kernel decides, not the IP.
+		status, body = get(t, cb, b.Env, secretB, source)
+		require.Equal(t, 200, status, body)
+		assert.Equal(t, b.Sandbox.ID, claimsOf(t, body)["sandbox_id"])
+		require.NoError(t, h.AddrDel(eth0, nlAddrA))
+	})
+	t.Run("A's cgroup re-created by someone else", func(t *testing.T) {
+		x := ow.create("e2e-x-"+tag, "victim")
+		require.NoError(t, os.Remove(x.Sandbox.CgroupPath))
+		require.NoError(t, os.Mkdir(x.Sandbox.CgroupPath, 0o755))
+		newID, err := cgroup2.ID(x.Sandbox.CgroupPath)
+		require.NoError(t, err)
+		cx := sandboxtest.StartClient(t, x.Sandbox.CgroupPath, x.Sandbox.NetnsPath)
+		status, body := get(t, cx, x.Env, x.Env["MIREN_IDENTITY_TOKEN_SECRET"], "")
+		expect(t, status, body, 403, "unknown source address", "unknown_sandbox", newID)
+	})
+	t.Run("A deleted, C on A's recycled address replays A's secret", func(t *testing.T) {
+		require.NoError(t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "DELETE",
+			"/v1/sandboxes/"+a.Sandbox.ID+"?kill=true", nil, nil))
+		c := ow.create("e2e-c-"+tag, "newcomer")
+		require.Equal(t, a.Sandbox.Addresses, c.Sandbox.Addresses, "the pool hands A's address to C")
+		cc := sandboxtest.StartClient(t, c.Sandbox.CgroupPath, c.Sandbox.NetnsPath)
+		status, body := get(t, cc, c.Env, secretA, "")
+		expect(t, status, body, 403, "invalid token", "bad_secret", c.Sandbox.CgroupID)
+		status, body = get(t, cc, c.Env, c.Env["MIREN_IDENTITY_TOKEN_SECRET"], "")
+		require.Equal(t, 200, status, body)
+		assert.Equal(t, c.Sandbox.ID, claimsOf(t, body)["sandbox_id"])
+	})
+}
+
+// TestSocketFromBeforeTheProgramsIsRefused: a socket made before identityd
+// ever attached its programs carries no owner; using it later is refused as
+// unattested, never guessed from its address.
+func TestSocketFromBeforeTheProgramsIsRefused(t *testing.T) {
+	ow := newWorld(t)
+	sb := ow.w.AddSandbox("early")
+	client := sb.Start(t)
+	fd, err := client.Socket(4)
+	require.NoError(t, err)
+
+	ow.start()
+	var adopted controllers.Created
+	require.NoError(t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "POST", "/v1/sandboxes/adopt",
+		controllers.AdoptRequest{ID: "e2e-early-" + suffix(), App: "web", CgroupPath: sb.CgroupDir}, &adopted))
+	// The world's sandbox reaches the daemon's router through the world's
+	// bridge and the host netns's routes.
+	resps, err := client.HTTP(sandboxtest.HTTPRequest{Method: "GET", FD: fd, URL: adopted.Env["MIREN_IDENTITY_TOKEN_URL"],
+		Header: map[string]string{"Authorization": "Bearer " + adopted.Env["MIREN_IDENTITY_TOKEN_SECRET"]}})
+	require.NoError(t, err)
+	assert.Equal(t, 403, resps[0].Status)
+	assert.JSONEq(t, `{"error":"unknown source address"}`, resps[0].Body)
+	r := ow.lastRefusal(t, 1)
+	assert.Equal(t, "unattested", r.Reason)
+	assert.Equal(t, sb.NetnsCookie, r.Caller.NetnsCookie, "the log still names the netns the kernel saw")
+	assert.Zero(t, r.Caller.CgroupID, "no owner is guessed")
+
+	// A socket made now, in the same sandbox, is attested and served.
+	resps, err = client.HTTP(sandboxtest.HTTPRequest{Method: "GET", URL: adopted.Env["MIREN_IDENTITY_TOKEN_URL"],
+		Header: map[string]string{"Authorization": "Bearer " + adopted.Env["MIREN_IDENTITY_TOKEN_SECRET"]}})
+	require.NoError(t, err)
+	assert.Equal(t, 200, resps[0].Status, resps[0].Body)
+}
+
+// TestFloodDoesNotStarveOthers: B opens connections to the token port as
+// fast as it can (bounded) while A keeps fetching; A is never refused and
+// nothing is attributed to the wrong sandbox.
+func TestFloodDoesNotStarveOthers(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	tag := suffix()
+	a := ow.create("e2e-a-"+tag, "billing")
+	b := ow.create("e2e-b-"+tag, "search")
+	ca := sandboxtest.StartClient(t, a.Sandbox.CgroupPath, a.Sandbox.NetnsPath)
+	var flooders []*sandboxtest.Client
+	for range 2 {
+		flooders = append(flooders, sandboxtest.StartClient(t, b.Sandbox.CgroupPath, b.Sandbox.NetnsPath))
+	}
+
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var flood atomic.Int64
+	for _, f := range flooders {
+		wg.Go(func() {
+			for !stop.Load() {
+				// B presents A's secret: every one must be refused as B.
+				res, err := f.Load(sandboxtest.HTTPRequest{Method: "GET", URL: b.Env["MIREN_IDENTITY_TOKEN_URL"],
+					Header: map[string]string{"Authorization": "Bearer " + a.Env["MIREN_IDENTITY_TOKEN_SECRET"]}}, 200)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				flood.Add(int64(len(res.Latencies)))
+				if res.Failures != len(res.Latencies) {
+					t.Errorf("B got %d tokens with A's secret", len(res.Latencies)-res.Failures)
+				}
+			}
+		})
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	okA := 0
+	for time.Now().Before(deadline) {
+		status, body := get(t, ca, a.Env, a.Env["MIREN_IDENTITY_TOKEN_SECRET"], "")
+		require.Equal(t, 200, status, "A was refused during B's flood: %s", body)
+		require.Equal(t, a.Sandbox.ID, claimsOf(t, body)["sandbox_id"])
+		okA++
+		time.Sleep(50 * time.Millisecond)
+	}
+	stop.Store(true)
+	wg.Wait()
+	t.Logf("B flooded %d requests in 5 s; A got %d of %d tokens", flood.Load(), okA, okA)
+	for _, r := range ow.refusals() {
+		require.Equal(t, b.Sandbox.CgroupID, r.Caller.CgroupID, "a refusal attributed to another cgroup: %+v", r)
+	}
+}
+
+// claimsOf decodes the claims of the token in a 200 body.
+func claimsOf(t *testing.T, body string) map[string]any {
+	t.Helper()
+	var v struct{ Value string }
+	require.NoError(t, json.Unmarshal([]byte(body), &v))
+	payload, err := base64.RawURLEncoding.DecodeString(strings.Split(v.Value, ".")[1])
+	require.NoError(t, err)
+	var claims map[string]any
+	require.NoError(t, json.Unmarshal(payload, &claims))
+	return claims
+}
