@@ -148,6 +148,8 @@ type HTTPRequest struct {
 	// FD, if set, is a socket made earlier with Socket, to connect and use
 	// instead of a new one.
 	FD int `json:"fd,omitempty"`
+	// Timeout bounds the whole exchange; replyTimeout if zero.
+	Timeout time.Duration `json:"timeout,omitempty"`
 }
 
 // HTTPResponse is what came back.
@@ -183,6 +185,40 @@ func (c *Client) Load(req HTTPRequest, n int) (LoadResult, error) {
 		return res, fmt.Errorf("decode client reply: %w", err)
 	}
 	return res, nil
+}
+
+// Attempt is one request of Poll: when it started and ended (Unix
+// nanoseconds) and its status (0 when no response came).
+type Attempt struct {
+	Start  int64 `json:"start"`
+	End    int64 `json:"end"`
+	Status int   `json:"status"`
+}
+
+// Poll makes req every interval, each time on a new connection, for
+// duration, and reports every attempt.
+func (c *Client) Poll(req HTTPRequest, interval, duration time.Duration) ([]Attempt, error) {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	// The reply comes after duration: allow for it.
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, err := fmt.Fprintf(c.stdin, "poll %d %d %s\n", interval, duration, b); err != nil {
+		return nil, fmt.Errorf("send to client: %w", err)
+	}
+	c.out.SetReadDeadline(time.Now().Add(duration + replyTimeout))
+	line, err := c.lines.ReadString('\n')
+	if err != nil {
+		return nil, fmt.Errorf("read client reply: %w", err)
+	}
+	rest, ok := strings.CutPrefix(strings.TrimSpace(line), "ok ")
+	if !ok {
+		return nil, fmt.Errorf("client: %s", line)
+	}
+	var out []Attempt
+	return out, json.Unmarshal([]byte(rest), &out)
 }
 
 // HTTP makes req from inside the sandbox, on one new connection, and returns
@@ -283,6 +319,15 @@ func runChild(path string) int {
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 64<<10), 1<<20)
 	for in.Scan() {
+		if arg, ok := strings.CutPrefix(in.Text(), "poll "); ok {
+			reply, err := servePoll(arg)
+			if err != nil {
+				fmt.Printf("err %v\n", err)
+			} else {
+				fmt.Printf("ok %s\n", reply)
+			}
+			continue
+		}
 		if arg, ok := strings.CutPrefix(in.Text(), "load "); ok {
 			reply, err := serveLoad(arg)
 			if err != nil {
@@ -392,6 +437,37 @@ func serve(cmd []string, fds *[]int) (string, error) {
 	return "", fmt.Errorf("unknown command %q", strings.Join(cmd, " "))
 }
 
+func servePoll(arg string) (string, error) {
+	var interval, duration time.Duration
+	var js string
+	if _, err := fmt.Sscanf(arg, "%d %d", &interval, &duration); err != nil {
+		return "", err
+	}
+	fields := strings.SplitN(arg, " ", 3)
+	if len(fields) != 3 {
+		return "", errors.New("poll: want interval, duration and a request")
+	}
+	js = fields[2]
+	var req HTTPRequest
+	if err := json.Unmarshal([]byte(js), &req); err != nil {
+		return "", err
+	}
+	var out []Attempt
+	end := time.Now().Add(duration)
+	for next := time.Now(); next.Before(end); next = next.Add(interval) {
+		time.Sleep(time.Until(next))
+		a := Attempt{Start: time.Now().UnixNano()}
+		resps, err := doHTTP(req)
+		a.End = time.Now().UnixNano()
+		if err == nil {
+			a.Status = resps[0].Status
+		}
+		out = append(out, a)
+	}
+	b, err := json.Marshal(out)
+	return string(b), err
+}
+
 func serveLoad(arg string) (string, error) {
 	nStr, js, ok := strings.Cut(arg, " ")
 	if !ok {
@@ -476,7 +552,11 @@ func doHTTP(req HTTPRequest) ([]HTTPResponse, error) {
 		return nil, err
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(replyTimeout))
+	timeout := req.Timeout
+	if timeout == 0 {
+		timeout = replyTimeout
+	}
+	conn.SetDeadline(time.Now().Add(timeout))
 	br := bufio.NewReader(conn)
 	var out []HTTPResponse
 	for range max(req.Repeat, 1) {
