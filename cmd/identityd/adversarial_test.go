@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -254,4 +255,72 @@ func claimsOf(t *testing.T, body string) map[string]any {
 	var claims map[string]any
 	require.NoError(t, json.Unmarshal(payload, &claims))
 	return claims
+}
+
+// TestSlowlorisAndOversizedHeaders: connections that dribble their headers
+// are closed by the header timeout, oversized headers are refused, and a
+// sandbox asking meanwhile is served.
+func TestSlowlorisAndOversizedHeaders(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	a := ow.create("e2e-a-"+suffix(), "billing")
+	ca := sandboxtest.StartClient(t, a.Sandbox.CgroupPath, a.Sandbox.NetnsPath)
+	endpoint := strings.TrimSuffix(strings.TrimPrefix(a.Env["MIREN_IDENTITY_TOKEN_URL"], "http://"), "/v1/token")
+	dial := func() net.Conn {
+		var c net.Conn
+		require.NoError(t, ow.w.Do(func() (err error) { c, err = net.Dial("tcp", endpoint); return err }))
+		return c
+	}
+
+	// 20 slowloris connections, one header byte a second.
+	const slow = 20
+	closedAfter := make(chan time.Duration, slow)
+	for range slow {
+		c := dial()
+		defer c.Close()
+		go func() {
+			start := time.Now()
+			c.Write([]byte("GET /v1/token HTTP/1.1\r\nHost: x\r\nX-Slow: "))
+			for i := 0; i < 30; i++ {
+				if _, err := c.Write([]byte("a")); err != nil {
+					break
+				}
+				c.SetReadDeadline(time.Now().Add(time.Second))
+				if _, err := c.Read(make([]byte, 1)); err != nil && !isTimeout(err) {
+					break
+				}
+			}
+			closedAfter <- time.Since(start)
+		}()
+	}
+
+	// Oversized headers: refused, the connection not kept.
+	c := dial()
+	defer c.Close()
+	fmt.Fprintf(c, "GET /v1/token HTTP/1.1\r\nHost: x\r\nX-Big: %s\r\n\r\n", strings.Repeat("b", 64<<10))
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 256)
+	n, _ := c.Read(buf)
+	assert.Contains(t, string(buf[:n]), "431", "oversized headers get 431")
+
+	// Meanwhile the sandbox is served, promptly.
+	for range 5 {
+		start := time.Now()
+		status, body := get(t, ca, a.Env, a.Env["MIREN_IDENTITY_TOKEN_SECRET"], "")
+		require.Equal(t, 200, status, body)
+		assert.Less(t, time.Since(start), 2*time.Second)
+		time.Sleep(500 * time.Millisecond)
+	}
+	var worst time.Duration
+	for range slow {
+		d := <-closedAfter
+		worst = max(worst, d)
+	}
+	t.Logf("slowloris connections closed by the server after at most %s", worst.Round(time.Millisecond))
+	assert.Less(t, worst, 15*time.Second, "the header timeout closes dribbling connections")
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
