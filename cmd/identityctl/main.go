@@ -24,6 +24,7 @@ type cli struct {
 	Adopt adoptCmd `cmd:"" help:"Register a sandbox another runtime made; prints the environment to inject."`
 	Token tokenCmd `cmd:"" help:"Fetch an identity token from inside a sandbox (reads MIREN_IDENTITY_TOKEN_*)."`
 
+	Fsck      fsckCmd      `cmd:"" help:"Check that records, secrets, cgroups and netns agree (run while identityd is stopped or idle)."`
 	RotateKey rotateKeyCmd `cmd:"" name:"rotate-key" help:"Make a new signing key sign from now on; the old one stays published until its tokens expire."`
 	Exec      execCmd      `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run)."`
 }

@@ -225,3 +225,25 @@ func (rotateKeyCmd) Run(ctx context.Context, c *cli) error {
 	}
 	return nil
 }
+
+type fsckCmd struct {
+	StateDir     string `default:"/var/lib/identityd" env:"IDENTITYD_STATE_DIR" help:"identityd's state directory."`
+	CgroupParent string `env:"IDENTITYD_CGROUP_PARENT" help:"Parent of sandbox cgroups (default <cgroup2 root>/identityd)."`
+}
+
+// Run checks records, secrets, cgroups and netns against each other, and
+// exits 1 when anything disagrees.
+func (f *fsckCmd) Run() error {
+	problems, err := controllers.Fsck(controllers.Config{StateDir: f.StateDir, CgroupParent: f.CgroupParent})
+	if err != nil {
+		return err
+	}
+	for _, p := range problems {
+		fmt.Println(p)
+	}
+	if len(problems) > 0 {
+		return exitCode(1)
+	}
+	fmt.Println("consistent")
+	return nil
+}
