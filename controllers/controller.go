@@ -318,15 +318,9 @@ type AdoptRequest struct {
 	NetnsPath  string `json:"netns_path,omitempty"`
 }
 
-// Adopt registers an existing sandbox and hands back its secret and
-// environment. Nothing is created.
-func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, error) {
-	if req.ID == "" {
-		req.ID = newID()
-	}
-	if err := validate(req.ID, req.App, req.Org); err != nil {
-		return nil, err
-	}
+// adoptRecord checks an adoption against the live system and returns the
+// record it would make.
+func adoptRecord(req AdoptRequest) (*Record, error) {
 	if req.CgroupPath == "" && req.NetnsPath == "" {
 		return nil, fmt.Errorf("%w: adopt needs a cgroup path, a netns path, or both", ErrInvalid)
 	}
@@ -352,6 +346,22 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 		if r.NetnsCookie, err = netnsutil.Cookie(req.NetnsPath); err != nil {
 			return nil, err
 		}
+	}
+	return r, nil
+}
+
+// Adopt registers an existing sandbox and hands back its secret and
+// environment. Nothing is created.
+func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, error) {
+	if req.ID == "" {
+		req.ID = newID()
+	}
+	if err := validate(req.ID, req.App, req.Org); err != nil {
+		return nil, err
+	}
+	r, err := adoptRecord(req)
+	if err != nil {
+		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
