@@ -72,4 +72,3 @@ func FuzzRecordFile(f *testing.F) {
 		}
 	})
 }
-
