@@ -152,10 +152,8 @@ func (c *Controller) teardown(r *Record, kill bool) error {
 		}
 	}
 	if r.NetnsPath != "" {
-		if _, err := os.Stat(r.NetnsPath); err == nil {
-			if err := netnsutil.DeleteNamed(filepath.Base(r.NetnsPath)); err != nil {
-				errs = append(errs, err)
-			}
+		if err := netnsutil.DeleteNamed(filepath.Base(r.NetnsPath)); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

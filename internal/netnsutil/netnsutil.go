@@ -4,7 +4,11 @@
 package netnsutil
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"runtime"
 
 	"github.com/vishvananda/netlink"
@@ -54,10 +58,15 @@ func NewNamed(name string) error {
 	})
 }
 
-// DeleteNamed removes the bind mount of a named netns; the namespace itself
-// goes away with its last user.
+// DeleteNamed removes the bind mount of a named netns and its mount point;
+// the namespace itself goes away with its last user. A mount point whose
+// bind mount never happened (a create killed half way) is removed too.
 func DeleteNamed(name string) error {
-	if err := netns.DeleteNamed(name); err != nil {
+	p := filepath.Join(Dir, name)
+	if err := unix.Unmount(p, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete netns %s: %w", name, err)
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("delete netns %s: %w", name, err)
 	}
 	return nil
