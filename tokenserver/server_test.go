@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -331,7 +330,7 @@ func TestGracefulShutdownFinishesInFlight(t *testing.T) {
 // the secret.
 func TestRefusalsAreLoggedWithTheKernelsView(t *testing.T) {
 	e := newEnv(t, envOptions{})
-	var buf syncBuffer
+	var buf sandboxtest.LogBuffer
 	e.stop()
 	e.log = slog.New(slog.NewJSONHandler(&buf, nil))
 	e.serve(envOptions{})
@@ -362,23 +361,6 @@ func TestRefusalsAreLoggedWithTheKernelsView(t *testing.T) {
 	assert.NotZero(t, entry.Caller.CgroupID)
 	assert.NotZero(t, entry.Caller.NetnsCookie)
 	assert.Equal(t, uint64(b.Pid), entry.Caller.PID)
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 type failingKeys struct{ KeySet }

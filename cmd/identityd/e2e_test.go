@@ -71,25 +71,7 @@ type world struct {
 	pins     string
 	operator string
 	daemon   *exec.Cmd
-	stderr   *syncBuffer
-}
-
-// syncBuffer collects a daemon's log while tests read it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	stderr   *sandboxtest.LogBuffer
 }
 
 func newWorld(t *testing.T) *world {
@@ -132,7 +114,7 @@ func must[T any](v T, _ error) T { return v }
 func (ow *world) start() time.Duration {
 	ow.t.Helper()
 	ow.daemon = exec.Command(filepath.Join(ow.bin, "identityd"), ow.args...)
-	ow.stderr = &syncBuffer{}
+	ow.stderr = &sandboxtest.LogBuffer{}
 	ow.daemon.Stdout, ow.daemon.Stderr = io.Discard, ow.stderr
 	begin := time.Now()
 	require.NoError(ow.t, ow.daemon.Start())
