@@ -15,7 +15,6 @@ import (
 	"sort"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -73,7 +72,6 @@ type Controller struct {
 	host        *netlink.Handle
 	bridgeIndex int
 	router      netip.Addr
-	ready       atomic.Bool
 
 	mu   sync.Mutex // serialises lifecycle operations
 	live map[string]*Record
@@ -130,7 +128,6 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 	if err := c.rebuild(ctx); err != nil {
 		return nil, err
 	}
-	c.ready.Store(true)
 	return c, nil
 }
 
@@ -138,14 +135,6 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 func (c *Controller) Close() error {
 	c.host.Close()
 	return c.reg.Close()
-}
-
-// Ready reports nil once the rebuild is complete.
-func (c *Controller) Ready() error {
-	if !c.ready.Load() {
-		return errors.New("rebuilding sandboxes")
-	}
-	return nil
 }
 
 // Resolve and Len make the controller the token server's registry.

@@ -47,8 +47,6 @@ type Config struct {
 	RateLimit       float64
 	Burst           int
 	Logger          *slog.Logger
-	// Ready, if set, is called once the daemon serves tokens.
-	Ready func()
 }
 
 // Run starts the daemon and serves until ctx ends, then stops accepting,
@@ -196,9 +194,6 @@ func Run(ctx context.Context, cfg Config) error {
 	ready.Store(true)
 	log.Info("identityd ready", "token_endpoint", ep.String(), "issuer", issuer, "sandboxes", ctrl.Len(),
 		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond))
-	if cfg.Ready != nil {
-		cfg.Ready()
-	}
 
 	<-ctx.Done()
 	log.Info("identityd stopping: finishing in-flight requests")

@@ -141,17 +141,6 @@ func (x *Index) Remove(id string) {
 	}
 }
 
-// Get returns the sandbox registered under id.
-func (x *Index) Get(id string) (Sandbox, bool) {
-	x.mu.RLock()
-	defer x.mu.RUnlock()
-	sb, ok := x.byID[id]
-	if !ok {
-		return Sandbox{}, false
-	}
-	return *sb, true
-}
-
 // Len returns the number of live sandboxes.
 func (x *Index) Len() int {
 	x.mu.RLock()

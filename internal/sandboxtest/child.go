@@ -286,12 +286,6 @@ func (c *Client) ConnectNonblock(fd int, addr netip.AddrPort) error {
 	return err
 }
 
-// CloseAll closes every socket the client holds.
-func (c *Client) CloseAll() error {
-	_, err := c.do("closeall")
-	return err
-}
-
 // MoveTo moves the client process into the cgroup at dir.
 func (c *Client) MoveTo(dir string) error { return cgroup2.Enter(dir, c.Pid) }
 
@@ -315,7 +309,6 @@ func runChild(path string) int {
 		fmt.Fprintf(os.Stderr, "sandboxtest client: enter netns %s: %v\n", path, err)
 		return 2
 	}
-	var fds []int
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 64<<10), 1<<20)
 	for in.Scan() {
@@ -346,7 +339,7 @@ func runChild(path string) int {
 			}
 			continue
 		}
-		reply, err := serve(strings.Fields(in.Text()), &fds)
+		reply, err := serve(strings.Fields(in.Text()))
 		if err != nil {
 			fmt.Printf("err %v\n", err)
 		} else {
@@ -356,7 +349,9 @@ func runChild(path string) int {
 	return 0
 }
 
-func serve(cmd []string, fds *[]int) (string, error) {
+// serve runs one command. Sockets stay open until the client exits, so that
+// their 4-tuples stay taken while the test looks at them.
+func serve(cmd []string) (string, error) {
 	if len(cmd) == 0 {
 		return "", errors.New("empty command")
 	}
@@ -368,7 +363,6 @@ func serve(cmd []string, fds *[]int) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		*fds = append(*fds, fd)
 		return strconv.Itoa(fd), nil
 	case cmd[0] == "connect" && len(cmd) == 3:
 		fd, err := strconv.Atoi(cmd[1])
@@ -419,20 +413,13 @@ func serve(cmd []string, fds *[]int) (string, error) {
 			if err != nil {
 				return "", err
 			}
-			*fds = append(*fds, fd)
-			local, err := connect(fd, ap)
+				local, err := connect(fd, ap)
 			if err != nil {
 				return "", err
 			}
 			locals = append(locals, local.String())
 		}
 		return strings.Join(locals, " "), nil
-	case cmd[0] == "closeall":
-		for _, fd := range *fds {
-			unix.Close(fd)
-		}
-		*fds = nil
-		return "", nil
 	}
 	return "", fmt.Errorf("unknown command %q", strings.Join(cmd, " "))
 }

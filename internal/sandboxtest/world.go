@@ -305,11 +305,6 @@ func (w *World) Listen(network, address string) (net.Listener, error) {
 	return ln, err
 }
 
-// Do runs f on a thread inside the sandbox's netns. The calling process
-// stays in its own cgroup, so sockets made by f are not the sandbox's as far
-// as cgroup attribution goes: use Start for that.
-func (s *Sandbox) Do(f func() error) error { return netnsutil.Do(s.Netns, f) }
-
 // Delete tears the sandbox down now: its processes are killed, its netns
 // and cgroup removed, and the host forgets its addresses' neighbour entries
 // so that a later sandbox can take them over at once.
