@@ -413,7 +413,7 @@ func serve(cmd []string) (string, error) {
 			if err != nil {
 				return "", err
 			}
-				local, err := connect(fd, ap)
+			local, err := connect(fd, ap)
 			if err != nil {
 				return "", err
 			}
