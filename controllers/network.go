@@ -5,14 +5,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
@@ -26,10 +24,6 @@ func netnsName(id string) string { return "identityd-" + id }
 func vethName(id string) string {
 	sum := sha256.Sum256([]byte(id))
 	return "idv" + hex.EncodeToString(sum[:])[:10]
-}
-
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
 // ensureBridge makes sure the bridge exists in the host netns, carries the
@@ -61,8 +55,8 @@ func (c *Controller) ensureBridge() error {
 		}
 	}
 	if !have {
-		if err := h.AddrAdd(br, &netlink.Addr{IPNet: ipNet(router)}); err != nil {
-			return fmt.Errorf("add router address %s to %s: %w", router, c.cfg.Bridge, err)
+		if err := netnsutil.AddAddr(h, br, router); err != nil {
+			return fmt.Errorf("router address: %w", err)
 		}
 	}
 	if err := h.LinkSetUp(br); err != nil {
@@ -78,47 +72,8 @@ func (c *Controller) createNetwork(r *Record, addr netip.Prefix) error {
 	if err := netnsutil.NewNamed(netnsName(r.ID)); err != nil {
 		return err
 	}
-	ns, err := netns.GetFromPath(r.NetnsPath)
-	if err != nil {
-		return fmt.Errorf("open netns %s: %w", r.NetnsPath, err)
-	}
-	defer ns.Close()
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: r.Veth, MasterIndex: c.bridgeIndex},
-		PeerName:      "eth0",
-		PeerNamespace: netlink.NsFd(ns),
-	}
-	if err := c.host.LinkAdd(veth); err != nil {
-		return fmt.Errorf("add veth %s: %w", r.Veth, err)
-	}
-	hostEnd, err := c.host.LinkByName(r.Veth)
-	if err != nil {
-		return fmt.Errorf("find veth %s: %w", r.Veth, err)
-	}
-	if err := c.host.LinkSetUp(hostEnd); err != nil {
-		return fmt.Errorf("bring %s up: %w", r.Veth, err)
-	}
-	h, err := netnsutil.Handle(r.NetnsPath)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	for _, name := range []string{"lo", "eth0"} {
-		l, err := h.LinkByName(name)
-		if err != nil {
-			return fmt.Errorf("find %s in %s: %w", name, r.NetnsPath, err)
-		}
-		if name == "eth0" {
-			if err := h.AddrAdd(l, &netlink.Addr{IPNet: ipNet(addr)}); err != nil {
-				return fmt.Errorf("add %s to sandbox %s: %w", addr, r.ID, err)
-			}
-		}
-		if err := h.LinkSetUp(l); err != nil {
-			return fmt.Errorf("bring %s up in sandbox %s: %w", name, r.ID, err)
-		}
-	}
-	if err := h.RouteAdd(&netlink.Route{Gw: c.router.AsSlice()}); err != nil {
-		return fmt.Errorf("default route for sandbox %s: %w", r.ID, err)
+	if err := netnsutil.Attach(c.host, c.bridgeIndex, r.Veth, r.NetnsPath, []netip.Prefix{addr}, []netip.Addr{c.router}); err != nil {
+		return fmt.Errorf("network of sandbox %s: %w", r.ID, err)
 	}
 	return nil
 }

@@ -104,7 +104,7 @@ func TestImpostorsAreRefused(t *testing.T) {
 		// would make the stolen address flap, so A loses it, and the host
 		// forgets A's MAC.
 		addrA := a.Sandbox.Addresses[0]
-		nlAddrA := &netlink.Addr{IPNet: &net.IPNet{IP: addrA.Addr().AsSlice(), Mask: net.CIDRMask(addrA.Bits(), 32)}}
+		nlAddrA := &netlink.Addr{IPNet: netnsutil.IPNet(addrA)}
 		ha, err := netnsutil.Handle(a.Sandbox.NetnsPath)
 		require.NoError(t, err)
 		ethA, err := ha.LinkByName("eth0")
@@ -113,12 +113,7 @@ func TestImpostorsAreRefused(t *testing.T) {
 		ha.Close()
 		hh, err := netnsutil.Handle(ow.w.HostNetns)
 		require.NoError(t, err)
-		neighs, _ := hh.NeighList(0, 0)
-		for _, n := range neighs {
-			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == addrA.Addr() {
-				hh.NeighDel(&n)
-			}
-		}
+		netnsutil.ForgetNeighbor(hh, addrA.Addr())
 		hh.Close()
 
 		h, err := netnsutil.Handle(b.Sandbox.NetnsPath)

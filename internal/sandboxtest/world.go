@@ -135,24 +135,12 @@ func (w *World) setupHost() error {
 	if err != nil {
 		return err
 	}
-	if err := addAddrs(w.host, w.bridge, w.Router4, w.Router6); err != nil {
-		return err
-	}
-	return w.host.LinkSetUp(w.bridge)
-}
-
-func addAddrs(h *netlink.Handle, l netlink.Link, v4, v6 netip.Addr) error {
-	for _, p := range []netip.Prefix{netip.PrefixFrom(v4, 24), netip.PrefixFrom(v6, 64)} {
-		addr := &netlink.Addr{IPNet: prefixNet(p), Flags: unix.IFA_F_NODAD}
-		if err := h.AddrAdd(l, addr); err != nil {
-			return fmt.Errorf("add %s to %s: %w", p, l.Attrs().Name, err)
+	for _, p := range []netip.Prefix{netip.PrefixFrom(w.Router4, 24), netip.PrefixFrom(w.Router6, 64)} {
+		if err := netnsutil.AddAddr(w.host, w.bridge, p); err != nil {
+			return err
 		}
 	}
-	return nil
-}
-
-func prefixNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+	return w.host.LinkSetUp(w.bridge)
 }
 
 // AddSandbox makes a sandbox with a cgroup, a netns, a veth to the bridge and
@@ -211,52 +199,9 @@ func (w *World) hostAddr6(n uint32) netip.Addr {
 
 // connect joins sandbox s to the bridge with a veth pair.
 func (w *World) connect(s *Sandbox, n uint32) error {
-	ns, err := netns.GetFromPath(s.Netns)
-	if err != nil {
-		return err
-	}
-	defer ns.Close()
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: fmt.Sprintf("veth%d", n), MasterIndex: w.bridge.Attrs().Index},
-		PeerName:      "eth0",
-		PeerNamespace: netlink.NsFd(ns),
-	}
-	if err := w.host.LinkAdd(veth); err != nil {
-		return fmt.Errorf("add veth: %w", err)
-	}
-	hostEnd, err := w.host.LinkByName(veth.Name)
-	if err != nil {
-		return err
-	}
-	if err := w.host.LinkSetUp(hostEnd); err != nil {
-		return err
-	}
-
-	h, err := netnsutil.Handle(s.Netns)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	for _, name := range []string{"lo", "eth0"} {
-		l, err := h.LinkByName(name)
-		if err != nil {
-			return err
-		}
-		if name == "eth0" {
-			if err := addAddrs(h, l, s.Addr4, s.Addr6); err != nil {
-				return err
-			}
-		}
-		if err := h.LinkSetUp(l); err != nil {
-			return fmt.Errorf("bring %s up: %w", name, err)
-		}
-	}
-	for _, gw := range []netip.Addr{w.Router4, w.Router6} {
-		if err := h.RouteAdd(&netlink.Route{Gw: gw.AsSlice()}); err != nil {
-			return fmt.Errorf("default route via %s: %w", gw, err)
-		}
-	}
-	return nil
+	return netnsutil.Attach(w.host, w.bridge.Attrs().Index, fmt.Sprintf("veth%d", n), s.Netns,
+		[]netip.Prefix{netip.PrefixFrom(s.Addr4, 24), netip.PrefixFrom(s.Addr6, 64)},
+		[]netip.Addr{w.Router4, w.Router6})
 }
 
 // AddAddr gives the sandbox's eth0 one more address, as a sandbox holding
@@ -275,10 +220,7 @@ func (s *Sandbox) AddAddr(a netip.Addr) error {
 	if a.Is6() {
 		bits = 64
 	}
-	if err := h.AddrAdd(l, &netlink.Addr{IPNet: prefixNet(netip.PrefixFrom(a, bits)), Flags: unix.IFA_F_NODAD}); err != nil {
-		return fmt.Errorf("add %s to %s: %w", a, s.Name, err)
-	}
-	return nil
+	return netnsutil.AddAddr(h, l, netip.PrefixFrom(a, bits))
 }
 
 // ChildCgroup makes a cgroup below the sandbox's and returns its path.
@@ -316,15 +258,9 @@ func (s *Sandbox) Delete() {
 		if err := netns.DeleteNamed(filepath.Base(s.Netns)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			s.w.t.Errorf("sandboxtest: delete netns %s: %v", s.Netns, err)
 		}
-		if s.w.host != nil && s.w.bridge != nil {
-			for _, a := range []netip.Addr{s.Addr4, s.Addr6} {
-				neighs, _ := s.w.host.NeighList(s.w.bridge.Attrs().Index, 0)
-				for _, n := range neighs {
-					if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
-						s.w.host.NeighDel(&n)
-					}
-				}
-			}
+		if s.w.host != nil {
+			netnsutil.ForgetNeighbor(s.w.host, s.Addr4)
+			netnsutil.ForgetNeighbor(s.w.host, s.Addr6)
 		}
 	})
 }
