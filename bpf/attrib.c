@@ -4,17 +4,25 @@
 //
 // Kernel side of identityd's caller attribution.
 //
-// cgroup/sock_create remembers, in socket-local storage, which cgroup and
-// which task created each TCP socket. sockops at TCP_CONNECT_CB runs inside
-// connect() after the source port is chosen and before the SYN leaves, so a
-// record published there under the connection's 4-tuple exists before the
-// token server can accept the connection. Only connections to a configured
-// token endpoint are published; everything else returns after one hash
-// lookup.
+// sockops at TCP_CONNECT_CB runs inside connect() after the source port is
+// chosen and before the SYN leaves, so a record published there under the
+// connection's 4-tuple exists before the token server can accept the
+// connection. Only connections to a configured token endpoint are published;
+// everything else returns after one array lookup.
 //
-// Debian 12's 6.1 kernel is the oldest target: sockops cannot call
-// bpf_get_current_cgroup_id there (and it would name the connecting task, not
-// the socket's owner anyway), which is why the cgroup comes from sock_create.
+// The owner is the cgroup the socket was created in, which the kernel keeps
+// in the socket itself (sk->sk_cgrp_data, set at socket() from the creating
+// task and never changed afterwards; it is what every other cgroup program
+// attached to this socket is chosen by). Debian 12's 6.1 kernel offers
+// neither bpf_sk_cgroup_id nor bpf_get_current_cgroup_id to sockops, so the
+// field is read through BTF with CO-RE relocations, which the loader resolves
+// against the running kernel's own type information.
+//
+// cgroup/connect4 and connect6 run in the task calling connect(); for token
+// endpoints only, they note that task's pid and tgid in socket-local storage
+// for sockops to copy into the record. Keeping that allocation off every
+// other socket is what keeps the programs' cost on unrelated connections near
+// that of programs that do nothing.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -26,7 +34,7 @@
 #define SOCK_STREAM 1
 
 // Record flags; mirrored by the Go package.
-#define RECORD_UNATTESTED (1U << 0) // socket predates the programs: no owner known
+#define RECORD_UNATTESTED (1U << 0) // the socket's owner could not be read
 #define RECORD_AMBIGUOUS (1U << 1)  // same 4-tuple published from two netns
 
 // Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d), network byte
@@ -46,8 +54,8 @@ struct endpoint {
 	__u16 pad;
 };
 
-struct sock_owner {
-	__u64 cgroup_id;
+// The task that called connect() on a socket to a token endpoint.
+struct connector {
 	__u32 pid;
 	__u32 tgid;
 };
@@ -57,8 +65,8 @@ struct record {
 	__u64 netns_cookie;
 	__u64 socket_cookie;
 	__u64 connect_boot_ns; // CLOCK_BOOTTIME at connect()
-	__u32 pid;             // creator thread
-	__u32 tgid;            // creator process
+	__u32 pid;             // thread that called connect(); 0 if unknown
+	__u32 tgid;            // its process
 	__u32 flags;
 	__u32 pad;
 };
@@ -67,8 +75,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct sock_owner);
-} sock_owners SEC(".maps");
+	__type(value, struct connector);
+} connectors SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -99,25 +107,6 @@ struct {
 	__type(key, struct conn_key);
 	__type(value, struct record);
 } conns SEC(".maps");
-
-SEC("cgroup/sock_create")
-int record_owner(struct bpf_sock *sk)
-{
-	if (sk->type != SOCK_STREAM || sk->protocol != IPPROTO_TCP)
-		return 1;
-
-	// On allocation failure the socket stays unattested and its token
-	// requests are refused; socket creation itself is never denied.
-	struct sock_owner *o = bpf_sk_storage_get(&sock_owners, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!o)
-		return 1;
-
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	o->cgroup_id = bpf_get_current_cgroup_id();
-	o->pid = (__u32)pid_tgid;
-	o->tgid = pid_tgid >> 32;
-	return 1;
-}
 
 static __always_inline void map_v4(__u32 *dst, __u32 addr)
 {
@@ -160,23 +149,24 @@ static __always_inline int conn_key_of(struct bpf_sock_ops *ops, struct conn_key
 	return 1;
 }
 
-static __always_inline int is_endpoint(const struct conn_key *key)
+// is_endpoint reports whether addr (IPv6 or IPv4-mapped, network order) and
+// port (host order) name a token endpoint.
+static __always_inline int is_endpoint(const __u32 *addr, __u16 port)
 {
 	__u32 zero = 0;
 	struct port_bitmap *ports = bpf_map_lookup_elem(&endpoint_ports, &zero);
 	if (!ports)
 		return 0;
-	__u16 port = key->dport;
 	if (!(ports->bits[(port >> 6) & 1023] & (1ULL << (port & 63))))
 		return 0;
 
 	struct endpoint ep = {};
 
-	ep.addr[0] = key->daddr[0];
-	ep.addr[1] = key->daddr[1];
-	ep.addr[2] = key->daddr[2];
-	ep.addr[3] = key->daddr[3];
-	ep.port = key->dport;
+	ep.addr[0] = addr[0];
+	ep.addr[1] = addr[1];
+	ep.addr[2] = addr[2];
+	ep.addr[3] = addr[3];
+	ep.port = port;
 	if (bpf_map_lookup_elem(&endpoints, &ep))
 		return 1;
 
@@ -187,27 +177,78 @@ static __always_inline int is_endpoint(const struct conn_key *key)
 	return bpf_map_lookup_elem(&endpoints, &ep) != NULL;
 }
 
+// Just enough of the kernel's socket and cgroup types to reach a socket's
+// cgroup id. preserve_access_index makes every access a CO-RE relocation, so
+// the offsets come from the running kernel's BTF, not from these definitions.
+struct kernfs_node {
+	__u64 id;
+} __attribute__((preserve_access_index));
+
+struct cgroup {
+	struct kernfs_node *kn;
+} __attribute__((preserve_access_index));
+
+struct sock_cgroup_data {
+	struct cgroup *cgroup;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_cgroup_data sk_cgrp_data;
+} __attribute__((preserve_access_index));
+
+struct inet_sock {
+	struct sock sk;
+} __attribute__((preserve_access_index));
+
+struct inet_connection_sock {
+	struct inet_sock icsk_inet;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	struct inet_connection_sock inet_conn;
+} __attribute__((preserve_access_index));
+
+// owner_cgroup returns the id of the cgroup the socket was created in, as
+// bpf_sk_cgroup_id would (cgroup_id(sock_cgroup_ptr(&sk->sk_cgrp_data))), or 0
+// if it cannot be read.
+static __always_inline __u64 owner_cgroup(struct bpf_sock_ops *ops)
+{
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	struct cgroup *cg = tp->inet_conn.icsk_inet.sk.sk_cgrp_data.cgroup;
+	if (!cg)
+		return 0;
+	struct kernfs_node *kn = cg->kn;
+	if (!kn)
+		return 0;
+	return kn->id;
+}
+
 static __always_inline void on_connect(struct bpf_sock_ops *ops)
 {
 	struct conn_key key = {};
-	if (!conn_key_of(ops, &key) || !is_endpoint(&key))
+	if (!conn_key_of(ops, &key) || !is_endpoint(key.daddr, key.dport))
 		return;
 
 	struct record rec = {};
 	rec.netns_cookie = bpf_get_netns_cookie(ops);
 	rec.socket_cookie = bpf_get_socket_cookie(ops);
 	rec.connect_boot_ns = bpf_ktime_get_boot_ns();
+	rec.cgroup_id = owner_cgroup(ops);
+	if (rec.cgroup_id == 0)
+		rec.flags |= RECORD_UNATTESTED;
 
 	struct bpf_sock *sk = ops->sk;
-	struct sock_owner *o = NULL;
-	if (sk)
-		o = bpf_sk_storage_get(&sock_owners, sk, 0, 0);
-	if (o) {
-		rec.cgroup_id = o->cgroup_id;
-		rec.pid = o->pid;
-		rec.tgid = o->tgid;
-	} else {
-		rec.flags |= RECORD_UNATTESTED;
+	if (sk) {
+		struct connector *c = bpf_sk_storage_get(&connectors, sk, 0, 0);
+		if (c) {
+			rec.pid = c->pid;
+			rec.tgid = c->tgid;
+		}
 	}
 
 	// One netns cannot hold two live connections with the same tuple, so a
@@ -234,6 +275,47 @@ static __always_inline void on_close(struct bpf_sock_ops *ops)
 	struct record *rec = bpf_map_lookup_elem(&conns, &key);
 	if (rec && rec->socket_cookie == bpf_get_socket_cookie(ops))
 		bpf_map_delete_elem(&conns, &key);
+}
+
+// note_connector remembers the calling task on a TCP socket about to connect
+// to a token endpoint. Failing to allocate only leaves the record without a
+// pid; connect() itself is never denied.
+static __always_inline void note_connector(struct bpf_sock_addr *ctx, const __u32 *addr)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return;
+	if (!is_endpoint(addr, bpf_ntohs((__u16)ctx->user_port)))
+		return;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return;
+	struct connector *c = bpf_sk_storage_get(&connectors, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!c)
+		return;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	c->pid = (__u32)pid_tgid;
+	c->tgid = pid_tgid >> 32;
+}
+
+SEC("cgroup/connect4")
+int record_connector4(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4];
+	map_v4(addr, ctx->user_ip4);
+	note_connector(ctx, addr);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int record_connector6(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4];
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+	note_connector(ctx, addr);
+	return 1;
 }
 
 SEC("sockops")

@@ -21,6 +21,12 @@ type attribConnKey struct {
 	Dport uint16
 }
 
+type attribConnector struct {
+	_    structs.HostLayout
+	Pid  uint32
+	Tgid uint32
+}
+
 type attribEndpoint struct {
 	_    structs.HostLayout
 	Addr [4]uint32
@@ -45,23 +51,17 @@ type attribRecord struct {
 	Pad           uint32
 }
 
-type attribSockOwner struct {
-	_        structs.HostLayout
-	CgroupId uint64
-	Pid      uint32
-	Tgid     uint32
-}
-
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	attribMapConns          = "conns"
-	attribMapEndpointPorts  = "endpoint_ports"
-	attribMapEndpoints      = "endpoints"
-	attribMapSockOwners     = "sock_owners"
-	attribProgRecordConnect = "record_connect"
-	attribProgRecordOwner   = "record_owner"
+	attribMapConnectors        = "connectors"
+	attribMapConns             = "conns"
+	attribMapEndpointPorts     = "endpoint_ports"
+	attribMapEndpoints         = "endpoints"
+	attribProgRecordConnect    = "record_connect"
+	attribProgRecordConnector4 = "record_connector4"
+	attribProgRecordConnector6 = "record_connector6"
 )
 
 // loadAttrib returns the embedded CollectionSpec for attrib.
@@ -106,18 +106,19 @@ type attribSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribProgramSpecs struct {
-	RecordConnect *ebpf.ProgramSpec `ebpf:"record_connect"`
-	RecordOwner   *ebpf.ProgramSpec `ebpf:"record_owner"`
+	RecordConnect    *ebpf.ProgramSpec `ebpf:"record_connect"`
+	RecordConnector4 *ebpf.ProgramSpec `ebpf:"record_connector4"`
+	RecordConnector6 *ebpf.ProgramSpec `ebpf:"record_connector6"`
 }
 
 // attribMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribMapSpecs struct {
+	Connectors    *ebpf.MapSpec `ebpf:"connectors"`
 	Conns         *ebpf.MapSpec `ebpf:"conns"`
 	EndpointPorts *ebpf.MapSpec `ebpf:"endpoint_ports"`
 	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
-	SockOwners    *ebpf.MapSpec `ebpf:"sock_owners"`
 }
 
 // attribVariableSpecs contains global variables before they are loaded into the kernel.
@@ -146,18 +147,18 @@ func (o *attribObjects) Close() error {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribMaps struct {
+	Connectors    *ebpf.Map `ebpf:"connectors"`
 	Conns         *ebpf.Map `ebpf:"conns"`
 	EndpointPorts *ebpf.Map `ebpf:"endpoint_ports"`
 	Endpoints     *ebpf.Map `ebpf:"endpoints"`
-	SockOwners    *ebpf.Map `ebpf:"sock_owners"`
 }
 
 func (m *attribMaps) Close() error {
 	return _AttribClose(
+		m.Connectors,
 		m.Conns,
 		m.EndpointPorts,
 		m.Endpoints,
-		m.SockOwners,
 	)
 }
 
@@ -171,14 +172,16 @@ type attribVariables struct {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribPrograms struct {
-	RecordConnect *ebpf.Program `ebpf:"record_connect"`
-	RecordOwner   *ebpf.Program `ebpf:"record_owner"`
+	RecordConnect    *ebpf.Program `ebpf:"record_connect"`
+	RecordConnector4 *ebpf.Program `ebpf:"record_connector4"`
+	RecordConnector6 *ebpf.Program `ebpf:"record_connector6"`
 }
 
 func (p *attribPrograms) Close() error {
 	return _AttribClose(
 		p.RecordConnect,
-		p.RecordOwner,
+		p.RecordConnector4,
+		p.RecordConnector6,
 	)
 }
 

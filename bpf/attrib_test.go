@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -295,17 +296,24 @@ func TestChildCgroupIsReported(t *testing.T) {
 	assert.Equal(t, childID, rec.CgroupID, "the record names the leaf cgroup; mapping it to its sandbox is the registry's job")
 }
 
-func TestSocketBeforeInstallIsUnattested(t *testing.T) {
+// TestSocketBeforeInstallIsAttributedToItsCreator: a socket created before
+// the programs were attached, by a task that then moved to another cgroup,
+// is attributed to the cgroup it was created in. The owner is the one the
+// kernel stored in the socket at socket(), not anything inferred later, so
+// no socket is left unattested by the order of start-up. The pid is the task
+// that called connect(), which ran after Install.
+func TestSocketBeforeInstallIsAttributedToItsCreator(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to load BPF programs")
 	}
 	w := sandboxtest.New(t)
-	a := w.AddSandbox("a")
+	a, b := w.AddSandbox("a"), w.AddSandbox("b")
 	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
 	dest := netip.AddrPortFrom(w.Router4, tokenPort)
 	client := a.Start(t)
 	early, err := client.Socket(4)
 	require.NoError(t, err)
+	require.NoError(t, client.MoveTo(b.CgroupDir))
 
 	in, _ := install(t)
 	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
@@ -313,15 +321,25 @@ func TestSocketBeforeInstallIsUnattested(t *testing.T) {
 	_, err = client.Connect(early, dest)
 	require.NoError(t, err)
 	rec, err := in.Lookup(srv.accept())
-	require.ErrorIs(t, err, ErrUnattested)
-	assert.Zero(t, rec.CgroupID, "nothing is guessed for an unattested socket")
-	assert.Equal(t, a.NetnsCookie, rec.NetnsCookie, "the netns is still reported, for the refusal's log")
-
-	_, err = client.Dial(dest, 1)
 	require.NoError(t, err)
-	rec, err = in.Lookup(srv.accept())
-	require.NoError(t, err, "a socket created after Install is attested")
-	assert.Equal(t, a.CgroupID, rec.CgroupID)
+	assert.Equal(t, a.CgroupID, rec.CgroupID, "the cgroup the socket was created in, not the connecting task's")
+	assert.Equal(t, a.NetnsCookie, rec.NetnsCookie)
+	assert.Equal(t, uint32(client.Pid), rec.TGID, "the process that called connect()")
+	assert.Zero(t, rec.Flags)
+}
+
+// TestUnattestedRecordIsRefused: a record whose owner the kernel program
+// could not read is reported as such, with what it did see for the log.
+func TestUnattestedRecordIsRefused(t *testing.T) {
+	in, _ := install(t)
+	local := netip.MustParseAddrPort("10.0.0.1:7123")
+	remote := netip.MustParseAddrPort("10.0.0.2:40000")
+	key := connKey(remote, local)
+	require.NoError(t, in.conns.Put(key[:], attribRecord{NetnsCookie: 7, ConnectBootNs: uint64(bootTime()), Flags: uint32(FlagUnattested)}))
+	got, err := in.Lookup(local, remote)
+	require.ErrorIs(t, err, ErrUnattested)
+	assert.Zero(t, got.CgroupID)
+	assert.Equal(t, uint64(7), got.NetnsCookie)
 }
 
 // TestSameTupleFromTwoNetnsIsAmbiguous plays a sandbox that takes another's
@@ -430,14 +448,9 @@ func TestCapacity(t *testing.T) {
 // with their own maps.
 func attachedCopies(t *testing.T, cgroupRoot string, attach ebpf.AttachType, mapID ebpf.MapID) int {
 	t.Helper()
-	cg, err := os.Open(cgroupRoot)
-	require.NoError(t, err)
-	defer cg.Close()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: attach})
-	require.NoError(t, err)
 	n := 0
-	for _, p := range res.Programs {
-		prog, err := ebpf.NewProgramFromID(p.ID)
+	for _, id := range attachedPrograms(t, cgroupRoot, attach) {
+		prog, err := ebpf.NewProgramFromID(id)
 		if err != nil {
 			continue // detached meanwhile
 		}
@@ -445,14 +458,27 @@ func attachedCopies(t *testing.T, cgroupRoot string, attach ebpf.AttachType, map
 		prog.Close()
 		require.NoError(t, err)
 		ids, _ := info.MapIDs()
-		for _, id := range ids {
-			if id == mapID {
-				n++
-				break
-			}
+		if slices.Contains(ids, mapID) {
+			n++
 		}
 	}
 	return n
+}
+
+// attachedPrograms asks the kernel (BPF_PROG_QUERY) which programs run at
+// the cgroup's hook.
+func attachedPrograms(t *testing.T, cgroupDir string, attach ebpf.AttachType) []ebpf.ProgramID {
+	t.Helper()
+	cg, err := os.Open(cgroupDir)
+	require.NoError(t, err)
+	defer cg.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: attach})
+	require.NoError(t, err)
+	var ids []ebpf.ProgramID
+	for _, p := range res.Programs {
+		ids = append(ids, p.ID)
+	}
+	return ids
 }
 
 func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {
@@ -464,10 +490,10 @@ func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {
 	return id
 }
 
-// ownersMapID is the id of the map both programs use.
-func ownersMapID(t *testing.T, opts Options) ebpf.MapID {
+// sharedMapID is the id of the map all three programs use.
+func sharedMapID(t *testing.T, opts Options) ebpf.MapID {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapSockOwners), nil)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapConnectors), nil)
 	require.NoError(t, err)
 	defer m.Close()
 	return mapID(t, m)
@@ -477,7 +503,7 @@ func assertOneCopyEach(t *testing.T, opts Options) {
 	t.Helper()
 	root, err := cgroup2.Root()
 	require.NoError(t, err)
-	id := ownersMapID(t, opts)
+	id := sharedMapID(t, opts)
 	for _, h := range hooks() {
 		assert.Equal(t, 1, attachedCopies(t, root, h.attach, id), "copies of %s attached", h.program)
 	}
@@ -565,7 +591,7 @@ func TestUninstallLeavesNothing(t *testing.T) {
 	opts := Options{PinDir: testPinDir(t), Logger: quiet}
 	in, err := Install(context.Background(), opts)
 	require.NoError(t, err)
-	id := ownersMapID(t, opts)
+	id := sharedMapID(t, opts)
 	in.Close()
 	root, err := cgroup2.Root()
 	require.NoError(t, err)
@@ -576,6 +602,63 @@ func TestUninstallLeavesNothing(t *testing.T) {
 		assert.Zero(t, attachedCopies(t, root, h.attach, id), "%s still attached", h.program)
 	}
 	require.NoError(t, Uninstall(context.Background(), opts), "a second Uninstall has nothing to do")
+}
+
+// TestUpgradeRemovesRetiredPrograms plays an upgrade from the release that
+// recorded owners with a cgroup/sock_create program and a socket-storage map
+// of its own: Install detaches that program and removes both pins.
+func TestUpgradeRemovesRetiredPrograms(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	sweepOnce.Do(sweepLeftoverPins)
+	opts := Options{PinDir: testPinDir(t), Logger: quiet}
+	t.Cleanup(func() { assert.NoError(t, Uninstall(context.Background(), opts)) })
+	root, err := cgroup2.Root()
+	require.NoError(t, err)
+
+	// What the older release left behind.
+	for _, dir := range []string{filepath.Join(opts.PinDir, "links"), mapsDir(opts.PinDir)} {
+		require.NoError(t, os.MkdirAll(dir, 0o700))
+	}
+	old, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.CGroupSock, AttachType: ebpf.AttachCGroupInetSockCreate, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+	})
+	require.NoError(t, err)
+	defer old.Close()
+	oldInfo, err := old.Info()
+	require.NoError(t, err)
+	oldID, _ := oldInfo.ID()
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: ebpf.AttachCGroupInetSockCreate, Program: old})
+	require.NoError(t, err)
+	require.NoError(t, l.Pin(linkPin(opts.PinDir, "record_owner")))
+	l.Close()
+	// Any map stands in for its socket storage: only the pin's name matters.
+	storage, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 16, MaxEntries: 1})
+	require.NoError(t, err)
+	require.NoError(t, storage.Pin(filepath.Join(mapsDir(opts.PinDir), "sock_owners")))
+	storage.Close()
+	require.True(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupInetSockCreate), oldID))
+
+	in, err := Install(context.Background(), opts)
+	require.NoError(t, err)
+	in.Close()
+	assert.False(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupInetSockCreate), oldID), "the retired program is detached")
+	assert.NoFileExists(t, linkPin(opts.PinDir, "record_owner"))
+	assert.NoFileExists(t, filepath.Join(mapsDir(opts.PinDir), "sock_owners"))
+	assertOneCopyEach(t, opts)
+}
+
+// TestKernelMeetsRequirements runs every probe diagnose relies on, so that
+// the list is known to hold on each kernel the suite runs on (vmtest).
+func TestKernelMeetsRequirements(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to probe BPF features")
+	}
+	for _, r := range requirements() {
+		assert.NoError(t, r.probe(), r.what)
+	}
 }
 
 func TestInstallErrorsNameTheCause(t *testing.T) {
@@ -604,5 +687,5 @@ func TestInstallErrorsNameTheCause(t *testing.T) {
 	loader.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 	out, err := loader.CombinedOutput()
 	require.Error(t, err)
-	assert.Contains(t, string(out), "needs root with CAP_BPF and CAP_NET_ADMIN")
+	assert.Contains(t, string(out), "needs root with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
 	"golang.org/x/sys/unix"
 )
@@ -18,6 +19,7 @@ import (
 const (
 	capNetAdmin = 12
 	capSysAdmin = 21
+	capPerfmon  = 38
 	capBPF      = 39
 )
 
@@ -33,14 +35,27 @@ func checkPrivileges() error {
 	if !has(capBPF) && !has(capSysAdmin) {
 		missing = append(missing, "CAP_BPF")
 	}
+	// Reading the socket's cgroup through BTF pointers is a perfmon
+	// privilege for the verifier.
+	if !has(capPerfmon) && !has(capSysAdmin) {
+		missing = append(missing, "CAP_PERFMON")
+	}
 	if !has(capNetAdmin) {
 		missing = append(missing, "CAP_NET_ADMIN")
 	}
 	if len(missing) > 0 {
 		return fmt.Errorf("loading the attribution programs needs root with %s (running as uid %d without)",
-			strings.Join(missing, " and "), os.Geteuid())
+			joinAnd(missing), os.Geteuid())
 	}
 	return nil
+}
+
+// joinAnd joins ["a", "b", "c"] as "a, b and c".
+func joinAnd(items []string) string {
+	if len(items) < 2 {
+		return strings.Join(items, "")
+	}
+	return strings.Join(items[:len(items)-1], ", ") + " and " + items[len(items)-1]
 }
 
 func effectiveCaps() (uint64, error) {
@@ -73,18 +88,45 @@ func requirements() []requirement {
 		return func() error { return features.HaveProgramHelper(pt, fn) }
 	}
 	return []requirement{
-		{"cgroup/sock_create programs", "4.10", func() error { return features.HaveProgramType(ebpf.CGroupSock) }},
+		{"kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)", "5.4", func() error {
+			_, err := btf.LoadKernelSpec()
+			return err
+		}},
+		// Before 5.15 the socket's cgroup shared a word with net_cls and
+		// net_prio data, and hybrid hosts could lose it to the root.
+		{"a cgroup pointer of its own in struct sock_cgroup_data", "5.15", sockCgroupPointer},
 		{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
+		{"cgroup/connect4 and connect6 programs", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
 		{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},
 		{"socket local storage (BPF_MAP_TYPE_SK_STORAGE)", "5.2", func() error { return features.HaveMapType(ebpf.SkStorage) }},
-		{"bpf_get_current_cgroup_id in cgroup/sock_create", "4.18", helper(ebpf.CGroupSock, asm.FnGetCurrentCgroupId)},
-		{"bpf_sk_storage_get in cgroup/sock_create", "5.2", helper(ebpf.CGroupSock, asm.FnSkStorageGet)},
+		{"bpf_skc_to_tcp_sock in sockops", "5.9", helper(ebpf.SockOps, asm.FnSkcToTcpSock)},
 		{"bpf_sk_storage_get in sockops", "5.2", helper(ebpf.SockOps, asm.FnSkStorageGet)},
 		{"bpf_get_netns_cookie in sockops", "5.8", helper(ebpf.SockOps, asm.FnGetNetnsCookie)},
 		{"bpf_ktime_get_boot_ns in sockops", "5.8", helper(ebpf.SockOps, asm.FnKtimeGetBootNs)},
 		{"bpf_get_socket_cookie in sockops", "5.1", helper(ebpf.SockOps, asm.FnGetSocketCookie)},
 		{"bpf_sock_ops_cb_flags_set in sockops", "4.16", helper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet)},
+		{"bpf_sk_storage_get in cgroup/connect", "", helper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)},
+		{"bpf_get_current_pid_tgid in cgroup/connect", "", helper(ebpf.CGroupSockAddr, asm.FnGetCurrentPidTgid)},
 	}
+}
+
+// sockCgroupPointer checks the kernel's BTF for the field the sockops
+// program reads a socket's cgroup from.
+func sockCgroupPointer() error {
+	spec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return err
+	}
+	var data *btf.Struct
+	if err := spec.TypeByName("sock_cgroup_data", &data); err != nil {
+		return err
+	}
+	for _, m := range data.Members {
+		if m.Name == "cgroup" {
+			return nil
+		}
+	}
+	return errors.New("struct sock_cgroup_data has no cgroup member")
 }
 
 // diagnose turns a load or attach failure into one that names the cause: a
@@ -92,7 +134,7 @@ func requirements() []requirement {
 // kernel lacks. Unexplained errors are returned unchanged.
 func diagnose(err error) error {
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
-		return fmt.Errorf("%w (needs root with CAP_BPF and CAP_NET_ADMIN, and no lockdown or seccomp policy forbidding bpf())", err)
+		return fmt.Errorf("%w (needs root with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, and no lockdown or seccomp policy forbidding bpf())", err)
 	}
 	var uname unix.Utsname
 	release := "unknown"
@@ -101,6 +143,9 @@ func diagnose(err error) error {
 	}
 	for _, r := range requirements() {
 		if perr := r.probe(); perr != nil {
+			if r.since == "" {
+				return fmt.Errorf("kernel %s is too old: it lacks %s (found in Linux 6.1): %w", release, r.what, err)
+			}
 			return fmt.Errorf("kernel %s is too old: it lacks %s (Linux %s or newer): %w", release, r.what, r.since, err)
 		}
 	}

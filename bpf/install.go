@@ -69,17 +69,18 @@ type hook struct {
 	attach  ebpf.AttachType
 }
 
-// hooks lists the programs in attach order: the owner recorder goes first so
-// that as few sockets as possible reach connect() unattested.
+// hooks lists the programs in attach order: the connector recorders go first
+// so that as few records as possible are published without a pid.
 func hooks() []hook {
 	return []hook{
-		{attribProgRecordOwner, ebpf.AttachCGroupInetSockCreate},
+		{attribProgRecordConnector4, ebpf.AttachCGroupInet4Connect},
+		{attribProgRecordConnector6, ebpf.AttachCGroupInet6Connect},
 		{attribProgRecordConnect, ebpf.AttachCGroupSockOps},
 	}
 }
 
 func mapNames() []string {
-	return []string{attribMapSockOwners, attribMapEndpoints, attribMapEndpointPorts, attribMapConns}
+	return []string{attribMapConnectors, attribMapEndpoints, attribMapEndpointPorts, attribMapConns}
 }
 
 func linkPin(pinDir, program string) string { return filepath.Join(pinDir, "links", program) }
@@ -99,8 +100,9 @@ type Installation struct {
 // Install loads the programs, attaches them to the cgroup root and pins them,
 // or adopts what an earlier Install pinned: unchanged programs are left as
 // they are, changed ones are swapped in place through their links, and a
-// second copy is never attached. Maps are always reused, so sockets created
-// under an earlier daemon stay attested.
+// second copy is never attached. Maps are always reused, so records published
+// while no daemon ran are still there. Links and map pins of an earlier
+// version that this one no longer uses are removed.
 func Install(ctx context.Context, opts Options) (*Installation, error) {
 	opts, err := opts.withDefaults()
 	if err != nil {
@@ -157,6 +159,9 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 		if err := attachOrAdopt(opts, cgroup, cgroupID, h, coll.Programs[h.program]); err != nil {
 			return nil, err
 		}
+	}
+	if err := removeRetired(opts); err != nil {
+		return nil, err
 	}
 
 	in := &Installation{
@@ -241,6 +246,62 @@ func attachOrAdopt(opts Options, cgroup *os.File, cgroupID uint64, h hook, prog 
 	return nil
 }
 
+// removeRetired detaches links and removes map pins that an earlier version
+// left under opts.PinDir and this one no longer uses, so that an upgrade
+// never leaves an old program running beside the new ones.
+func removeRetired(opts Options) error {
+	current := make(map[string]bool)
+	for _, h := range hooks() {
+		current[h.program] = true
+	}
+	links, err := os.ReadDir(filepath.Join(opts.PinDir, "links"))
+	if err != nil {
+		return fmt.Errorf("list pinned links: %w", err)
+	}
+	for _, e := range links {
+		if current[e.Name()] {
+			continue
+		}
+		if err := detachPinned(linkPin(opts.PinDir, e.Name())); err != nil {
+			return fmt.Errorf("remove retired program %s: %w", e.Name(), err)
+		}
+		opts.Logger.Info("detached retired program", "program", e.Name())
+	}
+	maps, err := os.ReadDir(mapsDir(opts.PinDir))
+	if err != nil {
+		return fmt.Errorf("list pinned maps: %w", err)
+	}
+	for _, e := range maps {
+		if slices.Contains(mapNames(), e.Name()) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(mapsDir(opts.PinDir), e.Name())); err != nil {
+			return fmt.Errorf("remove retired map pin %s: %w", e.Name(), err)
+		}
+		opts.Logger.Info("removed retired map", "map", e.Name())
+	}
+	return nil
+}
+
+// detachPinned detaches the link pinned at pin and removes the pin.
+// Detaching explicitly matters: another process holding the link open would
+// otherwise keep it attached after the pin is gone.
+func detachPinned(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+	defer l.Close()
+	var errs []error
+	if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+		errs = append(errs, fmt.Errorf("detach %s: %w", pin, err))
+	}
+	if err := l.Unpin(); err != nil {
+		errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
+	}
+	return errors.Join(errs...)
+}
+
 // sameProgram reports whether the program with id has the same instructions
 // (its tag ignores map descriptors) and uses the same maps as prog.
 func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
@@ -294,29 +355,24 @@ func Uninstall(ctx context.Context, opts Options) error {
 	}
 	defer unlock()
 
+	// Everything pinned is removed, not only what this version pins, so
+	// that pins left by an older version go too.
 	var errs []error
-	for _, h := range hooks() {
-		pin := linkPin(opts.PinDir, h.program)
-		l, err := link.LoadPinnedLink(pin, nil)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("load pinned link %s: %w", pin, err))
-			continue
-		}
-		// Detach explicitly: another process holding the link open would
-		// otherwise keep it attached after the pin is gone.
-		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", h.program, err))
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", pin, err))
-		}
-		l.Close()
+	links, err := os.ReadDir(filepath.Join(opts.PinDir, "links"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("list pinned links: %w", err))
 	}
-	for _, name := range mapNames() {
-		pin := filepath.Join(mapsDir(opts.PinDir), name)
+	for _, e := range links {
+		if err := detachPinned(linkPin(opts.PinDir, e.Name())); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	maps, err := os.ReadDir(mapsDir(opts.PinDir))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("list pinned maps: %w", err))
+	}
+	for _, e := range maps {
+		pin := filepath.Join(mapsDir(opts.PinDir), e.Name())
 		if err := os.Remove(pin); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove map pin %s: %w", pin, err))
 		}

@@ -20,9 +20,9 @@ var (
 	// through connect() on this host to a configured endpoint, or its tuple
 	// was rewritten on the way, or the record was already consumed.
 	ErrNoRecord = errors.New("no attribution record for this connection")
-	// ErrUnattested: the connecting socket was created before the programs
-	// were attached, so its owner is unknown.
-	ErrUnattested = errors.New("connecting socket predates the attribution programs")
+	// ErrUnattested: the program could not read which cgroup the connecting
+	// socket belongs to, so its owner is unknown.
+	ErrUnattested = errors.New("owner of the connecting socket could not be read")
 	// ErrStale: the record is older than the configured maximum age.
 	ErrStale = errors.New("attribution record is stale")
 	// ErrAmbiguous: the same 4-tuple was published from two network
@@ -54,15 +54,17 @@ func (f Flags) String() string {
 
 // Record is what the kernel saw of the socket that opened a connection.
 type Record struct {
-	// CgroupID is the cgroup v2 id (directory inode) of the task that created
-	// the socket, at creation time. Zero when unattested.
+	// CgroupID is the cgroup v2 id (directory inode) of the cgroup the socket
+	// was created in, as the kernel stored it in the socket. Zero when
+	// unattested.
 	CgroupID uint64
 	// NetnsCookie identifies the socket's network namespace (SO_NETNS_COOKIE).
 	NetnsCookie uint64
 	// SocketCookie identifies the connecting socket (SO_COOKIE).
 	SocketCookie uint64
-	// PID and TGID are the creating thread and process, as seen from the
-	// initial pid namespace. Zero when unattested.
+	// PID and TGID are the thread and process that called connect(), as seen
+	// from the initial pid namespace; zero if unknown. They are for logs:
+	// identity is decided by CgroupID and NetnsCookie.
 	PID, TGID uint32
 	// Connected is CLOCK_BOOTTIME when connect() ran.
 	Connected time.Duration
