@@ -168,6 +168,52 @@ func TestNonEndpointLeavesNoRecord(t *testing.T) {
 	assertNoRecords(t, in)
 }
 
+// TestStorageOnlyForTokenConnections: socket-local storage, the one
+// allocation the programs make, exists only on sockets that connected to a
+// token endpoint, and names the task that called connect(). Checked on the
+// test's own sockets over loopback, by looking them up by descriptor.
+func TestStorageOnlyForTokenConnections(t *testing.T) {
+	in, opts := install(t)
+	token := listenLoopback(t)
+	other := listenLoopback(t)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{addrOf(token)}))
+	connectors, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapConnectors), nil)
+	require.NoError(t, err)
+	defer connectors.Close()
+
+	for _, tc := range []struct {
+		name   string
+		ln     *net.TCPListener
+		stored bool
+	}{{"token", token, true}, {"other", other, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.DialTCP("tcp4", nil, tc.ln.Addr().(*net.TCPAddr))
+			require.NoError(t, err)
+			defer c.Close()
+			raw, err := c.SyscallConn()
+			require.NoError(t, err)
+			var got struct{ PID, TGID uint32 }
+			var lookupErr error
+			require.NoError(t, raw.Control(func(fd uintptr) { lookupErr = connectors.Lookup(uint32(fd), &got) }))
+			if !tc.stored {
+				assert.ErrorIs(t, lookupErr, ebpf.ErrKeyNotExist, "storage allocated for a connection to another port")
+				return
+			}
+			require.NoError(t, lookupErr)
+			assert.Equal(t, uint32(os.Getpid()), got.TGID)
+			assert.NotZero(t, got.PID)
+		})
+	}
+}
+
+func listenLoopback(t testing.TB) *net.TCPListener {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	return ln.(*net.TCPListener)
+}
+
 func assertNoRecords(t *testing.T, in *Installation) {
 	t.Helper()
 	var k attribConnKey

@@ -147,15 +147,6 @@ func attachPrograms(b *testing.B, opts Options, progs map[string]*ebpf.Program) 
 	}
 }
 
-func listenLoopback(b *testing.B) *net.TCPListener {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ln.Close() })
-	return ln.(*net.TCPListener)
-}
-
 func addrOf(ln *net.TCPListener) netip.AddrPort { return ln.Addr().(*net.TCPAddr).AddrPort() }
 
 // connectAccept makes one connection to ln, accepts it, attributes it when in
