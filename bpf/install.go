@@ -160,8 +160,17 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 			return nil, err
 		}
 	}
-	if err := removeRetired(opts); err != nil {
-		return nil, err
+	// An upgrade must not leave an old program running beside the new ones.
+	var current []string
+	for _, h := range hooks() {
+		current = append(current, h.program)
+	}
+	retired, err := removePins(opts, current, mapNames())
+	for _, pin := range retired {
+		opts.Logger.Info("removed pin of a retired program or map", "pin", filepath.Join(opts.PinDir, pin))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("remove retired pins: %w", err)
 	}
 
 	in := &Installation{
@@ -246,41 +255,42 @@ func attachOrAdopt(opts Options, cgroup *os.File, cgroupID uint64, h hook, prog 
 	return nil
 }
 
-// removeRetired detaches links and removes map pins that an earlier version
-// left under opts.PinDir and this one no longer uses, so that an upgrade
-// never leaves an old program running beside the new ones.
-func removeRetired(opts Options) error {
-	current := make(map[string]bool)
-	for _, h := range hooks() {
-		current[h.program] = true
-	}
+// removePins detaches every link and removes every map pin under
+// opts.PinDir except the ones named in keepLinks and keepMaps, and returns
+// the names of those it removed. Missing directories count as empty.
+func removePins(opts Options, keepLinks, keepMaps []string) ([]string, error) {
+	var removed []string
+	var errs []error
 	links, err := os.ReadDir(filepath.Join(opts.PinDir, "links"))
-	if err != nil {
-		return fmt.Errorf("list pinned links: %w", err)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("list pinned links: %w", err))
 	}
 	for _, e := range links {
-		if current[e.Name()] {
+		if slices.Contains(keepLinks, e.Name()) {
 			continue
 		}
 		if err := detachPinned(linkPin(opts.PinDir, e.Name())); err != nil {
-			return fmt.Errorf("remove retired program %s: %w", e.Name(), err)
-		}
-		opts.Logger.Info("detached retired program", "program", e.Name())
-	}
-	maps, err := os.ReadDir(mapsDir(opts.PinDir))
-	if err != nil {
-		return fmt.Errorf("list pinned maps: %w", err)
-	}
-	for _, e := range maps {
-		if slices.Contains(mapNames(), e.Name()) {
+			errs = append(errs, err)
 			continue
 		}
-		if err := os.Remove(filepath.Join(mapsDir(opts.PinDir), e.Name())); err != nil {
-			return fmt.Errorf("remove retired map pin %s: %w", e.Name(), err)
-		}
-		opts.Logger.Info("removed retired map", "map", e.Name())
+		removed = append(removed, "links/"+e.Name())
 	}
-	return nil
+	maps, err := os.ReadDir(mapsDir(opts.PinDir))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("list pinned maps: %w", err))
+	}
+	for _, e := range maps {
+		if slices.Contains(keepMaps, e.Name()) {
+			continue
+		}
+		pin := filepath.Join(mapsDir(opts.PinDir), e.Name())
+		if err := os.Remove(pin); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove map pin %s: %w", pin, err))
+			continue
+		}
+		removed = append(removed, "maps/"+e.Name())
+	}
+	return removed, errors.Join(errs...)
 }
 
 // detachPinned detaches the link pinned at pin and removes the pin.
@@ -357,26 +367,8 @@ func Uninstall(ctx context.Context, opts Options) error {
 
 	// Everything pinned is removed, not only what this version pins, so
 	// that pins left by an older version go too.
-	var errs []error
-	links, err := os.ReadDir(filepath.Join(opts.PinDir, "links"))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("list pinned links: %w", err))
-	}
-	for _, e := range links {
-		if err := detachPinned(linkPin(opts.PinDir, e.Name())); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	maps, err := os.ReadDir(mapsDir(opts.PinDir))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("list pinned maps: %w", err))
-	}
-	for _, e := range maps {
-		pin := filepath.Join(mapsDir(opts.PinDir), e.Name())
-		if err := os.Remove(pin); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("remove map pin %s: %w", pin, err))
-		}
-	}
+	_, err = removePins(opts, nil, nil)
+	errs := []error{err}
 	for _, dir := range []string{filepath.Join(opts.PinDir, "links"), mapsDir(opts.PinDir), opts.PinDir} {
 		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove pin directory %s: %w", dir, err))
