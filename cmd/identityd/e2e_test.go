@@ -18,11 +18,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/identityd/identityd/bpf"
 	"github.com/identityd/identityd/controllers"
+	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
 	"github.com/identityd/identityd/internal/sandboxtest"
 )
@@ -160,6 +163,56 @@ func suffix() string {
 	var b [3]byte
 	rand.Read(b[:])
 	return fmt.Sprintf("%x", b)
+}
+
+// TestUninstallCommand: after the daemon stops, `identityd uninstall`
+// detaches the programs and removes every pin; running it again is a no-op.
+func TestUninstallCommand(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	require.Equal(t, 0, ow.kill(syscall.SIGTERM))
+	require.DirExists(t, filepath.Join(ow.pins, "links"))
+	type attached struct {
+		attach ebpf.AttachType
+		prog   ebpf.ProgramID
+	}
+	var progs []attached
+	for _, e := range must(os.ReadDir(filepath.Join(ow.pins, "links"))) {
+		l, err := link.LoadPinnedLink(filepath.Join(ow.pins, "links", e.Name()), nil)
+		require.NoError(t, err)
+		info, err := l.Info()
+		l.Close()
+		require.NoError(t, err)
+		progs = append(progs, attached{ebpf.AttachType(info.Cgroup().AttachType), info.Program})
+	}
+	require.Len(t, progs, 3)
+	root, err := cgroup2.Root()
+	require.NoError(t, err)
+	isAttached := func(a attached) bool {
+		cg, err := os.Open(root)
+		require.NoError(t, err)
+		defer cg.Close()
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(cg.Fd()), Attach: a.attach})
+		require.NoError(t, err)
+		for _, p := range res.Programs {
+			if p.ID == a.prog {
+				return true
+			}
+		}
+		return false
+	}
+	for _, a := range progs {
+		require.True(t, isAttached(a), "attached while the daemon is stopped: %v", a)
+	}
+
+	for range 2 {
+		out, err := exec.Command(filepath.Join(ow.bin, "identityd"), "uninstall", "--bpf-dir", ow.pins).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		assert.NoDirExists(t, ow.pins)
+		for _, a := range progs {
+			assert.False(t, isAttached(a), "still attached after uninstall: %v", a)
+		}
+	}
 }
 
 // TestOriginalBugRepro: a sandbox that uses workload identity keeps getting
