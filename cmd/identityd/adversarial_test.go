@@ -155,28 +155,50 @@ func TestImpostorsAreRefused(t *testing.T) {
 	})
 }
 
-// TestSocketFromBeforeTheProgramsIsAttributed: a socket made before
-// identityd ever attached its programs still belongs to the cgroup it was
-// created in, which the kernel keeps in the socket; a request over it is
-// attributed to that sandbox, not refused and not guessed from its address.
+// TestSocketFromBeforeTheProgramsIsAttributed: sockets made in sandbox A
+// before identityd ever attached its programs, by a task that then moves into
+// sandbox B's cgroup. They still belong to A, whose cgroup the kernel stored
+// in each socket at socket(): B's secret over one is refused and logged with
+// A's cgroup id; A's secret over the other is served as A. Nothing about such
+// a socket is guessed, and start-up order opens no way to pass as B.
 func TestSocketFromBeforeTheProgramsIsAttributed(t *testing.T) {
 	ow := newWorld(t)
-	sb := ow.w.AddSandbox("early")
-	client := sb.Start(t)
-	fd, err := client.Socket(4)
+	sbA, sbB := ow.w.AddSandbox("early-a"), ow.w.AddSandbox("early-b")
+	client := sbA.Start(t)
+	withB, err := client.Socket(4)
+	require.NoError(t, err)
+	withA, err := client.Socket(4)
 	require.NoError(t, err)
 
 	ow.start()
-	var adopted controllers.Created
-	require.NoError(t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "POST", "/v1/sandboxes/adopt",
-		controllers.AdoptRequest{ID: "e2e-early-" + suffix(), App: "web", CgroupPath: sb.CgroupDir}, &adopted))
+	api := controllers.NewAdminClient(ow.admin)
+	tag := suffix()
+	var a, b controllers.Created
+	require.NoError(t, api.Do(context.Background(), "POST", "/v1/sandboxes/adopt",
+		controllers.AdoptRequest{ID: "e2e-early-a-" + tag, App: "web", CgroupPath: sbA.CgroupDir}, &a))
+	require.NoError(t, api.Do(context.Background(), "POST", "/v1/sandboxes/adopt",
+		controllers.AdoptRequest{ID: "e2e-early-b-" + tag, App: "billing", CgroupPath: sbB.CgroupDir}, &b))
+	require.NoError(t, client.MoveTo(sbB.CgroupDir))
+
 	// The world's sandbox reaches the daemon's router through the world's
 	// bridge and the host netns's routes.
-	resps, err := client.HTTP(sandboxtest.HTTPRequest{Method: "GET", FD: fd, URL: adopted.Env["MIREN_IDENTITY_TOKEN_URL"],
-		Header: map[string]string{"Authorization": "Bearer " + adopted.Env["MIREN_IDENTITY_TOKEN_SECRET"]}})
-	require.NoError(t, err)
-	require.Equal(t, 200, resps[0].Status, resps[0].Body)
-	assert.Equal(t, adopted.Sandbox.ID, claimsOf(t, resps[0].Body)["sandbox_id"])
+	request := func(fd int, secret string) sandboxtest.HTTPResponse {
+		resps, err := client.HTTP(sandboxtest.HTTPRequest{Method: "GET", FD: fd, URL: a.Env["MIREN_IDENTITY_TOKEN_URL"],
+			Header: map[string]string{"Authorization": "Bearer " + secret}})
+		require.NoError(t, err)
+		return resps[0]
+	}
+	r := request(withB, b.Env["MIREN_IDENTITY_TOKEN_SECRET"])
+	assert.Equal(t, 403, r.Status)
+	assert.JSONEq(t, `{"error":"invalid token"}`, r.Body)
+	refusal := ow.lastRefusal(t, 1)
+	assert.Equal(t, "bad_secret", refusal.Reason)
+	assert.Equal(t, sbA.CgroupID, refusal.Caller.CgroupID, "the log names the cgroup the socket was created in")
+	assert.Equal(t, sbA.NetnsCookie, refusal.Caller.NetnsCookie)
+
+	r = request(withA, a.Env["MIREN_IDENTITY_TOKEN_SECRET"])
+	require.Equal(t, 200, r.Status, r.Body)
+	assert.Equal(t, a.Sandbox.ID, claimsOf(t, r.Body)["sandbox_id"])
 }
 
 // TestFloodDoesNotStarveOthers: B opens connections to the token port as
