@@ -11,16 +11,18 @@
 // everything else returns after one array lookup.
 //
 // The owner is the cgroup the socket was created in, which the kernel keeps
-// in the socket itself (sk->sk_cgrp_data, set at socket() from the creating
-// task and never changed afterwards; it is what every other cgroup program
-// attached to this socket is chosen by). Debian 12's 6.1 kernel offers
+// in the socket itself (sk->sk_cgrp_data, set when the socket is allocated
+// from the creating task's cgroup, the root cgroup for sockets the kernel
+// makes for itself, and never changed afterwards; it is what every other
+// cgroup program attached to this socket is chosen by). Debian 12's 6.1 kernel offers
 // neither bpf_sk_cgroup_id nor bpf_get_current_cgroup_id to sockops, so the
 // field is read through BTF with CO-RE relocations, which the loader resolves
 // against the running kernel's own type information.
 //
 // cgroup/connect4 and connect6 run in the task calling connect(); for token
 // endpoints only, they note that task's pid and tgid in socket-local storage
-// for sockops to copy into the record. Keeping that allocation off every
+// for sockops to copy into the record. They see the destination the caller
+// named, before any rewrite, so a record may have no pid; it is only logged. Keeping that allocation off every
 // other socket is what keeps the programs' cost on unrelated connections near
 // that of programs that do nothing.
 

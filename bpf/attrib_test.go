@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -24,6 +26,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/sandboxtest"
@@ -170,8 +173,9 @@ func TestNonEndpointLeavesNoRecord(t *testing.T) {
 
 // TestStorageOnlyForTokenConnections: socket-local storage, the one
 // allocation the programs make, exists only on sockets that connected to a
-// token endpoint, and names the task that called connect(). Checked on the
-// test's own sockets over loopback, by looking them up by descriptor.
+// token endpoint, through either connect hook, and names the task that
+// called connect(). Checked on the test's own sockets over loopback, by
+// looking them up by descriptor.
 func TestStorageOnlyForTokenConnections(t *testing.T) {
 	in, opts := install(t)
 	token := listenLoopback(t)
@@ -180,26 +184,49 @@ func TestStorageOnlyForTokenConnections(t *testing.T) {
 	connectors, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapConnectors), nil)
 	require.NoError(t, err)
 	defer connectors.Close()
+	mapped := func(ln *net.TCPListener) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom16(addrOf(ln).Addr().As16()), addrOf(ln).Port())
+	}
 
-	for _, tc := range []struct {
+	cases := []struct {
 		name   string
-		ln     *net.TCPListener
+		dest   netip.AddrPort
 		stored bool
-	}{{"token", token, true}, {"other", other, false}} {
+	}{
+		{"ipv4 token", addrOf(token), true},
+		{"ipv4 other", addrOf(other), false},
+		{"ipv4-mapped token", mapped(token), true},
+		{"ipv4-mapped other", mapped(other), false},
+	}
+	if ln6, err := net.Listen("tcp6", "[::1]:0"); err == nil {
+		t.Cleanup(func() { ln6.Close() })
+		cases = append(cases, struct {
+			name   string
+			dest   netip.AddrPort
+			stored bool
+		}{"ipv6 other", ln6.Addr().(*net.TCPAddr).AddrPort(), false})
+	}
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := net.DialTCP("tcp4", nil, tc.ln.Addr().(*net.TCPAddr))
+			var family int
+			var sa unix.Sockaddr
+			if tc.dest.Addr().Is4() {
+				family, sa = unix.AF_INET, &unix.SockaddrInet4{Addr: tc.dest.Addr().As4(), Port: int(tc.dest.Port())}
+			} else {
+				family, sa = unix.AF_INET6, &unix.SockaddrInet6{Addr: tc.dest.Addr().As16(), Port: int(tc.dest.Port())}
+			}
+			fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 			require.NoError(t, err)
-			defer c.Close()
-			raw, err := c.SyscallConn()
-			require.NoError(t, err)
+			defer unix.Close(fd)
+			require.NoError(t, unix.Connect(fd, sa))
+
 			var got struct{ PID, TGID uint32 }
-			var lookupErr error
-			require.NoError(t, raw.Control(func(fd uintptr) { lookupErr = connectors.Lookup(uint32(fd), &got) }))
+			err = connectors.Lookup(uint32(fd), &got)
 			if !tc.stored {
-				assert.ErrorIs(t, lookupErr, ebpf.ErrKeyNotExist, "storage allocated for a connection to another port")
+				assert.ErrorIs(t, err, ebpf.ErrKeyNotExist, "storage allocated for a connection to another port")
 				return
 			}
-			require.NoError(t, lookupErr)
+			require.NoError(t, err)
 			assert.Equal(t, uint32(os.Getpid()), got.TGID)
 			assert.NotZero(t, got.PID)
 		})
@@ -375,7 +402,9 @@ func TestSocketBeforeInstallIsAttributedToItsCreator(t *testing.T) {
 }
 
 // TestUnattestedRecordIsRefused: a record whose owner the kernel program
-// could not read is reported as such, with what it did see for the log.
+// could not read is reported as such, with what it did see for the log. The
+// record is written by hand: the program flags one only if the socket's
+// cgroup cannot be read, which no socket reaching TCP_CONNECT_CB provokes.
 func TestUnattestedRecordIsRefused(t *testing.T) {
 	in, _ := install(t)
 	local := netip.MustParseAddrPort("10.0.0.1:7123")
@@ -652,14 +681,20 @@ func TestUninstallLeavesNothing(t *testing.T) {
 
 // TestUpgradeRemovesRetiredPrograms plays an upgrade from the release that
 // recorded owners with a cgroup/sock_create program and a socket-storage map
-// of its own: Install detaches that program and removes both pins.
+// of its own, and ran an older sockops program: Install swaps the sockops
+// program in place, detaches the retired one, removes both retired pins, and
+// leaves alone a link it does not know.
 func TestUpgradeRemovesRetiredPrograms(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to load BPF programs")
 	}
 	sweepOnce.Do(sweepLeftoverPins)
 	opts := Options{PinDir: testPinDir(t), Logger: quiet}
-	t.Cleanup(func() { assert.NoError(t, Uninstall(context.Background(), opts)) })
+	stray := filepath.Join(opts.PinDir, "links", "not-ours")
+	t.Cleanup(func() {
+		detachPinned(stray)
+		assert.NoError(t, Uninstall(context.Background(), opts))
+	})
 	root, err := cgroup2.Root()
 	require.NoError(t, err)
 
@@ -667,33 +702,120 @@ func TestUpgradeRemovesRetiredPrograms(t *testing.T) {
 	for _, dir := range []string{filepath.Join(opts.PinDir, "links"), mapsDir(opts.PinDir)} {
 		require.NoError(t, os.MkdirAll(dir, 0o700))
 	}
-	old, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type: ebpf.CGroupSock, AttachType: ebpf.AttachCGroupInetSockCreate, License: "GPL",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
-	})
-	require.NoError(t, err)
-	defer old.Close()
-	oldInfo, err := old.Info()
-	require.NoError(t, err)
-	oldID, _ := oldInfo.ID()
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: ebpf.AttachCGroupInetSockCreate, Program: old})
-	require.NoError(t, err)
-	require.NoError(t, l.Pin(linkPin(opts.PinDir, "record_owner")))
-	l.Close()
+	other := pinNoopLink(t, root, ebpf.CGroupSock, ebpf.AttachCGroupInetSockCreate, stray)
+	oldOwner := pinNoopLink(t, root, ebpf.CGroupSock, ebpf.AttachCGroupInetSockCreate, linkPin(opts.PinDir, "record_owner"))
+	oldConnect := pinNoopLink(t, root, ebpf.SockOps, ebpf.AttachCGroupSockOps, linkPin(opts.PinDir, attribProgRecordConnect))
 	// Any map stands in for its socket storage: only the pin's name matters.
 	storage, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 16, MaxEntries: 1})
 	require.NoError(t, err)
 	require.NoError(t, storage.Pin(filepath.Join(mapsDir(opts.PinDir), "sock_owners")))
 	storage.Close()
-	require.True(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupInetSockCreate), oldID))
 
 	in, err := Install(context.Background(), opts)
 	require.NoError(t, err)
 	in.Close()
-	assert.False(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupInetSockCreate), oldID), "the retired program is detached")
+	assert.False(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupInetSockCreate), oldOwner), "the retired program is detached")
+	assert.False(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupSockOps), oldConnect), "the old sockops program is replaced")
 	assert.NoFileExists(t, linkPin(opts.PinDir, "record_owner"))
 	assert.NoFileExists(t, filepath.Join(mapsDir(opts.PinDir), "sock_owners"))
 	assertOneCopyEach(t, opts)
+	assert.True(t, slices.Contains(attachedPrograms(t, root, ebpf.AttachCGroupInetSockCreate), other), "a link Install does not know is left alone")
+	assert.FileExists(t, stray)
+}
+
+// pinNoopLink attaches a program that only returns at the cgroup's hook,
+// pins the link at pin, and returns the program's id.
+func pinNoopLink(t *testing.T, cgroupDir string, typ ebpf.ProgramType, attach ebpf.AttachType, pin string) ebpf.ProgramID {
+	t.Helper()
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: typ, AttachType: attach, License: "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+	})
+	require.NoError(t, err)
+	defer prog.Close()
+	info, err := prog.Info()
+	require.NoError(t, err)
+	id, _ := info.ID()
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupDir, Attach: attach, Program: prog})
+	require.NoError(t, err)
+	defer l.Close()
+	require.NoError(t, l.Pin(pin))
+	require.True(t, slices.Contains(attachedPrograms(t, cgroupDir, attach), id))
+	return id
+}
+
+// TestPinnedNamesMatchTheObject: the names Install keeps pinned are exactly
+// the maps and programs of the compiled object; a map added to attrib.c
+// without being listed would otherwise be left out of Uninstall.
+func TestPinnedNamesMatchTheObject(t *testing.T) {
+	spec, err := loadAttrib()
+	require.NoError(t, err)
+	assert.ElementsMatch(t, slices.Collect(maps.Keys(spec.Maps)), mapNames())
+	assert.ElementsMatch(t, slices.Collect(maps.Keys(spec.Programs)), programNames())
+}
+
+// TestConcurrentInstallAndUninstall: daemons installing while an operator
+// uninstalls, over and over, never fail and never leave two copies.
+func TestConcurrentInstallAndUninstall(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	sweepOnce.Do(sweepLeftoverPins)
+	opts := Options{PinDir: testPinDir(t), Logger: quiet}
+	t.Cleanup(func() { assert.NoError(t, Uninstall(context.Background(), opts)) })
+	ctx := context.Background()
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			for range 10 {
+				in, err := Install(ctx, opts)
+				if !assert.NoError(t, err) {
+					return
+				}
+				in.Close()
+			}
+		})
+	}
+	wg.Go(func() {
+		for range 10 {
+			assert.NoError(t, Uninstall(ctx, opts))
+		}
+	})
+	wg.Wait()
+	in, err := Install(ctx, opts)
+	require.NoError(t, err)
+	in.Close()
+	assertOneCopyEach(t, opts)
+}
+
+// TestLockIsRetakenWhenTheDirectoryIsRemoved: a lock won on a pin directory
+// that Uninstall removed meanwhile does not count; the waiter locks the
+// directory now at that path, so it still excludes everyone else.
+func TestLockIsRetakenWhenTheDirectoryIsRemoved(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pins")
+	ctx := context.Background()
+	unlock, err := lockDir(ctx, dir, true)
+	require.NoError(t, err)
+
+	won := make(chan func())
+	go func() {
+		u, err := lockDir(ctx, dir, true)
+		assert.NoError(t, err)
+		won <- u
+	}()
+	time.Sleep(50 * time.Millisecond) // let it wait on the first directory
+	require.NoError(t, os.Remove(dir))
+	unlock()
+	waiterUnlock := <-won
+	defer waiterUnlock()
+
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	_, err = lockDir(short, dir, true)
+	assert.ErrorIs(t, err, context.DeadlineExceeded, "the waiter holds the lock on the directory now at the path")
+
+	_, err = lockDir(ctx, filepath.Join(t.TempDir(), "gone"), false)
+	assert.ErrorIs(t, err, fs.ErrNotExist, "without create, a missing directory is reported")
 }
 
 // TestKernelMeetsRequirements runs every probe diagnose relies on, so that

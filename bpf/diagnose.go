@@ -144,7 +144,7 @@ func diagnose(err error) error {
 	for _, r := range requirements() {
 		if perr := r.probe(); perr != nil {
 			if r.since == "" {
-				return fmt.Errorf("kernel %s is too old: it lacks %s (found in Linux 6.1): %w", release, r.what, err)
+				return fmt.Errorf("kernel %s is too old: it lacks %s (present in Linux 6.1): %w", release, r.what, err)
 			}
 			return fmt.Errorf("kernel %s is too old: it lacks %s (Linux %s or newer): %w", release, r.what, r.since, err)
 		}

@@ -83,6 +83,21 @@ func mapNames() []string {
 	return []string{attribMapConnectors, attribMapEndpoints, attribMapEndpointPorts, attribMapConns}
 }
 
+func programNames() []string {
+	var names []string
+	for _, h := range hooks() {
+		names = append(names, h.program)
+	}
+	return names
+}
+
+// retiredPrograms and retiredMaps name what earlier versions pinned and this
+// one no longer uses: Install removes them so that an upgrade never leaves an
+// old program running beside the new ones. Only pins named here or in use
+// are ever touched; anything else under the pin directory is left alone.
+func retiredPrograms() []string { return []string{"record_owner"} }
+func retiredMaps() []string     { return []string{"sock_owners"} }
+
 func linkPin(pinDir, program string) string { return filepath.Join(pinDir, "links", program) }
 func mapsDir(pinDir string) string          { return filepath.Join(pinDir, "maps") }
 
@@ -123,16 +138,16 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 	if err := ensureBPFFS(opts.PinDir); err != nil {
 		return nil, err
 	}
-	for _, dir := range []string{opts.PinDir, mapsDir(opts.PinDir), filepath.Join(opts.PinDir, "links")} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
-		}
-	}
-	unlock, err := lockDir(ctx, opts.PinDir)
+	unlock, err := lockDir(ctx, opts.PinDir, true)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	for _, dir := range []string{mapsDir(opts.PinDir), filepath.Join(opts.PinDir, "links")} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
+		}
+	}
 
 	spec, err := loadAttrib()
 	if err != nil {
@@ -160,14 +175,9 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 			return nil, err
 		}
 	}
-	// An upgrade must not leave an old program running beside the new ones.
-	var current []string
-	for _, h := range hooks() {
-		current = append(current, h.program)
-	}
-	retired, err := removePins(opts, current, mapNames())
+	retired, err := removePins(opts, retiredPrograms(), retiredMaps())
 	for _, pin := range retired {
-		opts.Logger.Info("removed pin of a retired program or map", "pin", filepath.Join(opts.PinDir, pin))
+		opts.Logger.Info("removed the pin of a retired program or map", "pin", pin)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("remove retired pins: %w", err)
@@ -255,40 +265,31 @@ func attachOrAdopt(opts Options, cgroup *os.File, cgroupID uint64, h hook, prog 
 	return nil
 }
 
-// removePins detaches every link and removes every map pin under
-// opts.PinDir except the ones named in keepLinks and keepMaps, and returns
-// the names of those it removed. Missing directories count as empty.
-func removePins(opts Options, keepLinks, keepMaps []string) ([]string, error) {
+// removePins detaches the named links and removes the named map pins under
+// opts.PinDir, those that exist, and returns the paths it removed.
+func removePins(opts Options, links, maps []string) ([]string, error) {
 	var removed []string
 	var errs []error
-	links, err := os.ReadDir(filepath.Join(opts.PinDir, "links"))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("list pinned links: %w", err))
-	}
-	for _, e := range links {
-		if slices.Contains(keepLinks, e.Name()) {
+	for _, name := range links {
+		pin := linkPin(opts.PinDir, name)
+		if _, err := os.Lstat(pin); errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
-		if err := detachPinned(linkPin(opts.PinDir, e.Name())); err != nil {
+		if err := detachPinned(pin); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		removed = append(removed, "links/"+e.Name())
+		removed = append(removed, pin)
 	}
-	maps, err := os.ReadDir(mapsDir(opts.PinDir))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("list pinned maps: %w", err))
-	}
-	for _, e := range maps {
-		if slices.Contains(keepMaps, e.Name()) {
+	for _, name := range maps {
+		pin := filepath.Join(mapsDir(opts.PinDir), name)
+		if err := os.Remove(pin); errors.Is(err, fs.ErrNotExist) {
 			continue
-		}
-		pin := filepath.Join(mapsDir(opts.PinDir), e.Name())
-		if err := os.Remove(pin); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		} else if err != nil {
 			errs = append(errs, fmt.Errorf("remove map pin %s: %w", pin, err))
 			continue
 		}
-		removed = append(removed, "maps/"+e.Name())
+		removed = append(removed, pin)
 	}
 	return removed, errors.Join(errs...)
 }
@@ -359,15 +360,23 @@ func Uninstall(ctx context.Context, opts Options) error {
 	if _, err := os.Stat(opts.PinDir); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	unlock, err := lockDir(ctx, opts.PinDir)
+	if ok, err := isBPFFS(opts.PinDir); err != nil {
+		return err
+	} else if !ok {
+		return fmt.Errorf("pin directory %s is not on a bpffs: nothing of identityd's can be pinned there", opts.PinDir)
+	}
+	unlock, err := lockDir(ctx, opts.PinDir, false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // removed by another Uninstall while this one waited
+	}
 	if err != nil {
 		return err
 	}
 	defer unlock()
 
-	// Everything pinned is removed, not only what this version pins, so
-	// that pins left by an older version go too.
-	_, err = removePins(opts, nil, nil)
+	// What earlier versions pinned goes too; anything else is left alone,
+	// and the directories are then not empty, which is reported below.
+	_, err = removePins(opts, append(programNames(), retiredPrograms()...), append(mapNames(), retiredMaps()...))
 	errs := []error{err}
 	for _, dir := range []string{filepath.Join(opts.PinDir, "links"), mapsDir(opts.PinDir), opts.PinDir} {
 		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -378,25 +387,54 @@ func Uninstall(ctx context.Context, opts Options) error {
 }
 
 // lockDir takes an exclusive flock on dir so that two daemons (or a daemon
-// and an uninstall) never attach or remove programs at the same time.
-func lockDir(ctx context.Context, dir string) (func(), error) {
-	f, err := os.Open(dir)
-	if err != nil {
-		return nil, fmt.Errorf("open pin directory %s: %w", dir, err)
-	}
+// and an uninstall) never attach or remove programs at the same time. With
+// create, dir is made first if missing. Uninstall removes dir, so a lock won
+// after waiting may be on a directory that is gone or was made anew: the
+// lock only counts if dir still names the locked directory, and is taken
+// again otherwise (without create, a dir that is gone is fs.ErrNotExist).
+func lockDir(ctx context.Context, dir string, create bool) (func(), error) {
 	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
+		if create {
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
+			}
 		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
+		f, err := os.Open(dir)
+		if err != nil {
+			return nil, fmt.Errorf("open pin directory %s: %w", dir, err)
+		}
+		if err := flockWait(ctx, f); err != nil {
 			f.Close()
 			return nil, fmt.Errorf("lock pin directory %s: %w", dir, err)
 		}
+		locked, err1 := f.Stat()
+		current, err2 := os.Stat(dir)
+		if err1 == nil && err2 == nil && os.SameFile(locked, current) {
+			return func() { f.Close() }, nil
+		}
+		f.Close()
+		if err1 != nil {
+			return nil, fmt.Errorf("stat locked pin directory %s: %w", dir, err1)
+		}
+		if !create && errors.Is(err2, fs.ErrNotExist) {
+			return nil, fmt.Errorf("pin directory %s was removed: %w", dir, err2)
+		}
+	}
+}
+
+// flockWait takes an exclusive flock on f, polling until ctx is done.
+func flockWait(ctx context.Context, f *os.File) error {
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			return err
+		}
 		select {
 		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for lock on pin directory %s: %w", dir, ctx.Err())
+			return fmt.Errorf("wait for lock: %w", ctx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}

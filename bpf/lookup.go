@@ -63,8 +63,11 @@ type Record struct {
 	// SocketCookie identifies the connecting socket (SO_COOKIE).
 	SocketCookie uint64
 	// PID and TGID are the thread and process that called connect(), as seen
-	// from the initial pid namespace; zero if unknown. They are for logs:
-	// identity is decided by CgroupID and NetnsCookie.
+	// from the initial pid namespace. They are zero if unknown: the connect
+	// hooks match the destination the caller named, so a connection whose
+	// destination another program rewrote to the endpoint, or one to the
+	// unspecified address that the kernel routed there, has no pid. They are
+	// for logs: identity is decided by CgroupID and NetnsCookie.
 	PID, TGID uint32
 	// Connected is CLOCK_BOOTTIME when connect() ran.
 	Connected time.Duration
