@@ -818,6 +818,72 @@ func TestLockIsRetakenWhenTheDirectoryIsRemoved(t *testing.T) {
 	assert.ErrorIs(t, err, fs.ErrNotExist, "without create, a missing directory is reported")
 }
 
+// TestRepairAfterUninstall plays an uninstall (programs detached, every pin
+// removed) while a daemon holds its installation: Check says so, Repair puts
+// the same maps back under their pins and attaches the programs again, and a
+// new connection is attributed with the endpoints set before.
+func TestRepairAfterUninstall(t *testing.T) {
+	in, opts := install(t)
+	token := listenLoopback(t)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{addrOf(token)}))
+	require.NoError(t, in.Check())
+	before := sharedMapID(t, opts)
+
+	require.NoError(t, Uninstall(context.Background(), opts))
+	require.NoDirExists(t, opts.PinDir)
+	err := in.Check()
+	require.Error(t, err)
+	t.Log(err)
+
+	require.NoError(t, in.Repair(context.Background()))
+	require.NoError(t, in.Check())
+	assert.Equal(t, before, sharedMapID(t, opts), "the maps pinned again are the ones the installation held")
+	assertOneCopyEach(t, opts)
+
+	c, err := net.DialTCP("tcp4", nil, token.Addr().(*net.TCPAddr))
+	require.NoError(t, err)
+	defer c.Close()
+	s, err := token.AcceptTCP()
+	require.NoError(t, err)
+	defer s.Close()
+	rec, err := in.Lookup(s.LocalAddr().(*net.TCPAddr).AddrPort(), s.RemoteAddr().(*net.TCPAddr).AddrPort())
+	require.NoError(t, err)
+	assert.Equal(t, ownCgroupID(t), rec.CgroupID)
+}
+
+// ownCgroupID is the id of the test process's cgroup v2 (the "0::" line of
+// /proc/self/cgroup).
+func ownCgroupID(t *testing.T) uint64 {
+	t.Helper()
+	root, err := cgroup2.Root()
+	require.NoError(t, err)
+	raw, err := os.ReadFile("/proc/self/cgroup")
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(raw), "\n") {
+		if rel, ok := strings.CutPrefix(line, "0::"); ok {
+			id, err := cgroup2.ID(filepath.Join(root, rel))
+			require.NoError(t, err)
+			return id
+		}
+	}
+	t.Fatal("no cgroup v2 line in /proc/self/cgroup")
+	return 0
+}
+
+// TestCheckNoticesADetachedProgram: one link detached through the kernel,
+// its pin left in place, is reported by Check and reattached by Repair.
+func TestCheckNoticesADetachedProgram(t *testing.T) {
+	in, opts := install(t)
+	l, err := link.LoadPinnedLink(linkPin(opts.PinDir, attribProgRecordConnect), nil)
+	require.NoError(t, err)
+	require.NoError(t, l.Detach())
+	l.Close()
+	assert.ErrorContains(t, in.Check(), attribProgRecordConnect)
+	require.NoError(t, in.Repair(context.Background()))
+	require.NoError(t, in.Check())
+	assertOneCopyEach(t, opts)
+}
+
 // TestKernelMeetsRequirements runs every probe diagnose relies on, so that
 // the list is known to hold on each kernel the suite runs on (vmtest).
 func TestKernelMeetsRequirements(t *testing.T) {

@@ -104,12 +104,13 @@ func mapsDir(pinDir string) string          { return filepath.Join(pinDir, "maps
 // Installation is the daemon's handle on the installed programs. Closing it
 // releases the handle only; the programs stay attached through their pins.
 type Installation struct {
-	pinDir     string
-	cgroupRoot string
-	maxAge     time.Duration
-	conns      *ebpf.Map
-	endpoints  *ebpf.Map
-	ports      *ebpf.Map // bitmap of the endpoints' ports
+	opts     Options // with defaults applied
+	cgroupID uint64  // of opts.CgroupRoot
+	maps     map[string]*ebpf.Map
+	// The maps Lookup and SetEndpoints use, also in maps.
+	conns     *ebpf.Map
+	endpoints *ebpf.Map
+	ports     *ebpf.Map // bitmap of the endpoints' ports
 }
 
 // Install loads the programs, attaches them to the cgroup root and pins them,
@@ -123,73 +124,10 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 	if err != nil {
 		return nil, fmt.Errorf("install attribution programs: %w", err)
 	}
-	if err := checkPrivileges(); err != nil {
+	in := &Installation{opts: opts}
+	if err := in.attach(ctx); err != nil {
+		in.Close()
 		return nil, err
-	}
-	if ok, err := cgroup2.IsCgroup2(opts.CgroupRoot); err != nil {
-		return nil, fmt.Errorf("check cgroup root: %w", err)
-	} else if !ok {
-		return nil, fmt.Errorf("cgroup root %s is not on a cgroup2 filesystem", opts.CgroupRoot)
-	}
-	cgroupID, err := cgroup2.ID(opts.CgroupRoot)
-	if err != nil {
-		return nil, err
-	}
-	if err := ensureBPFFS(opts.PinDir); err != nil {
-		return nil, err
-	}
-	unlock, err := lockDir(ctx, opts.PinDir, true)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	for _, dir := range []string{mapsDir(opts.PinDir), filepath.Join(opts.PinDir, "links")} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
-		}
-	}
-
-	spec, err := loadAttrib()
-	if err != nil {
-		return nil, fmt.Errorf("parse embedded attribution object: %w", err)
-	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinByName
-	}
-	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)},
-	})
-	if err != nil {
-		return nil, diagnose(fmt.Errorf("load attribution programs: %w", err))
-	}
-	defer coll.Close()
-
-	cgroup, err := os.Open(opts.CgroupRoot)
-	if err != nil {
-		return nil, fmt.Errorf("open cgroup root: %w", err)
-	}
-	defer cgroup.Close()
-
-	for _, h := range hooks() {
-		if err := attachOrAdopt(opts, cgroup, cgroupID, h, coll.Programs[h.program]); err != nil {
-			return nil, err
-		}
-	}
-	retired, err := removePins(opts, retiredPrograms(), retiredMaps())
-	for _, pin := range retired {
-		opts.Logger.Info("removed the pin of a retired program or map", "pin", pin)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("remove retired pins: %w", err)
-	}
-
-	in := &Installation{
-		pinDir:     opts.PinDir,
-		cgroupRoot: opts.CgroupRoot,
-		maxAge:     opts.MaxRecordAge,
-		conns:      coll.DetachMap(attribMapConns),
-		endpoints:  coll.DetachMap(attribMapEndpoints),
-		ports:      coll.DetachMap(attribMapEndpointPorts),
 	}
 	// Records are consumed with BPF_MAP_LOOKUP_AND_DELETE_ELEM; find out now,
 	// not on the first request, if this kernel cannot do that for LRU maps.
@@ -200,6 +138,161 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 		return nil, fmt.Errorf("kernel lacks lookup-and-delete on LRU hash maps (Linux 5.14 or newer needed): %w", err)
 	}
 	return in, nil
+}
+
+// Repair puts the installation back after something detached its programs or
+// removed its pins underneath the daemon (bpftool, an uninstall while it
+// ran): map pins that are gone are pinned again from the maps this
+// installation holds, and each program is attached or adopted as Install
+// would, using those same maps. Records, endpoints and socket storage are
+// kept.
+func (in *Installation) Repair(ctx context.Context) error {
+	return in.attach(ctx)
+}
+
+// Check reports, without changing anything, whether each program is attached
+// to the cgroup root through its pinned link and uses this installation's
+// maps. An error names the first program that is not.
+func (in *Installation) Check() error {
+	want, err := mapIDOf(in.endpoints)
+	if err != nil {
+		return err
+	}
+	for _, h := range hooks() {
+		pin := linkPin(in.opts.PinDir, h.program)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			return fmt.Errorf("%s: %w", h.program, err)
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("%s: inspect pinned link %s: %w", h.program, pin, err)
+		}
+		if cg := info.Cgroup(); cg == nil || cg.CgroupId != in.cgroupID {
+			return fmt.Errorf("%s: pinned link %s is not attached to %s", h.program, pin, in.opts.CgroupRoot)
+		}
+		prog, err := ebpf.NewProgramFromID(info.Program)
+		if err != nil {
+			return fmt.Errorf("%s: open program %d: %w", h.program, info.Program, err)
+		}
+		pinfo, err := prog.Info()
+		prog.Close()
+		if err != nil {
+			return fmt.Errorf("%s: inspect program %d: %w", h.program, info.Program, err)
+		}
+		if ids, ok := pinfo.MapIDs(); ok && !slices.Contains(ids, want) {
+			return fmt.Errorf("%s: the program behind %s does not use this installation's maps", h.program, pin)
+		}
+	}
+	return nil
+}
+
+func mapIDOf(m *ebpf.Map) (ebpf.MapID, error) {
+	info, err := m.Info()
+	if err != nil {
+		return 0, fmt.Errorf("inspect map: %w", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		return 0, errors.New("kernel does not report map ids")
+	}
+	return id, nil
+}
+
+// attach loads the programs and attaches or adopts each at its hook. The
+// first time it takes the maps from their pins (creating what is missing) and
+// keeps them; afterwards it uses the maps it kept, pinning again any whose pin
+// is gone.
+func (in *Installation) attach(ctx context.Context) error {
+	opts := in.opts
+	if err := checkPrivileges(); err != nil {
+		return err
+	}
+	if ok, err := cgroup2.IsCgroup2(opts.CgroupRoot); err != nil {
+		return fmt.Errorf("check cgroup root: %w", err)
+	} else if !ok {
+		return fmt.Errorf("cgroup root %s is not on a cgroup2 filesystem", opts.CgroupRoot)
+	}
+	cgroupID, err := cgroup2.ID(opts.CgroupRoot)
+	if err != nil {
+		return err
+	}
+	if err := ensureBPFFS(opts.PinDir); err != nil {
+		return err
+	}
+	unlock, err := lockDir(ctx, opts.PinDir, true)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	for _, dir := range []string{mapsDir(opts.PinDir), filepath.Join(opts.PinDir, "links")} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create pin directory %s: %w", dir, err)
+		}
+	}
+
+	spec, err := loadAttrib()
+	if err != nil {
+		return fmt.Errorf("parse embedded attribution object: %w", err)
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinByName
+	}
+	for name, m := range in.maps {
+		pin := filepath.Join(mapsDir(opts.PinDir), name)
+		if _, err := os.Lstat(pin); !errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		// The map remembers where it was pinned and would take Pin to the
+		// same path for a no-op; the pin is gone, so forgetting it is safe.
+		if err := m.Unpin(); err != nil {
+			return fmt.Errorf("forget the removed pin of map %s: %w", name, err)
+		}
+		if err := m.Pin(pin); err != nil {
+			return fmt.Errorf("pin map %s again at %s: %w", name, pin, err)
+		}
+		opts.Logger.Warn("pinned a map again that was removed underneath", "map", name, "pin", pin)
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Maps:            ebpf.MapOptions{PinPath: mapsDir(opts.PinDir)},
+		MapReplacements: in.maps,
+	})
+	if err != nil {
+		return diagnose(fmt.Errorf("load attribution programs: %w", err))
+	}
+	defer coll.Close()
+
+	cgroup, err := os.Open(opts.CgroupRoot)
+	if err != nil {
+		return fmt.Errorf("open cgroup root: %w", err)
+	}
+	defer cgroup.Close()
+
+	for _, h := range hooks() {
+		if err := attachOrAdopt(opts, cgroup, cgroupID, h, coll.Programs[h.program]); err != nil {
+			return err
+		}
+	}
+	retired, err := removePins(opts, retiredPrograms(), retiredMaps())
+	for _, pin := range retired {
+		opts.Logger.Info("removed the pin of a retired program or map", "pin", pin)
+	}
+	if err != nil {
+		return fmt.Errorf("remove retired pins: %w", err)
+	}
+
+	in.cgroupID = cgroupID
+	if in.maps == nil {
+		in.maps = make(map[string]*ebpf.Map)
+		for _, name := range mapNames() {
+			in.maps[name] = coll.DetachMap(name)
+		}
+		in.conns = in.maps[attribMapConns]
+		in.endpoints = in.maps[attribMapEndpoints]
+		in.ports = in.maps[attribMapEndpointPorts]
+	}
+	return nil
 }
 
 // attachOrAdopt makes sure exactly one link runs prog at h on the cgroup,
@@ -347,7 +440,11 @@ func sameProgram(id ebpf.ProgramID, prog *ebpf.Program) (bool, error) {
 // Close releases the daemon's handle. The programs stay attached and keep
 // publishing records; use Uninstall to remove them.
 func (in *Installation) Close() error {
-	return errors.Join(in.conns.Close(), in.endpoints.Close(), in.ports.Close())
+	var errs []error
+	for _, m := range in.maps {
+		errs = append(errs, m.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // Uninstall detaches the programs and removes every pin under opts.PinDir.

@@ -115,7 +115,7 @@ func (in *Installation) Lookup(local, remote netip.AddrPort) (Record, error) {
 	case rec.Flags&FlagUnattested != 0:
 		return rec, fmt.Errorf("attribute %s -> %s: %w", remote, local, ErrUnattested)
 	}
-	if age := bootTime() - rec.Connected; age > in.maxAge {
+	if age := bootTime() - rec.Connected; age > in.opts.MaxRecordAge {
 		return rec, fmt.Errorf("attribute %s -> %s: record is %s old: %w", remote, local, age.Round(time.Millisecond), ErrStale)
 	}
 	return rec, nil

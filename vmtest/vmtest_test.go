@@ -26,7 +26,7 @@ var kernels = []string{
 
 // kernelPackages are the packages whose tests exercise the kernel; those
 // that have tests run in the guest.
-var kernelPackages = []string{"bpf", "tokenserver", "controllers", "internal/cgroup2", "internal/registry", "internal/netnsutil"}
+var kernelPackages = []string{"bpf", "tokenserver", "controllers", "internal/cgroup2", "internal/registry", "internal/netnsutil", "internal/daemon"}
 
 // guestModules are loaded in the guest before the tests run.
 var guestModules = []string{"veth", "bridge"}

@@ -215,6 +215,39 @@ func TestUninstallCommand(t *testing.T) {
 	}
 }
 
+// TestRepairsProgramsRemovedWhileRunning: `identityd uninstall` run while the
+// daemon serves detaches the programs and removes the pins; the daemon
+// notices within its check interval, attaches the programs again with the
+// same maps, and the sandbox is served again, as itself.
+func TestRepairsProgramsRemovedWhileRunning(t *testing.T) {
+	ow := newWorld(t)
+	ow.start()
+	sb := ow.create("e2e-"+suffix(), "web")
+	client := sandboxtest.StartClient(t, sb.Sandbox.CgroupPath, sb.Sandbox.NetnsPath)
+	require.Equal(t, sb.Sandbox.ID, fetch(t, client, sb.Env)["sandbox_id"])
+
+	out, err := exec.Command(filepath.Join(ow.bin, "identityd"), "uninstall", "--bpf-dir", ow.pins).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	removed := time.Now()
+	require.Eventually(t, func() bool {
+		status, body := get(t, client, sb.Env, sb.Env["MIREN_IDENTITY_TOKEN_SECRET"], "")
+		return status == 200 && claimsOf(t, body)["sandbox_id"] == sb.Sandbox.ID
+	}, 15*time.Second, 100*time.Millisecond, "not served again:\n%s", ow.stderr)
+	t.Logf("served again %s after the uninstall", time.Since(removed).Round(time.Millisecond))
+	assert.Contains(t, ow.stderr.String(), "attribution programs attached again")
+	assert.DirExists(t, filepath.Join(ow.pins, "links"))
+
+	resp, err := http.Get("http://" + ow.operator + "/metrics")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Contains(t, string(body), `identityd_attribution_repairs_total{result="ok"} 1`)
+	resp, err = http.Get("http://" + ow.operator + "/readyz")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, 200, resp.StatusCode)
+}
+
 // TestOriginalBugRepro: a sandbox that uses workload identity keeps getting
 // tokens, as the same sandbox, across ten restarts of real identityd
 // processes, alternately stopped with SIGTERM and killed with SIGKILL, and

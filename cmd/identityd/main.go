@@ -26,7 +26,7 @@ type cli struct {
 	Serve     serveCmd     `cmd:"" default:"withargs" help:"Run the daemon (the default command)."`
 	Version   versionCmd   `cmd:"" help:"Print the version."`
 	Demo      demoCmd      `cmd:"" help:"Play the original bug's repro end to end in a closed network world (needs root)."`
-	Uninstall uninstallCmd `cmd:"" help:"Detach the attribution programs and remove their pins (sandboxes lose attribution)."`
+	Uninstall uninstallCmd `cmd:"" help:"Detach the attribution programs and remove their pins (sandboxes lose attribution). Stop the daemon first: a running daemon attaches them again."`
 }
 
 type serveCmd struct {

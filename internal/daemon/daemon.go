@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -64,9 +65,13 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	var ready atomic.Bool
+	var watch atomic.Pointer[attributionWatch]
 	readyErr := func() error {
 		if !ready.Load() {
 			return errors.New("starting: rebuilding sandboxes")
+		}
+		if err := watch.Load().Err(); err != nil {
+			return fmt.Errorf("attribution programs detached: %w", err)
 		}
 		return nil
 	}
@@ -187,9 +192,19 @@ func Run(ctx context.Context, cfg Config) error {
 	adminSrv := &http.Server{Handler: admin, ReadHeaderTimeout: 5 * time.Second}
 	serve("admin", adminLn, adminSrv)
 
-	runCtx, stopResync := context.WithCancel(ctx)
-	defer stopResync()
-	go ctrl.Run(runCtx)
+	w, err := newAttributionWatch(in, log, reg)
+	if err != nil {
+		return fmt.Errorf("register metrics: %w", err)
+	}
+	watch.Store(w)
+	// Cancelled, then waited for, before the installation and the
+	// controller they use are closed.
+	var background sync.WaitGroup
+	defer background.Wait()
+	runCtx, stopBackground := context.WithCancel(ctx)
+	defer stopBackground()
+	background.Go(func() { ctrl.Run(runCtx) })
+	background.Go(func() { w.Run(runCtx, attributionCheckInterval) })
 
 	ready.Store(true)
 	log.Info("identityd ready", "token_endpoint", ep.String(), "issuer", issuer, "sandboxes", ctrl.Len(),
