@@ -11,20 +11,21 @@
 // everything else returns after one array lookup.
 //
 // The owner is the cgroup the socket was created in, which the kernel keeps
-// in the socket itself (sk->sk_cgrp_data, set when the socket is allocated
-// from the creating task's cgroup, the root cgroup for sockets the kernel
-// makes for itself, and never changed afterwards; it is what every other
-// cgroup program attached to this socket is chosen by). Debian 12's 6.1 kernel offers
-// neither bpf_sk_cgroup_id nor bpf_get_current_cgroup_id to sockops, so the
+// in the socket itself: sk->sk_cgrp_data, set when the socket is allocated
+// (from the creating task's cgroup; the root cgroup for sockets the kernel
+// makes for itself) and never changed afterwards. It is what every other
+// cgroup program for this socket is chosen by. Debian 12's 6.1 kernel offers
+// sockops neither bpf_sk_cgroup_id nor bpf_get_current_cgroup_id, so the
 // field is read through BTF with CO-RE relocations, which the loader resolves
 // against the running kernel's own type information.
 //
 // cgroup/connect4 and connect6 run in the task calling connect(); for token
 // endpoints only, they note that task's pid and tgid in socket-local storage
-// for sockops to copy into the record. They see the destination the caller
-// named, before any rewrite, so a record may have no pid; it is only logged. Keeping that allocation off every
-// other socket is what keeps the programs' cost on unrelated connections near
-// that of programs that do nothing.
+// for sockops to copy into the record. They see the destination as the
+// caller named it, before any other program rewrites it, so a record may
+// lack a pid; the pid is only logged. Keeping that allocation off every other
+// socket is what keeps the programs' cost on unrelated connections near that
+// of programs that do nothing.
 
 #include <linux/bpf.h>
 #include <linux/in.h>

@@ -19,7 +19,8 @@ const attributionCheckInterval = 2 * time.Second
 // attributionWatch repairs the attribution programs when something detaches
 // them or removes their pins while the daemon runs (bpftool, an uninstall
 // run by mistake), and says so: a log line, a counter, and /readyz while the
-// repair fails.
+// repair fails. A daemon handing its listener and programs over to a newer
+// one must stop its watch first, or it would put its own programs back.
 type attributionWatch struct {
 	in      *bpf.Installation
 	log     *slog.Logger
