@@ -447,8 +447,10 @@ func (in *Installation) Close() error {
 	return errors.Join(errs...)
 }
 
-// Uninstall detaches the programs and removes every pin under opts.PinDir.
-// It is safe to run when nothing, or only part of an installation, is there.
+// Uninstall detaches the programs and removes their pins and the pin
+// directory, along with the pins of programs and maps earlier versions
+// used. It is safe to run when nothing, or only part of an installation, is
+// there. A daemon still running attaches the programs again (see Repair).
 func Uninstall(ctx context.Context, opts Options) error {
 	opts, err := opts.withDefaults()
 	if err != nil {
