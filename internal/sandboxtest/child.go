@@ -311,35 +311,19 @@ func runChild(path string) int {
 	}
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 64<<10), 1<<20)
+	// Commands whose argument is one JSON document; the rest are words.
+	jsonCommands := map[string]func(string) (string, error){
+		"poll": servePoll, "load": serveLoad, "http": serveHTTP,
+	}
 	for in.Scan() {
-		if arg, ok := strings.CutPrefix(in.Text(), "poll "); ok {
-			reply, err := servePoll(arg)
-			if err != nil {
-				fmt.Printf("err %v\n", err)
-			} else {
-				fmt.Printf("ok %s\n", reply)
-			}
-			continue
+		var reply string
+		var err error
+		name, arg, _ := strings.Cut(in.Text(), " ")
+		if f, ok := jsonCommands[name]; ok {
+			reply, err = f(arg)
+		} else {
+			reply, err = serve(strings.Fields(in.Text()))
 		}
-		if arg, ok := strings.CutPrefix(in.Text(), "load "); ok {
-			reply, err := serveLoad(arg)
-			if err != nil {
-				fmt.Printf("err %v\n", err)
-			} else {
-				fmt.Printf("ok %s\n", reply)
-			}
-			continue
-		}
-		if arg, ok := strings.CutPrefix(in.Text(), "http "); ok {
-			reply, err := serveHTTP(arg)
-			if err != nil {
-				fmt.Printf("err %v\n", err)
-			} else {
-				fmt.Printf("ok %s\n", reply)
-			}
-			continue
-		}
-		reply, err := serve(strings.Fields(in.Text()))
 		if err != nil {
 			fmt.Printf("err %v\n", err)
 		} else {
