@@ -4,11 +4,27 @@
 //
 // Kernel side of identityd's caller attribution.
 //
-// sockops at TCP_CONNECT_CB runs inside connect() after the source port is
-// chosen and before the SYN leaves, so a record published there under the
-// connection's 4-tuple exists before the token server can accept the
-// connection. Only connections to a configured token endpoint are published;
-// everything else returns after one array lookup.
+// A record says which cgroup and network namespace own the client socket of a
+// connection to a token endpoint. It is only handed to the server's accepted
+// socket when both ends of the same TCP handshake vouch for it:
+//
+//  1. sockops at ACTIVE_ESTABLISHED_CB runs on the client socket when it
+//     processes the server's SYN-ACK, before it sends the final ACK. It
+//     publishes the record under the 4-tuple *and both initial sequence
+//     numbers* (as the next sequence number each side expects).
+//  2. sockops at PASSIVE_ESTABLISHED_CB runs on the server's new socket when
+//     that ACK arrives, before accept() can return it (accept() takes the
+//     socket's lock, which the softirq holds until the callback is done). It
+//     looks up its own 4-tuple and sequence numbers; a match moves the record
+//     into the accepted socket's local storage, where the server reads it by
+//     descriptor.
+//
+// So a handshake that someone else completed with raw packets for a real
+// socket's 4-tuple finds nothing (that socket never reached ESTABLISHED with
+// this server), and records published for the same 4-tuple by sockets that
+// talked to anything but this server cannot meet its connection (their
+// sequence numbers differ), whichever namespace published them. Nothing is
+// ever attributed by address.
 //
 // The owner is the cgroup the socket was created in, which the kernel keeps
 // in the socket itself: sk->sk_cgrp_data, set when the socket is allocated
@@ -20,10 +36,10 @@
 // against the running kernel's own type information.
 //
 // cgroup/connect4 and connect6 run in the task calling connect(); for token
-// endpoints only, they note that task's pid and tgid in socket-local storage
-// for sockops to copy into the record. They see the destination as the
-// caller named it, before any other program rewrites it, so a record may
-// lack a pid; the pid is only logged. Keeping that allocation off every other
+// endpoints only, they note that task's pid and tgid in the client socket's
+// local storage for sockops to copy into the record. They see the destination
+// as the caller named it, before any other program rewrites it, so a record
+// may lack a pid; the pid is only logged. Keeping allocations off every other
 // socket is what keeps the programs' cost on unrelated connections near that
 // of programs that do nothing.
 
@@ -38,7 +54,6 @@
 
 // Record flags; mirrored by the Go package.
 #define RECORD_UNATTESTED (1U << 0) // the socket's owner could not be read
-#define RECORD_AMBIGUOUS (1U << 1)  // same 4-tuple published from two netns
 
 // Addresses are IPv6 or IPv4-mapped IPv6 (::ffff:a.b.c.d), network byte
 // order; ports are host byte order. Both sides of the connection see the same
@@ -51,25 +66,40 @@ struct conn_key {
 	__u16 dport;
 };
 
+// A handshake as both of its ends see it once it completed: the 4-tuple and
+// the next sequence number each side expects from the other (its peer's
+// initial sequence number plus one).
+struct handshake_key {
+	struct conn_key conn;
+	__u32 client_next; // client's ISN + 1: the server's rcv_nxt
+	__u32 server_next; // server's ISN + 1: the client's rcv_nxt
+};
+
 struct endpoint {
 	__u32 addr[4]; // all zero: any address with this port
 	__u16 port;
 	__u16 pad;
 };
 
-// The task that called connect() on a socket to a token endpoint.
-struct connector {
-	__u32 pid;
-	__u32 tgid;
+// What a client socket to a token endpoint keeps about itself.
+struct client {
+	__u32 pid;  // the thread that called connect(); 0 if unknown
+	__u32 tgid; // its process
+	// Where its record waits for the server, to drop it if the socket
+	// closes first; valid when published is set.
+	__u32 client_next;
+	__u32 server_next;
+	__u32 published;
+	__u32 pad;
 };
 
 struct record {
 	__u64 cgroup_id;
 	__u64 netns_cookie;
 	__u64 socket_cookie;
-	__u64 connect_boot_ns; // CLOCK_BOOTTIME at connect()
-	__u32 pid;             // thread that called connect(); 0 if unknown
-	__u32 tgid;            // its process
+	__u64 established_boot_ns; // CLOCK_BOOTTIME when the client's handshake completed
+	__u32 pid;                 // thread that called connect(); 0 if unknown
+	__u32 tgid;                // its process
 	__u32 flags;
 	__u32 pad;
 };
@@ -78,8 +108,30 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct connector);
-} connectors SEC(".maps");
+	__type(value, struct client);
+} clients SEC(".maps");
+
+// Records of client sockets whose handshake completed, waiting for the
+// server's side of the same handshake. The server's side takes them within
+// the time one ACK needs to cross the host; what stays belongs to
+// connections to some other server on a token endpoint's address, which
+// their close removes, or the LRU. Twice the 65,536 live records promised:
+// the LRU's per-CPU free lists can evict before the map is nominally full.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct handshake_key);
+	__type(value, struct record);
+} handshakes SEC(".maps");
+
+// The record of an accepted connection, on the server's socket itself: it
+// lives and dies with the connection, and the server reads it by descriptor.
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct record);
+} attested SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -102,15 +154,6 @@ struct {
 	__type(value, struct port_bitmap);
 } endpoint_ports SEC(".maps");
 
-// Twice the 65,536 live records promised: the LRU's per-CPU free lists can
-// evict before the map is nominally full.
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 131072);
-	__type(key, struct conn_key);
-	__type(value, struct record);
-} conns SEC(".maps");
-
 static __always_inline void map_v4(__u32 *dst, __u32 addr)
 {
 	dst[0] = 0;
@@ -119,36 +162,52 @@ static __always_inline void map_v4(__u32 *dst, __u32 addr)
 	dst[3] = addr;
 }
 
-// conn_key_of fills key from the socket's addresses. For an AF_INET6 socket
-// connecting to an IPv4-mapped address the IPv6 source is only set after the
-// IPv4 connect returns, so such sockets are read through their IPv4 fields,
-// which also gives the same key at close time.
-static __always_inline int conn_key_of(struct bpf_sock_ops *ops, struct conn_key *key)
+// conn_key_of fills key from the socket's addresses: the local side is the
+// client for a client socket, the server for an accepted one. For an AF_INET6
+// socket talking to an IPv4-mapped address the IPv6 fields may be unset
+// early on, so such sockets are read through their IPv4 fields, which both
+// ends and every callback then agree on.
+static __always_inline int conn_key_of(struct bpf_sock_ops *ops, struct conn_key *key, int server)
 {
+	// Every field is loaded once, up front, into a register the compiler
+	// must keep: left to itself, clang merges the branches below into
+	// arithmetic on the context pointer, which the verifier refuses.
 	__u32 family = ops->family;
+	__u32 lip4 = ops->local_ip4, rip4 = ops->remote_ip4;
+	__u32 lip6[4], rip6[4];
+	lip6[0] = ops->local_ip6[0];
+	lip6[1] = ops->local_ip6[1];
+	lip6[2] = ops->local_ip6[2];
+	lip6[3] = ops->local_ip6[3];
+	rip6[0] = ops->remote_ip6[0];
+	rip6[1] = ops->remote_ip6[1];
+	rip6[2] = ops->remote_ip6[2];
+	rip6[3] = ops->remote_ip6[3];
+	__u16 lport = (__u16)ops->local_port;
+	__u16 rport = (__u16)bpf_ntohl(ops->remote_port);
+	barrier_var(lip4);
+	barrier_var(rip4);
+	__u32 local[4], remote[4];
 
-	if (family == AF_INET) {
-		map_v4(key->saddr, ops->local_ip4);
-		map_v4(key->daddr, ops->remote_ip4);
+	if (family == AF_INET || (family == AF_INET6 && rip6[0] == 0 && rip6[1] == 0 && rip6[2] == bpf_htonl(0x0000ffff))) {
+		map_v4(local, lip4);
+		map_v4(remote, rip4);
 	} else if (family == AF_INET6) {
-		key->daddr[0] = ops->remote_ip6[0];
-		key->daddr[1] = ops->remote_ip6[1];
-		key->daddr[2] = ops->remote_ip6[2];
-		key->daddr[3] = ops->remote_ip6[3];
-		if (key->daddr[0] == 0 && key->daddr[1] == 0 && key->daddr[2] == bpf_htonl(0x0000ffff)) {
-			map_v4(key->saddr, ops->local_ip4);
-			map_v4(key->daddr, ops->remote_ip4);
-		} else {
-			key->saddr[0] = ops->local_ip6[0];
-			key->saddr[1] = ops->local_ip6[1];
-			key->saddr[2] = ops->local_ip6[2];
-			key->saddr[3] = ops->local_ip6[3];
+		for (int i = 0; i < 4; i++) {
+			local[i] = lip6[i];
+			remote[i] = rip6[i];
 		}
 	} else {
 		return 0;
 	}
-	key->sport = (__u16)ops->local_port;
-	key->dport = (__u16)bpf_ntohl(ops->remote_port);
+	__u32 *c = server ? remote : local;
+	__u32 *s = server ? local : remote;
+	for (int i = 0; i < 4; i++) {
+		key->saddr[i] = c[i];
+		key->daddr[i] = s[i];
+	}
+	key->sport = server ? rport : lport;
+	key->dport = server ? lport : rport;
 	return 1;
 }
 
@@ -231,53 +290,87 @@ static __always_inline __u64 owner_cgroup(struct bpf_sock_ops *ops)
 	return kn->id;
 }
 
-static __always_inline void on_connect(struct bpf_sock_ops *ops)
+// on_client_established publishes the record of a client socket whose
+// handshake with a token endpoint just completed, before its final ACK leaves.
+static __always_inline void on_client_established(struct bpf_sock_ops *ops)
 {
-	struct conn_key key = {};
-	if (!conn_key_of(ops, &key) || !is_endpoint(key.daddr, key.dport))
+	struct handshake_key key = {};
+	if (!conn_key_of(ops, &key.conn, 0) || !is_endpoint(key.conn.daddr, key.conn.dport))
 		return;
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return;
+	key.client_next = ops->snd_una;
+	key.server_next = ops->rcv_nxt;
 
 	struct record rec = {};
 	rec.netns_cookie = bpf_get_netns_cookie(ops);
 	rec.socket_cookie = bpf_get_socket_cookie(ops);
-	rec.connect_boot_ns = bpf_ktime_get_boot_ns();
+	rec.established_boot_ns = bpf_ktime_get_boot_ns();
 	rec.cgroup_id = owner_cgroup(ops);
 	if (rec.cgroup_id == 0)
 		rec.flags |= RECORD_UNATTESTED;
 
-	struct bpf_sock *sk = ops->sk;
-	if (sk) {
-		struct connector *c = bpf_sk_storage_get(&connectors, sk, 0, 0);
-		if (c) {
-			rec.pid = c->pid;
-			rec.tgid = c->tgid;
-		}
+	// Without this storage the record could not be dropped when the socket
+	// closes before the server took it; leave it to the LRU rather than
+	// publish nothing.
+	struct client *c = bpf_sk_storage_get(&clients, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (c) {
+		rec.pid = c->pid;
+		rec.tgid = c->tgid;
+		c->client_next = key.client_next;
+		c->server_next = key.server_next;
+		c->published = 1;
 	}
-
-	// One netns cannot hold two live connections with the same tuple, so a
-	// record from the same netns belongs to a dead socket and is replaced.
-	// One from another netns may be live: keep neither answer.
-	if (bpf_map_update_elem(&conns, &key, &rec, BPF_NOEXIST) != 0) {
-		struct record *old = bpf_map_lookup_elem(&conns, &key);
-		if (old && old->netns_cookie != rec.netns_cookie)
-			rec.flags |= RECORD_AMBIGUOUS;
-		bpf_map_update_elem(&conns, &key, &rec, BPF_ANY);
-	}
+	// The sequence numbers make the key unique to this handshake: an entry
+	// already there is a replay of the same packets, and the newest wins.
+	bpf_map_update_elem(&handshakes, &key, &rec, BPF_ANY);
 
 	// Ask for state changes on this socket only, to drop its record when it
-	// closes without the server having consumed it.
+	// closes without the server having taken it.
 	bpf_sock_ops_cb_flags_set(ops, ops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-static __always_inline void on_close(struct bpf_sock_ops *ops)
+// on_server_established hands the record of the client's side of this very
+// handshake to the server's new socket, if the client published one. On the
+// server side snd_una and rcv_nxt still hold each side's ISN + 1: nothing has
+// been sent or acknowledged past the handshake yet.
+static __always_inline void on_server_established(struct bpf_sock_ops *ops)
 {
-	struct conn_key key = {};
-	if (!conn_key_of(ops, &key))
+	struct handshake_key key = {};
+	if (!conn_key_of(ops, &key.conn, 1) || !is_endpoint(key.conn.daddr, key.conn.dport))
 		return;
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return;
+	key.client_next = ops->rcv_nxt;
+	key.server_next = ops->snd_una;
 
-	struct record *rec = bpf_map_lookup_elem(&conns, &key);
-	if (rec && rec->socket_cookie == bpf_get_socket_cookie(ops))
-		bpf_map_delete_elem(&conns, &key);
+	struct record *rec = bpf_map_lookup_elem(&handshakes, &key);
+	if (!rec)
+		return;
+	// Copied before the delete: the entry's memory may be reused after it.
+	struct record copy = *rec;
+	bpf_map_delete_elem(&handshakes, &key);
+	bpf_sk_storage_get(&attested, sk, &copy, BPF_SK_STORAGE_GET_F_CREATE);
+}
+
+// on_client_close drops the record of a client socket the server never took.
+static __always_inline void on_client_close(struct bpf_sock_ops *ops)
+{
+	struct bpf_sock *sk = ops->sk;
+	if (!sk)
+		return;
+	struct client *c = bpf_sk_storage_get(&clients, sk, 0, 0);
+	if (!c || !c->published)
+		return;
+	struct handshake_key key = {};
+	if (!conn_key_of(ops, &key.conn, 0))
+		return;
+	key.client_next = c->client_next;
+	key.server_next = c->server_next;
+	c->published = 0;
+	bpf_map_delete_elem(&handshakes, &key);
 }
 
 // note_connector remembers the calling task on a TCP socket about to connect
@@ -292,7 +385,7 @@ static __always_inline void note_connector(struct bpf_sock_addr *ctx, const __u3
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return;
-	struct connector *c = bpf_sk_storage_get(&connectors, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct client *c = bpf_sk_storage_get(&clients, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!c)
 		return;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -325,12 +418,15 @@ SEC("sockops")
 int record_connect(struct bpf_sock_ops *ops)
 {
 	switch (ops->op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		on_connect(ops);
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_client_established(ops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_server_established(ops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (ops->args[1] == BPF_TCP_CLOSE)
-			on_close(ops);
+			on_client_close(ops);
 		break;
 	}
 	return 1;

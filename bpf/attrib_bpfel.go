@@ -13,18 +13,22 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type attribClient struct {
+	_          structs.HostLayout
+	Pid        uint32
+	Tgid       uint32
+	ClientNext uint32
+	ServerNext uint32
+	Published  uint32
+	Pad        uint32
+}
+
 type attribConnKey struct {
 	_     structs.HostLayout
 	Saddr [4]uint32
 	Daddr [4]uint32
 	Sport uint16
 	Dport uint16
-}
-
-type attribConnector struct {
-	_    structs.HostLayout
-	Pid  uint32
-	Tgid uint32
 }
 
 type attribEndpoint struct {
@@ -34,31 +38,39 @@ type attribEndpoint struct {
 	Pad  uint16
 }
 
+type attribHandshakeKey struct {
+	_          structs.HostLayout
+	Conn       attribConnKey
+	ClientNext uint32
+	ServerNext uint32
+}
+
 type attribPortBitmap struct {
 	_    structs.HostLayout
 	Bits [1024]uint64
 }
 
 type attribRecord struct {
-	_             structs.HostLayout
-	CgroupId      uint64
-	NetnsCookie   uint64
-	SocketCookie  uint64
-	ConnectBootNs uint64
-	Pid           uint32
-	Tgid          uint32
-	Flags         uint32
-	Pad           uint32
+	_                 structs.HostLayout
+	CgroupId          uint64
+	NetnsCookie       uint64
+	SocketCookie      uint64
+	EstablishedBootNs uint64
+	Pid               uint32
+	Tgid              uint32
+	Flags             uint32
+	Pad               uint32
 }
 
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	attribMapConnectors        = "connectors"
-	attribMapConns             = "conns"
+	attribMapAttested          = "attested"
+	attribMapClients           = "clients"
 	attribMapEndpointPorts     = "endpoint_ports"
 	attribMapEndpoints         = "endpoints"
+	attribMapHandshakes        = "handshakes"
 	attribProgRecordConnect    = "record_connect"
 	attribProgRecordConnector4 = "record_connector4"
 	attribProgRecordConnector6 = "record_connector6"
@@ -115,10 +127,11 @@ type attribProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribMapSpecs struct {
-	Connectors    *ebpf.MapSpec `ebpf:"connectors"`
-	Conns         *ebpf.MapSpec `ebpf:"conns"`
+	Attested      *ebpf.MapSpec `ebpf:"attested"`
+	Clients       *ebpf.MapSpec `ebpf:"clients"`
 	EndpointPorts *ebpf.MapSpec `ebpf:"endpoint_ports"`
 	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
+	Handshakes    *ebpf.MapSpec `ebpf:"handshakes"`
 }
 
 // attribVariableSpecs contains global variables before they are loaded into the kernel.
@@ -147,18 +160,20 @@ func (o *attribObjects) Close() error {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribMaps struct {
-	Connectors    *ebpf.Map `ebpf:"connectors"`
-	Conns         *ebpf.Map `ebpf:"conns"`
+	Attested      *ebpf.Map `ebpf:"attested"`
+	Clients       *ebpf.Map `ebpf:"clients"`
 	EndpointPorts *ebpf.Map `ebpf:"endpoint_ports"`
 	Endpoints     *ebpf.Map `ebpf:"endpoints"`
+	Handshakes    *ebpf.Map `ebpf:"handshakes"`
 }
 
 func (m *attribMaps) Close() error {
 	return _AttribClose(
-		m.Connectors,
-		m.Conns,
+		m.Attested,
+		m.Clients,
 		m.EndpointPorts,
 		m.Endpoints,
+		m.Handshakes,
 	)
 }
 

@@ -26,9 +26,11 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/identityd/identityd/internal/cgroup2"
+	"github.com/identityd/identityd/internal/netnsutil"
 	"github.com/identityd/identityd/internal/sandboxtest"
 )
 
@@ -101,15 +103,18 @@ func listen(t testing.TB, w *sandboxtest.World, addr string) *server {
 
 func (s *server) addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
 
-// accept accepts one connection and returns its local and remote addresses.
-func (s *server) accept() (local, remote netip.AddrPort) {
+// accept accepts one connection.
+func (s *server) accept() *net.TCPConn {
 	s.t.Helper()
 	s.ln.SetDeadline(time.Now().Add(10 * time.Second))
 	c, err := s.ln.AcceptTCP()
 	require.NoError(s.t, err)
 	s.t.Cleanup(func() { c.Close() })
-	return c.LocalAddr().(*net.TCPAddr).AddrPort(), c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	return c
 }
+
+// peer is the remote address of an accepted connection.
+func peer(c *net.TCPConn) netip.AddrPort { return c.RemoteAddr().(*net.TCPAddr).AddrPort() }
 
 func TestAttributesSandboxConnection(t *testing.T) {
 	in, _ := install(t)
@@ -137,9 +142,9 @@ func TestAttributesSandboxConnection(t *testing.T) {
 			clientLocal, err := client.Connect(fd, netip.AddrPortFrom(tc.dest, tokenPort))
 			require.NoError(t, err)
 
-			local, remote := dual.accept()
-			assert.Equal(t, clientLocal.Addr().Unmap(), remote.Addr().Unmap(), "server sees the client's address")
-			rec, err := in.Lookup(local, remote)
+			conn := dual.accept()
+			assert.Equal(t, clientLocal.Addr().Unmap(), peer(conn).Addr().Unmap(), "server sees the client's address")
+			rec, err := in.Lookup(conn)
 			require.NoError(t, err)
 			assert.Equal(t, a.CgroupID, rec.CgroupID, "cgroup id is the inode of the sandbox's cgroup")
 			assert.Equal(t, a.NetnsCookie, rec.NetnsCookie, "netns cookie is SO_NETNS_COOKIE inside the sandbox")
@@ -147,10 +152,8 @@ func TestAttributesSandboxConnection(t *testing.T) {
 			assert.NotZero(t, rec.PID)
 			assert.NotZero(t, rec.SocketCookie)
 			assert.Zero(t, rec.Flags)
-			assert.InDelta(t, float64(bootTime()), float64(rec.Connected), float64(5*time.Second))
-
-			_, err = in.Lookup(local, remote)
-			assert.ErrorIs(t, err, ErrNoRecord, "a record is consumed by its lookup")
+			assert.InDelta(t, float64(bootTime()), float64(rec.Established), float64(5*time.Second))
+			assertNoRecords(t, in)
 		})
 	}
 }
@@ -165,8 +168,7 @@ func TestNonEndpointLeavesNoRecord(t *testing.T) {
 
 	_, err := client.Dial(other.addr(), 1)
 	require.NoError(t, err)
-	local, remote := other.accept()
-	_, err = in.Lookup(local, remote)
+	_, err = in.Lookup(other.accept())
 	assert.ErrorIs(t, err, ErrNoRecord)
 	assertNoRecords(t, in)
 }
@@ -181,9 +183,9 @@ func TestStorageOnlyForTokenConnections(t *testing.T) {
 	token := listenLoopback(t)
 	other := listenLoopback(t)
 	require.NoError(t, in.SetEndpoints([]netip.AddrPort{addrOf(token)}))
-	connectors, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapConnectors), nil)
+	clients, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapClients), nil)
 	require.NoError(t, err)
-	defer connectors.Close()
+	defer clients.Close()
 	mapped := func(ln *net.TCPListener) netip.AddrPort {
 		return netip.AddrPortFrom(netip.AddrFrom16(addrOf(ln).Addr().As16()), addrOf(ln).Port())
 	}
@@ -220,15 +222,16 @@ func TestStorageOnlyForTokenConnections(t *testing.T) {
 			defer unix.Close(fd)
 			require.NoError(t, unix.Connect(fd, sa))
 
-			var got struct{ PID, TGID uint32 }
-			err = connectors.Lookup(uint32(fd), &got)
+			var got attribClient
+			err = clients.Lookup(uint32(fd), &got)
 			if !tc.stored {
 				assert.ErrorIs(t, err, ebpf.ErrKeyNotExist, "storage allocated for a connection to another port")
 				return
 			}
 			require.NoError(t, err)
-			assert.Equal(t, uint32(os.Getpid()), got.TGID)
-			assert.NotZero(t, got.PID)
+			assert.Equal(t, uint32(os.Getpid()), got.Tgid)
+			assert.NotZero(t, got.Pid)
+			assert.Equal(t, uint32(1), got.Published, "the client published its record when its handshake completed")
 		})
 	}
 }
@@ -243,15 +246,20 @@ func listenLoopback(t testing.TB) *net.TCPListener {
 
 func assertNoRecords(t *testing.T, in *Installation) {
 	t.Helper()
-	var k attribConnKey
+	assert.Zero(t, countRecords(t, in), "records left waiting for a server")
+}
+
+func countRecords(t *testing.T, in *Installation) int {
+	t.Helper()
+	var k attribHandshakeKey
 	var v attribRecord
-	it := in.conns.Iterate()
+	it := in.maps[attribMapHandshakes].Iterate()
 	n := 0
 	for it.Next(&k, &v) {
 		n++
 	}
 	require.NoError(t, it.Err())
-	assert.Zero(t, n, "records left in the map")
+	return n
 }
 
 func TestWildcardEndpoint(t *testing.T) {
@@ -306,8 +314,9 @@ func TestConcurrentSandboxesNeverMisattributed(t *testing.T) {
 
 	total := len(clients) * 2 * perFamily
 	for i := range total {
-		local, remote := srv.accept()
-		rec, err := in.Lookup(local, remote)
+		conn := srv.accept()
+		remote := peer(conn)
+		rec, err := in.Lookup(conn)
 		require.NoError(t, err, "connection %d from %s", i, remote)
 		want := owner[remote.Addr().Unmap()]
 		require.NotNil(t, want, "unexpected peer %s", remote)
@@ -403,23 +412,42 @@ func TestSocketBeforeInstallIsAttributedToItsCreator(t *testing.T) {
 
 // TestUnattestedRecordIsRefused: a record whose owner the kernel program
 // could not read is reported as such, with what it did see for the log. The
-// record is written by hand: the program flags one only if the socket's
-// cgroup cannot be read, which no socket reaching TCP_CONNECT_CB provokes.
+// record is written by hand onto a real accepted socket: the program flags
+// one only if the socket's cgroup cannot be read, which no socket reaching
+// ESTABLISHED provokes.
 func TestUnattestedRecordIsRefused(t *testing.T) {
 	in, _ := install(t)
-	local := netip.MustParseAddrPort("10.0.0.1:7123")
-	remote := netip.MustParseAddrPort("10.0.0.2:40000")
-	key := connKey(remote, local)
-	require.NoError(t, in.conns.Put(key[:], attribRecord{NetnsCookie: 7, ConnectBootNs: uint64(bootTime()), Flags: uint32(FlagUnattested)}))
-	got, err := in.Lookup(local, remote)
+	ln := listenLoopback(t)
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+	conn, err := ln.AcceptTCP()
+	require.NoError(t, err)
+	defer conn.Close()
+	_, err = in.Lookup(conn)
+	require.ErrorIs(t, err, ErrNoRecord, "not an endpoint: nothing attached")
+
+	raw, err := conn.SyscallConn()
+	require.NoError(t, err)
+	require.NoError(t, raw.Control(func(fd uintptr) {
+		err = in.attested.Put(uint32(fd), attribRecord{NetnsCookie: 7, Flags: uint32(FlagUnattested)})
+	}))
+	require.NoError(t, err)
+	got, err := in.Lookup(conn)
 	require.ErrorIs(t, err, ErrUnattested)
 	assert.Zero(t, got.CgroupID)
 	assert.Equal(t, uint64(7), got.NetnsCookie)
 }
 
-// TestSameTupleFromTwoNetnsIsAmbiguous plays a sandbox that takes another's
-// address and source port: neither connection can be attributed.
-func TestSameTupleFromTwoNetnsIsAmbiguous(t *testing.T) {
+// TestHandshakeCompletedByAnotherIsNotTheOwners plays the man in the middle
+// of a shared bridge: A's socket calls connect() for a 4-tuple, but its SYN
+// never reaches the server (A's neighbour entry for the router points
+// nowhere), and B, holding A's address, completes a handshake with the
+// server for that same 4-tuple (the server's neighbour entry for A points at
+// B, as ARP poisoning would make it). The server's connection is B's, and the
+// kernel says so: A's socket never completed a handshake, so it published
+// nothing.
+func TestHandshakeCompletedByAnotherIsNotTheOwners(t *testing.T) {
 	in, _ := install(t)
 	w := sandboxtest.New(t)
 	a, b := w.AddSandbox("a"), w.AddSandbox("b")
@@ -427,23 +455,100 @@ func TestSameTupleFromTwoNetnsIsAmbiguous(t *testing.T) {
 	dest := netip.AddrPortFrom(w.Router4, tokenPort)
 	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
 	require.NoError(t, b.AddAddr(a.Addr4))
+	setNeighbour(t, a.Netns, w.Router4, net.HardwareAddr{0x02, 0, 0, 0, 0, 1})
+	setNeighbour(t, w.HostNetns, a.Addr4, linkAddr(t, b.Netns, "eth0"))
 
 	source := netip.AddrPortFrom(a.Addr4, 40123)
 	ca, cb := a.Start(t), b.Start(t)
 	fa, err := ca.Socket(4)
 	require.NoError(t, err)
 	require.NoError(t, ca.Bind(fa, source))
-	_, err = ca.Connect(fa, dest)
-	require.NoError(t, err)
+	require.NoError(t, ca.ConnectNonblock(fa, dest))
 
 	fb, err := cb.Socket(4)
 	require.NoError(t, err)
 	require.NoError(t, cb.Bind(fb, source))
-	require.NoError(t, cb.ConnectNonblock(fb, dest))
+	_, err = cb.Connect(fb, dest)
+	require.NoError(t, err)
 
+	conn := srv.accept()
+	require.Equal(t, source.Addr(), peer(conn).Addr().Unmap())
+	require.Equal(t, source.Port(), peer(conn).Port())
+	rec, err := in.Lookup(conn)
+	require.NoError(t, err)
+	assert.Equal(t, b.CgroupID, rec.CgroupID, "the socket that completed the handshake")
+	assert.Equal(t, b.NetnsCookie, rec.NetnsCookie)
+	assertNoRecords(t, in)
+}
+
+// TestRecordOfAnotherHandshakeIsNotTaken: records published for a 4-tuple by
+// sockets that completed a handshake with something other than this server
+// (B, holding A's address and port, talking to a responder of its own) never
+// meet A's connection with the same 4-tuple, whichever order they come in:
+// the sequence numbers differ. The foreign records are written by hand with
+// arbitrary sequence numbers, as such a socket's would be.
+func TestRecordOfAnotherHandshakeIsNotTaken(t *testing.T) {
+	in, _ := install(t)
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
+	source := netip.AddrPortFrom(a.Addr4, 40123)
+	handshakes := in.maps[attribMapHandshakes]
+	foreign := make([]attribHandshakeKey, 64)
+	for i := range foreign {
+		foreign[i] = attribHandshakeKey{
+			Conn:       attribConnKey{Saddr: addrWords(source.Addr()), Daddr: addrWords(dest.Addr()), Sport: source.Port(), Dport: dest.Port()},
+			ClientNext: uint32(i) * 0x01000193, ServerNext: uint32(i) * 0x9e3779b9,
+		}
+		require.NoError(t, handshakes.Put(&foreign[i], attribRecord{CgroupId: 999, NetnsCookie: 999}))
+	}
+
+	ca := a.Start(t)
+	fa, err := ca.Socket(4)
+	require.NoError(t, err)
+	require.NoError(t, ca.Bind(fa, source))
+	_, err = ca.Connect(fa, dest)
+	require.NoError(t, err)
 	rec, err := in.Lookup(srv.accept())
-	assert.ErrorIs(t, err, ErrAmbiguous)
-	assert.Equal(t, b.NetnsCookie, rec.NetnsCookie, "the record names the later publisher")
+	require.NoError(t, err)
+	assert.Equal(t, a.CgroupID, rec.CgroupID)
+	assert.Equal(t, a.NetnsCookie, rec.NetnsCookie)
+	for i := range foreign {
+		var v attribRecord
+		assert.NoError(t, handshakes.Lookup(&foreign[i], &v), "foreign record %d was taken", i)
+	}
+}
+
+// setNeighbour pins a permanent neighbour entry for addr in the netns at path.
+func setNeighbour(t *testing.T, netnsPath string, addr netip.Addr, mac net.HardwareAddr) {
+	t.Helper()
+	h, err := netnsutil.Handle(netnsPath)
+	require.NoError(t, err)
+	defer h.Close()
+	dev := "eth0"
+	links, err := h.LinkList()
+	require.NoError(t, err)
+	idx := 0
+	for _, l := range links {
+		if l.Attrs().Name == dev || l.Type() == "bridge" {
+			idx = l.Attrs().Index
+		}
+	}
+	require.NotZero(t, idx, "no eth0 or bridge in %s", netnsPath)
+	require.NoError(t, h.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT, IP: addr.AsSlice(), HardwareAddr: mac}))
+}
+
+// linkAddr is the MAC address of the named link in the netns at path.
+func linkAddr(t *testing.T, netnsPath, name string) net.HardwareAddr {
+	t.Helper()
+	h, err := netnsutil.Handle(netnsPath)
+	require.NoError(t, err)
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	require.NoError(t, err)
+	return l.Attrs().HardwareAddr
 }
 
 func TestRecordClosedBeforeLookupIsDropped(t *testing.T) {
@@ -462,36 +567,51 @@ func TestRecordClosedBeforeLookupIsDropped(t *testing.T) {
 	assertNoRecords(t, in)
 }
 
-// TestLayout ties the hand-written encodings to the generated types, which
-// bpf2go derives from attrib.c.
-func TestLayout(t *testing.T) {
-	assert.Equal(t, connKeySize, binary.Size(attribConnKey{}))
-	assert.Equal(t, recordSize, binary.Size(attribRecord{}))
+// TestUnservedRecordIsDroppedAtClose: a record that no server socket of ours
+// took (here the programs are attached below the listener's cgroup, as for a
+// server on another host behind a wildcard endpoint) waits in the map until
+// its client socket closes, and then goes.
+func TestUnservedRecordIsDroppedAtClose(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	w := sandboxtest.New(t)
+	a := w.AddSandbox("a")
+	srv := listen(t, w, fmt.Sprintf(":%d", tokenPort))
+	dest := netip.AddrPortFrom(w.Router4, tokenPort)
+	sweepOnce.Do(sweepLeftoverPins)
+	opts := Options{PinDir: testPinDir(t), CgroupRoot: w.CgroupDir, Logger: quiet}
+	in, err := Install(context.Background(), opts)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		in.Close()
+		assert.NoError(t, Uninstall(context.Background(), opts))
+	})
+	require.NoError(t, in.SetEndpoints([]netip.AddrPort{dest}))
 
-	client := netip.MustParseAddrPort("10.1.2.3:40000")
-	server := netip.MustParseAddrPort("[fd00::1]:7123")
-	k := connKey(client, server)
-	var got attribConnKey
-	require.NoError(t, binary.Read(bytes.NewReader(k[:]), binary.NativeEndian, &got))
-	assert.Equal(t, attribConnKey{Saddr: addrWords(client.Addr()), Daddr: addrWords(server.Addr()), Sport: 40000, Dport: 7123}, got)
+	client := a.Start(t)
+	_, err = client.Dial(dest, 1)
+	require.NoError(t, err)
+	conn := srv.accept()
+	_, err = in.Lookup(conn)
+	assert.ErrorIs(t, err, ErrNoRecord, "the listener is outside the programs' cgroup")
+	assert.Equal(t, 1, countRecords(t, in), "the client's record waits")
 
-	want := attribRecord{CgroupId: 1, NetnsCookie: 2, SocketCookie: 3, ConnectBootNs: 4, Pid: 5, Tgid: 6, Flags: 7}
-	var raw bytes.Buffer
-	require.NoError(t, binary.Write(&raw, binary.NativeEndian, want))
-	assert.Equal(t, Record{CgroupID: 1, NetnsCookie: 2, SocketCookie: 3, Connected: 4, PID: 5, TGID: 6, Flags: 7},
-		decodeRecord([recordSize]byte(raw.Bytes())))
+	conn.Close()
+	client.Close()
+	require.Eventually(t, func() bool { return countRecords(t, in) == 0 }, 10*time.Second, 20*time.Millisecond,
+		"the record outlived its socket")
 }
 
-func TestStaleRecord(t *testing.T) {
-	in, _ := install(t)
-	local := netip.MustParseAddrPort("10.0.0.1:7123")
-	remote := netip.MustParseAddrPort("10.0.0.2:40000")
-	rec := attribRecord{CgroupId: 42, NetnsCookie: 7, ConnectBootNs: uint64(bootTime() - 2*DefaultMaxRecordAge)}
-	key := connKey(remote, local)
-	require.NoError(t, in.conns.Put(key[:], rec))
-	got, err := in.Lookup(local, remote)
-	assert.ErrorIs(t, err, ErrStale)
-	assert.Equal(t, uint64(42), got.CgroupID)
+// TestLayout ties the hand-written decoding to the generated type, which
+// bpf2go derives from attrib.c.
+func TestLayout(t *testing.T) {
+	assert.Equal(t, recordSize, binary.Size(attribRecord{}))
+	want := attribRecord{CgroupId: 1, NetnsCookie: 2, SocketCookie: 3, EstablishedBootNs: 4, Pid: 5, Tgid: 6, Flags: 7}
+	var raw bytes.Buffer
+	require.NoError(t, binary.Write(&raw, binary.NativeEndian, want))
+	assert.Equal(t, Record{CgroupID: 1, NetnsCookie: 2, SocketCookie: 3, Established: 4, PID: 5, TGID: 6, Flags: 7},
+		decodeRecord([recordSize]byte(raw.Bytes())))
 }
 
 // TestCapacity checks that the connection map keeps the promised number of
@@ -499,21 +619,24 @@ func TestStaleRecord(t *testing.T) {
 func TestCapacity(t *testing.T) {
 	in, _ := install(t)
 	const live = 65536
-	keys := make([][connKeySize]byte, live)
+	handshakes := in.maps[attribMapHandshakes]
+	keys := make([]attribHandshakeKey, live)
 	vals := make([]attribRecord, live)
 	now := uint64(bootTime())
+	server := addrWords(netip.MustParseAddr("10.0.0.1"))
 	for i := range keys {
-		keys[i] = connKey(
-			netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000),
-			netip.MustParseAddrPort("10.0.0.1:7123"))
-		vals[i] = attribRecord{CgroupId: uint64(i + 1), ConnectBootNs: now}
+		keys[i] = attribHandshakeKey{
+			Conn:       attribConnKey{Saddr: addrWords(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})), Daddr: server, Sport: 40000, Dport: 7123},
+			ClientNext: uint32(i), ServerNext: ^uint32(i),
+		}
+		vals[i] = attribRecord{CgroupId: uint64(i + 1), EstablishedBootNs: now}
 	}
 	for i := range keys {
-		require.NoError(t, in.conns.Put(keys[i][:], vals[i]))
+		require.NoError(t, handshakes.Put(&keys[i], vals[i]))
 	}
 	for i := range keys {
 		var got attribRecord
-		require.NoError(t, in.conns.Lookup(keys[i][:], &got), "record %d was evicted", i)
+		require.NoError(t, handshakes.Lookup(&keys[i], &got), "record %d was evicted", i)
 		require.Equal(t, uint64(i+1), got.CgroupId)
 	}
 }
@@ -568,7 +691,7 @@ func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {
 // sharedMapID is the id of the map all three programs use.
 func sharedMapID(t *testing.T, opts Options) ebpf.MapID {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapConnectors), nil)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapClients), nil)
 	require.NoError(t, err)
 	defer m.Close()
 	return mapID(t, m)
@@ -604,12 +727,12 @@ func TestLoaderExitAdoptAndReinstall(t *testing.T) {
 	client := a.Start(t)
 	_, err = client.Dial(dest, 1)
 	require.NoError(t, err)
-	local, remote := srv.accept()
+	conn := srv.accept()
 
 	// A new loader adopts the pins and attributes that connection.
 	in, err := Install(context.Background(), opts)
 	require.NoError(t, err)
-	rec, err := in.Lookup(local, remote)
+	rec, err := in.Lookup(conn)
 	require.NoError(t, err)
 	assert.Equal(t, a.CgroupID, rec.CgroupID)
 	assertOneCopyEach(t, opts)
@@ -846,7 +969,7 @@ func TestRepairAfterUninstall(t *testing.T) {
 	s, err := token.AcceptTCP()
 	require.NoError(t, err)
 	defer s.Close()
-	rec, err := in.Lookup(s.LocalAddr().(*net.TCPAddr).AddrPort(), s.RemoteAddr().(*net.TCPAddr).AddrPort())
+	rec, err := in.Lookup(s)
 	require.NoError(t, err)
 	assert.Equal(t, ownCgroupID(t), rec.CgroupID)
 }

@@ -18,14 +18,8 @@ import (
 	"github.com/identityd/identityd/internal/cgroup2"
 )
 
-const (
-	// DefaultPinDir is where links and maps are pinned unless told otherwise.
-	DefaultPinDir = "/sys/fs/bpf/identityd"
-	// DefaultMaxRecordAge bounds how long a record may wait between the
-	// client's connect() and the server's lookup. Accept queues drain in
-	// milliseconds; anything older belongs to a connection nobody served.
-	DefaultMaxRecordAge = 30 * time.Second
-)
+// DefaultPinDir is where links and maps are pinned unless told otherwise.
+const DefaultPinDir = "/sys/fs/bpf/identityd"
 
 // Options say where the programs are pinned and attached.
 type Options struct {
@@ -33,11 +27,10 @@ type Options struct {
 	// empty. A bpffs is mounted at /sys/fs/bpf when needed.
 	PinDir string
 	// CgroupRoot is the cgroup v2 directory the programs attach to; the root
-	// of the cgroup2 hierarchy from the mount table if empty.
+	// of the cgroup2 hierarchy from the mount table if empty. Both the
+	// clients and the token server's own sockets must be below it: the
+	// record reaches the server's socket through the program running on it.
 	CgroupRoot string
-	// MaxRecordAge is the age past which a record is reported stale;
-	// DefaultMaxRecordAge if zero.
-	MaxRecordAge time.Duration
 	// Logger receives what Install did; slog.Default() if nil.
 	Logger *slog.Logger
 }
@@ -53,9 +46,6 @@ func (o Options) withDefaults() (Options, error) {
 			return o, err
 		}
 		o.CgroupRoot = root
-	}
-	if o.MaxRecordAge <= 0 {
-		o.MaxRecordAge = DefaultMaxRecordAge
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -80,7 +70,7 @@ func hooks() []hook {
 }
 
 func mapNames() []string {
-	return []string{attribMapConnectors, attribMapEndpoints, attribMapEndpointPorts, attribMapConns}
+	return []string{attribMapClients, attribMapHandshakes, attribMapAttested, attribMapEndpoints, attribMapEndpointPorts}
 }
 
 func programNames() []string {
@@ -96,7 +86,7 @@ func programNames() []string {
 // old program running beside the new ones. Only pins named here or in use
 // are ever touched; anything else under the pin directory is left alone.
 func retiredPrograms() []string { return []string{"record_owner"} }
-func retiredMaps() []string     { return []string{"sock_owners"} }
+func retiredMaps() []string     { return []string{"sock_owners", "conns", "connectors"} }
 
 func linkPin(pinDir, program string) string { return filepath.Join(pinDir, "links", program) }
 func mapsDir(pinDir string) string          { return filepath.Join(pinDir, "maps") }
@@ -108,7 +98,7 @@ type Installation struct {
 	cgroupID uint64  // of opts.CgroupRoot
 	maps     map[string]*ebpf.Map
 	// The maps Lookup and SetEndpoints use, also in maps.
-	conns     *ebpf.Map
+	attested  *ebpf.Map
 	endpoints *ebpf.Map
 	ports     *ebpf.Map // bitmap of the endpoints' ports
 }
@@ -128,14 +118,6 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 	if err := in.attach(ctx); err != nil {
 		in.Close()
 		return nil, err
-	}
-	// Records are consumed with BPF_MAP_LOOKUP_AND_DELETE_ELEM; find out now,
-	// not on the first request, if this kernel cannot do that for LRU maps.
-	var zero attribConnKey
-	var rec attribRecord
-	if err := in.conns.LookupAndDelete(&zero, &rec); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		in.Close()
-		return nil, fmt.Errorf("kernel lacks lookup-and-delete on LRU hash maps (Linux 5.14 or newer needed): %w", err)
 	}
 	return in, nil
 }
@@ -288,7 +270,7 @@ func (in *Installation) attach(ctx context.Context) error {
 		for _, name := range mapNames() {
 			in.maps[name] = coll.DetachMap(name)
 		}
-		in.conns = in.maps[attribMapConns]
+		in.attested = in.maps[attribMapAttested]
 		in.endpoints = in.maps[attribMapEndpoints]
 		in.ports = in.maps[attribMapEndpointPorts]
 	}

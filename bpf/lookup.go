@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -16,37 +17,29 @@ import (
 
 // Reasons a connection cannot be attributed. Lookup wraps exactly one of them.
 var (
-	// ErrNoRecord: no record for the 4-tuple. The connection did not come
-	// through connect() on this host to a configured endpoint, or its tuple
-	// was rewritten on the way, or the record was already consumed.
+	// ErrNoRecord: the accepted socket carries no record. No socket on this
+	// host completed this very handshake (4-tuple and sequence numbers) with
+	// a configured endpoint: the connection came from elsewhere, someone
+	// other than the socket that owns the 4-tuple completed it, or something
+	// rewrote its addresses on the way.
 	ErrNoRecord = errors.New("no attribution record for this connection")
 	// ErrUnattested: the program could not read which cgroup the connecting
 	// socket belongs to, so its owner is unknown.
 	ErrUnattested = errors.New("owner of the connecting socket could not be read")
-	// ErrStale: the record is older than the configured maximum age.
-	ErrStale = errors.New("attribution record is stale")
-	// ErrAmbiguous: the same 4-tuple was published from two network
-	// namespaces, so the record cannot say which one the server accepted.
-	ErrAmbiguous = errors.New("connection 4-tuple was published from more than one network namespace")
 )
 
 // Flags qualify a record; they mirror RECORD_* in attrib.c.
 type Flags uint32
 
-const (
-	FlagUnattested Flags = 1 << 0
-	FlagAmbiguous  Flags = 1 << 1
-)
+// FlagUnattested: the record's owner could not be read.
+const FlagUnattested Flags = 1 << 0
 
 func (f Flags) String() string {
 	var parts []string
 	if f&FlagUnattested != 0 {
 		parts = append(parts, "unattested")
 	}
-	if f&FlagAmbiguous != 0 {
-		parts = append(parts, "ambiguous")
-	}
-	if rest := f &^ (FlagUnattested | FlagAmbiguous); rest != 0 {
+	if rest := f &^ FlagUnattested; rest != 0 {
 		parts = append(parts, fmt.Sprintf("0x%x", uint32(rest)))
 	}
 	return strings.Join(parts, "|")
@@ -69,9 +62,9 @@ type Record struct {
 	// unspecified address that the kernel routed there, has no pid. They are
 	// for logs: identity is decided by CgroupID and NetnsCookie.
 	PID, TGID uint32
-	// Connected is CLOCK_BOOTTIME when connect() ran.
-	Connected time.Duration
-	Flags     Flags
+	// Established is CLOCK_BOOTTIME when the client's handshake completed.
+	Established time.Duration
+	Flags       Flags
 }
 
 // LogValue lets a Record be logged as a group of its fields.
@@ -89,55 +82,42 @@ func (r Record) LogValue() slog.Value {
 	return slog.GroupValue(attrs...)
 }
 
-// Lookup returns the record for an accepted connection, given the server's
-// local address and the peer's address, and consumes it: a second Lookup of
-// the same connection reports ErrNoRecord, so callers attribute a connection
-// once, when it is accepted.
+// Lookup returns the record the kernel attached to an accepted connection:
+// what it saw of the client socket that completed this very handshake with
+// the server. c is the server's side of the connection (a *net.TCPConn, or
+// anything else whose descriptor is such a socket).
 //
-// On failure the error wraps ErrNoRecord, ErrUnattested, ErrStale or
-// ErrAmbiguous, and the returned Record holds whatever the kernel did record,
-// for the refusal's log line.
-func (in *Installation) Lookup(local, remote netip.AddrPort) (Record, error) {
+// On failure the error wraps ErrNoRecord or ErrUnattested, and the returned
+// Record holds whatever the kernel did record, for the refusal's log line.
+func (in *Installation) Lookup(c syscall.Conn) (Record, error) {
 	// Raw bytes instead of the generated structs: this runs once per accepted
 	// connection, and the structs would go through reflection.
-	key := connKey(remote, local)
 	var raw [recordSize]byte
-	if err := in.conns.LookupAndDelete(key[:], raw[:]); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return Record{}, fmt.Errorf("attribute %s -> %s: %w", remote, local, ErrNoRecord)
-		}
-		return Record{}, fmt.Errorf("look up attribution of %s -> %s: %w", remote, local, err)
+	var lookupErr error
+	rc, err := c.SyscallConn()
+	if err == nil {
+		err = rc.Control(func(fd uintptr) {
+			lookupErr = in.attested.Lookup(uint32(fd), raw[:])
+		})
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("look up attribution: reach the connection's socket: %w", err)
+	}
+	if errors.Is(lookupErr, ebpf.ErrKeyNotExist) {
+		return Record{}, fmt.Errorf("attribute connection: %w", ErrNoRecord)
+	}
+	if lookupErr != nil {
+		return Record{}, fmt.Errorf("look up attribution: %w", lookupErr)
 	}
 	rec := decodeRecord(raw)
-	switch {
-	case rec.Flags&FlagAmbiguous != 0:
-		return rec, fmt.Errorf("attribute %s -> %s: %w", remote, local, ErrAmbiguous)
-	case rec.Flags&FlagUnattested != 0:
-		return rec, fmt.Errorf("attribute %s -> %s: %w", remote, local, ErrUnattested)
-	}
-	if age := bootTime() - rec.Connected; age > in.opts.MaxRecordAge {
-		return rec, fmt.Errorf("attribute %s -> %s: record is %s old: %w", remote, local, age.Round(time.Millisecond), ErrStale)
+	if rec.Flags&FlagUnattested != 0 {
+		return rec, fmt.Errorf("attribute connection: %w", ErrUnattested)
 	}
 	return rec, nil
 }
 
-// Sizes of struct conn_key and struct record in attrib.c.
-const (
-	connKeySize = 36
-	recordSize  = 48
-)
-
-// connKey lays out struct conn_key: both addresses as 16 bytes in network
-// order (IPv4 as ::ffff:a.b.c.d), then both ports in host order.
-func connKey(client, server netip.AddrPort) [connKeySize]byte {
-	var k [connKeySize]byte
-	c, s := client.Addr().As16(), server.Addr().As16()
-	copy(k[0:16], c[:])
-	copy(k[16:32], s[:])
-	binary.NativeEndian.PutUint16(k[32:], client.Port())
-	binary.NativeEndian.PutUint16(k[34:], server.Port())
-	return k
-}
+// recordSize is the size of struct record in attrib.c.
+const recordSize = 48
 
 func decodeRecord(b [recordSize]byte) Record {
 	u64 := func(off int) uint64 { return binary.NativeEndian.Uint64(b[off:]) }
@@ -146,7 +126,7 @@ func decodeRecord(b [recordSize]byte) Record {
 		CgroupID:     u64(0),
 		NetnsCookie:  u64(8),
 		SocketCookie: u64(16),
-		Connected:    time.Duration(u64(24)),
+		Established:  time.Duration(u64(24)),
 		PID:          u32(32),
 		TGID:         u32(36),
 		Flags:        Flags(u32(40)),

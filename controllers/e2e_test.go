@@ -53,7 +53,7 @@ func TestRunningSandboxSurvivesRestarts(t *testing.T) {
 		ln, err := w.Listen("tcp", router.String())
 		require.NoError(t, err)
 		hs := srv.HTTPServer()
-		go hs.Serve(ln)
+		go hs.Serve(srv.Listener(ln))
 		return func() { ln.Close(); hs.Close() }
 	}
 	fetch := func() map[string]any {

@@ -1,10 +1,12 @@
 package tokenserver
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,10 +24,11 @@ type switchAttester struct {
 	byAddr  map[netip.Addr]bpf.Record
 }
 
-func (s *switchAttester) Lookup(local, remote netip.AddrPort) (bpf.Record, error) {
+func (s *switchAttester) Lookup(c syscall.Conn) (bpf.Record, error) {
 	if !s.trivial.Load() {
-		return s.kernel.Lookup(local, remote)
+		return s.kernel.Lookup(c)
 	}
+	remote := c.(net.Conn).RemoteAddr().(*net.TCPAddr).AddrPort()
 	rec, ok := s.byAddr[remote.Addr().Unmap()]
 	if !ok {
 		return bpf.Record{}, bpf.ErrNoRecord

@@ -7,9 +7,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/identityd/identityd/bpf"
@@ -20,7 +20,7 @@ import (
 // kernel path is covered by the tests over real connections.
 type fakeAttester struct{ ok bool }
 
-func (f fakeAttester) Lookup(_, _ netip.AddrPort) (bpf.Record, error) {
+func (f fakeAttester) Lookup(syscall.Conn) (bpf.Record, error) {
 	if !f.ok {
 		return bpf.Record{}, bpf.ErrNoRecord
 	}
@@ -52,6 +52,9 @@ type fakeConn struct{ net.Conn }
 
 func (fakeConn) LocalAddr() net.Addr  { return &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 7123} }
 func (fakeConn) RemoteAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(10, 0, 0, 2), Port: 40000} }
+
+// SyscallConn makes fakeConn look like a socket; fakeAttester never uses it.
+func (fakeConn) SyscallConn() (syscall.RawConn, error) { return nil, nil }
 
 // FuzzTokenRequest throws arbitrary methods, targets and Authorization
 // headers at the handler. Whatever comes in, the answer is JSON with one of

@@ -10,9 +10,10 @@ import (
 // Metrics are the token server's Prometheus metrics. They are registered on
 // the operator's registry, never served on the sandbox-facing endpoint.
 type Metrics struct {
-	requests *prometheus.CounterVec
-	refusals *prometheus.CounterVec
-	latency  prometheus.Histogram
+	requests     *prometheus.CounterVec
+	refusals     *prometheus.CounterVec
+	latency      prometheus.Histogram
+	connRefusals *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them with reg (nothing is
@@ -33,11 +34,15 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 			Help:    "Time to answer a token request.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
 		}),
+		connRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "identityd_token_connections_refused_total",
+			Help: "Token endpoint connections closed at accept, by the limit that refused them: total_cap, sandbox_cap, others_cap.",
+		}, []string{"reason"}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	cs := []prometheus.Collector{m.requests, m.refusals, m.latency}
+	cs := []prometheus.Collector{m.requests, m.refusals, m.latency, m.connRefusals}
 	if liveSandboxes != nil {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "identityd_live_sandboxes",
@@ -58,3 +63,5 @@ func (m *Metrics) observe(outcome string, d time.Duration) {
 }
 
 func (m *Metrics) refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }
+
+func (m *Metrics) connRefused(reason string) { m.connRefusals.WithLabelValues(reason).Inc() }

@@ -9,10 +9,11 @@ import (
 	"math"
 	"net"
 	"net/http"
-	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -24,10 +25,11 @@ import (
 	"github.com/identityd/identityd/internal/secretstore"
 )
 
-// Attester reports what the kernel recorded about the socket that opened an
-// accepted connection; *bpf.Installation is the real one.
+// Attester reports what the kernel recorded about the client socket of an
+// accepted connection, given the server's side of it; *bpf.Installation is
+// the real one.
 type Attester interface {
-	Lookup(local, remote netip.AddrPort) (bpf.Record, error)
+	Lookup(c syscall.Conn) (bpf.Record, error)
 }
 
 // Registry ties an attested caller to a live sandbox; *registry.Index is
@@ -73,15 +75,22 @@ type Config struct {
 	// DefaultRateLimit and DefaultBurst if zero.
 	RateLimit rate.Limit
 	Burst     int
-	Logger    *slog.Logger
-	Metrics   *Metrics
-	Now       func() time.Time
+	// Conns bound the open connections, per caller and in all.
+	Conns ConnLimits
+	// IdleTimeout closes keep-alive connections left idle;
+	// DefaultIdleTimeout if zero.
+	IdleTimeout time.Duration
+	Logger      *slog.Logger
+	Metrics     *Metrics
+	Now         func() time.Time
 }
 
 // Server serves the token endpoint and OIDC discovery.
 type Server struct {
 	cfg Config
 	log *slog.Logger
+
+	conns *connTable
 
 	mu        sync.Mutex
 	limiters  map[string]*limiter
@@ -120,13 +129,20 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, limiters: map[string]*limiter{}}, nil
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	cfg.Conns = cfg.Conns.withDefaults()
+	return &Server{
+		cfg: cfg, log: cfg.Logger, limiters: map[string]*limiter{},
+		conns: &connTable{limits: cfg.Conns, sandbox: map[string]int{}},
+	}, nil
 }
 
 // HTTPServer returns an http.Server for the token endpoint with the
-// timeouts and limits a sandbox-facing server needs, attributing each
-// connection once, when it is accepted. Serve it on any listener, including
-// one inherited from a previous daemon.
+// timeouts and limits a sandbox-facing server needs. Serve it on
+// [Server.Listener] around any listener, including one inherited from a
+// previous daemon: that is where connections are attributed and counted.
 func (s *Server) HTTPServer() *http.Server {
 	return &http.Server{
 		Handler:           s.Handler(),
@@ -134,7 +150,7 @@ func (s *Server) HTTPServer() *http.Server {
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
 		WriteTimeout:      10 * time.Second,
-		IdleTimeout:       60 * time.Second,
+		IdleTimeout:       s.cfg.IdleTimeout,
 		MaxHeaderBytes:    8 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
@@ -149,26 +165,29 @@ type attestation struct {
 	err error
 }
 
-// ConnContext attributes an accepted connection. The kernel's record is
-// consumed here, so keep-alive requests on the connection reuse this answer.
+// ConnContext hands each request the kernel's answer for its connection,
+// which [Server.Listener] obtained when it accepted it; keep-alive requests
+// reuse it. A connection that did not come through Listener is attributed
+// here.
 func (s *Server) ConnContext(ctx context.Context, c net.Conn) context.Context {
 	att := &attestation{}
-	local, lok := tcpAddr(c.LocalAddr())
-	remote, rok := tcpAddr(c.RemoteAddr())
-	if lok && rok {
-		att.rec, att.err = s.cfg.Attester.Lookup(local, remote)
+	if cc, ok := c.(*countedConn); ok {
+		att = cc.att
 	} else {
-		att.err = fmt.Errorf("connection %s -> %s is not TCP: %w", c.RemoteAddr(), c.LocalAddr(), bpf.ErrNoRecord)
+		att = s.attest(c)
 	}
 	return context.WithValue(ctx, attestationKey{}, att)
 }
 
-func tcpAddr(a net.Addr) (netip.AddrPort, bool) {
-	t, ok := a.(*net.TCPAddr)
-	if !ok {
-		return netip.AddrPort{}, false
+// attest asks the kernel who opened the accepted connection c.
+func (s *Server) attest(c net.Conn) *attestation {
+	att := &attestation{}
+	if sc, ok := c.(syscall.Conn); ok {
+		att.rec, att.err = s.cfg.Attester.Lookup(sc)
+	} else {
+		att.err = fmt.Errorf("connection %s -> %s is not a socket: %w", c.RemoteAddr(), c.LocalAddr(), bpf.ErrNoRecord)
 	}
-	return t.AddrPort(), true
+	return att
 }
 
 // Handler routes the sandbox-facing paths. Paths are matched exactly: no
@@ -194,12 +213,11 @@ const (
 	reasonAuthorization = "bad_authorization_header"
 	reasonNoRecord      = "no_record"
 	reasonUnattested    = "unattested"
-	reasonStale         = "stale_record"
-	reasonAmbiguous     = "ambiguous_record"
 	reasonUnknown       = "unknown_sandbox"
 	reasonRateLimited   = "rate_limited"
 	reasonBadSecret     = "bad_secret"
 	reasonBadTTL        = "bad_ttl"
+	reasonBadAudience   = "bad_audience"
 )
 
 // Messages of the contract; sandboxes' clients may match on them.
@@ -209,6 +227,7 @@ const (
 	msgUnknownSource = "unknown source address"
 	msgInvalidToken  = "invalid token"
 	msgBadTTL        = "ttl must be a positive integer (seconds)"
+	msgBadAudience   = "audience must not be empty"
 	msgIssueFailed   = "failed to issue token"
 	msgRateLimited   = "rate limit exceeded"
 )
@@ -279,6 +298,10 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	aud := q["audience"]
+	if slices.Contains(aud, "") {
+		refuse(http.StatusBadRequest, msgBadAudience, reasonBadAudience, sb.ID, nil)
+		return
+	}
 	if len(aud) == 0 {
 		aud = s.cfg.DefaultAudience
 	}
@@ -297,10 +320,6 @@ func attestationReason(err error) string {
 	switch {
 	case errors.Is(err, bpf.ErrUnattested):
 		return reasonUnattested
-	case errors.Is(err, bpf.ErrStale):
-		return reasonStale
-	case errors.Is(err, bpf.ErrAmbiguous):
-		return reasonAmbiguous
 	}
 	return reasonNoRecord
 }

@@ -126,7 +126,7 @@ func (e *env) serve(o envOptions) {
 	require.NoError(t, err)
 	hs := e.srv.HTTPServer()
 	e.hs = hs
-	go hs.Serve(ln)
+	go hs.Serve(e.srv.Listener(ln))
 	// Closing the listener too: Close may run before Serve has taken it.
 	e.stop = func() { ln.Close(); hs.Close() }
 	t.Cleanup(e.stop)

@@ -171,7 +171,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	tokenSrv := srv.HTTPServer()
-	serve("token", tokenLn, tokenSrv)
+	serve("token", srv.Listener(tokenLn), tokenSrv)
 
 	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
 	if err != nil {
