@@ -23,6 +23,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/identityd/identityd/internal/attacktest"
 	"github.com/identityd/identityd/internal/cgroup2"
 )
 
@@ -115,12 +116,17 @@ func (c *Client) do(format string, args ...any) ([]string, error) {
 
 // doRaw sends one command line and returns the "ok" reply's text.
 func (c *Client) doRaw(format string, args ...any) (string, error) {
+	return c.doRawWithin(replyTimeout, format, args...)
+}
+
+// doRawWithin is doRaw for a command that may take up to wait.
+func (c *Client) doRawWithin(wait time.Duration, format string, args ...any) (string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, err := fmt.Fprintf(c.stdin, format+"\n", args...); err != nil {
 		return "", fmt.Errorf("send to client: %w", err)
 	}
-	c.out.SetReadDeadline(time.Now().Add(replyTimeout))
+	c.out.SetReadDeadline(time.Now().Add(wait))
 	line, err := c.lines.ReadString('\n')
 	if err != nil {
 		return "", fmt.Errorf("read client reply: %w", err)
@@ -312,8 +318,11 @@ func runChild(path string) int {
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 64<<10), 1<<20)
 	// Commands whose argument is one JSON document; the rest are words.
+	atk := attacktest.NewSession()
 	jsonCommands := map[string]func(string) (string, error){
 		"poll": servePoll, "load": serveLoad, "http": serveHTTP,
+		"poison": atk.Poison, "hijack": atk.Hijack, "flood": atk.Flood,
+		"fakeendpoint": atk.FakeEndpoint, "stop": atk.Stop,
 	}
 	for in.Scan() {
 		var reply string
@@ -512,7 +521,12 @@ func doHTTP(req HTTPRequest) ([]HTTPResponse, error) {
 			return nil, fmt.Errorf("bind %s: %w", src, err)
 		}
 	}
-	if _, err := connect(fd, dest); err != nil {
+	timeout := req.Timeout
+	if timeout == 0 {
+		timeout = replyTimeout
+	}
+	deadline := time.Now().Add(timeout)
+	if err := connectBy(fd, dest, deadline); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
@@ -523,11 +537,7 @@ func doHTTP(req HTTPRequest) ([]HTTPResponse, error) {
 		return nil, err
 	}
 	defer conn.Close()
-	timeout := req.Timeout
-	if timeout == 0 {
-		timeout = replyTimeout
-	}
-	conn.SetDeadline(time.Now().Add(timeout))
+	conn.SetDeadline(deadline)
 	br := bufio.NewReader(conn)
 	var out []HTTPResponse
 	for range max(req.Repeat, 1) {
@@ -578,6 +588,40 @@ func sockaddr(fd int, ap netip.AddrPort) (unix.Sockaddr, error) {
 		return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}, nil
 	}
 	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}, nil
+}
+
+// connectBy connects fd to ap, giving up at deadline: a SYN that nobody
+// answers (swallowed by an attacker, say) would otherwise block connect()
+// for the kernel's two minutes of retries.
+func connectBy(fd int, ap netip.AddrPort, deadline time.Time) error {
+	sa, err := sockaddr(fd, ap)
+	if err != nil {
+		return err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return err
+	}
+	err = unix.Connect(fd, sa)
+	for errors.Is(err, unix.EINPROGRESS) || errors.Is(err, unix.EINTR) {
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			return fmt.Errorf("connect to %s: %w", ap, os.ErrDeadlineExceeded)
+		}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		var n int
+		if n, err = unix.Poll(pfd, int(wait.Milliseconds())+1); err == nil && n == 1 {
+			var soErr int
+			if soErr, err = unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err == nil && soErr != 0 {
+				err = unix.Errno(soErr)
+			}
+		} else if err == nil {
+			err = unix.EINPROGRESS
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", ap, err)
+	}
+	return nil
 }
 
 func connect(fd int, ap netip.AddrPort) (netip.AddrPort, error) {
