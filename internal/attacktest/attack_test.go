@@ -26,7 +26,7 @@ func TestMain(m *testing.M) {
 func victimWorld(t *testing.T) (w *sandboxtest.World, a, b *sandboxtest.Sandbox, endpoint netip.AddrPort) {
 	w = sandboxtest.New(t)
 	a, b = w.AddSandbox("a"), w.AddSandbox("b")
-	require.NoError(t, sandboxtest.SetSysctl(b.Netns, "net.ipv4.conf.all.forwarding", "0"))
+	require.NoError(t, netnsutil.SetSysctl(b.Netns, "net/ipv4/conf/all/forwarding", "0"))
 	endpoint = netip.AddrPortFrom(w.Router4, 8123)
 	ln, err := w.Listen("tcp", endpoint.String())
 	require.NoError(t, err)

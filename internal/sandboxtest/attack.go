@@ -3,12 +3,8 @@ package sandboxtest
 import (
 	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
 
 	"github.com/identityd/identityd/internal/attacktest"
-	"github.com/identityd/identityd/internal/netnsutil"
 )
 
 // attack sends one attacktest command with spec and decodes the reply into
@@ -75,16 +71,4 @@ func (c *Client) StopAttack(id int, report any) error {
 		return fmt.Errorf("stop %d: %w", id, err)
 	}
 	return json.Unmarshal([]byte(rest), report)
-}
-
-// SetSysctl writes a net.* sysctl inside the netns at netnsPath, as root in
-// that netns can (for example net.ipv4.ip_local_port_range).
-func SetSysctl(netnsPath, key, value string) error {
-	path := filepath.Join("/proc/sys", strings.ReplaceAll(key, ".", "/"))
-	return netnsutil.Do(netnsPath, func() error {
-		if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
-			return fmt.Errorf("set %s in %s: %w", key, netnsPath, err)
-		}
-		return nil
-	})
 }
