@@ -63,6 +63,7 @@ type envOptions struct {
 	attester Attester // replaces the kernel when set
 	burst    int
 	rate     rate.Limit
+	conns    ConnLimits
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -119,7 +120,7 @@ func (e *env) serve(o envOptions) {
 	}
 	e.srv, err = New(Config{
 		Issuer: e.issuer, Attester: att, Registry: e.reg, Secrets: e.secrets, Keys: keys,
-		Logger: e.log, Metrics: metrics, RateLimit: o.rate, Burst: o.burst,
+		Logger: e.log, Metrics: metrics, RateLimit: o.rate, Burst: o.burst, Conns: o.conns,
 	})
 	require.NoError(t, err)
 	ln, err := e.w.Listen("tcp", fmt.Sprintf(":%d", port))
@@ -389,6 +390,33 @@ func TestAudienceAndTTL(t *testing.T) {
 		c := claims(t, tokenOf(t, e.get(a, "GET", q, bearer(secretA))))
 		assert.Equal(t, want, c["exp"].(float64)-c["iat"].(float64), "ttl for %q", q)
 	}
+	for _, q := range []string{"?audience=", "?audience=a&audience=", "?audience=&ttl=120"} {
+		assertError(t, e.get(a, "GET", q, bearer(secretA)), 400, "audience must not be empty")
+	}
+}
+
+// TestConnectionsCappedPerSandbox: a sandbox holding more connections than
+// its share gets the rest reset at accept, while another sandbox is served;
+// once it lets go, it is served again.
+func TestConnectionsCappedPerSandbox(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	e.stop()
+	e.serve(envOptions{conns: ConnLimits{PerSandbox: 3}})
+	sbA, a, secretA := e.sandbox("a", "web", "")
+	_, b, secretB := e.sandbox("b", "web", "")
+	tokenOf(t, e.get(a, "GET", "", bearer(secretA)))
+
+	_, err := a.Dial(netip.AddrPortFrom(e.w.Router4, port), 10)
+	require.NoError(t, err)
+	refused := e.srv.cfg.Metrics.connRefusals.WithLabelValues(connSandboxCap)
+	require.Eventually(t, func() bool { return testutil.ToFloat64(refused) == 7 }, 10*time.Second, 10*time.Millisecond,
+		"three of a's ten connections are kept")
+	tokenOf(t, e.get(b, "GET", "", bearer(secretB)))
+
+	a.Close()
+	a2 := sbA.Start(t)
+	require.Eventually(t, func() bool { return e.get(a2, "GET", "", bearer(secretA)).Status == 200 }, 10*time.Second, 20*time.Millisecond,
+		"a is served again once its connections are closed")
 }
 
 func TestKernelDecidesWhoIsCalling(t *testing.T) {

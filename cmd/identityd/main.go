@@ -12,11 +12,13 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/alecthomas/kong"
 
 	"github.com/identityd/identityd/bpf"
 	"github.com/identityd/identityd/internal/daemon"
+	"github.com/identityd/identityd/tokenserver"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -30,22 +32,26 @@ type cli struct {
 }
 
 type serveCmd struct {
-	StateDir        string       `default:"/var/lib/identityd" env:"IDENTITYD_STATE_DIR" help:"Records, secrets and signing keys (0700)."`
-	CgroupParent    string       `env:"IDENTITYD_CGROUP_PARENT" help:"Parent of sandbox cgroups (default <cgroup2 root>/identityd)."`
-	BPFDir          string       `name:"bpf-dir" default:"/sys/fs/bpf/identityd" env:"IDENTITYD_BPF_DIR" help:"bpffs directory for the pinned programs and maps."`
-	Listen          string       `env:"IDENTITYD_LISTEN" help:"Token endpoint address (default <router address>:7123)."`
-	Issuer          string       `env:"IDENTITYD_ISSUER" help:"Issuer URL: the iss claim and the base of OIDC discovery (default http://<listen>)."`
-	SigningAlg      string       `default:"RS256" enum:"RS256,ES256,EdDSA" env:"IDENTITYD_SIGNING_ALG" help:"Token signing algorithm (RS256, ES256, EdDSA)."`
-	DefaultAudience []string     `default:"miren" env:"IDENTITYD_DEFAULT_AUDIENCE" help:"Audience when a request names none."`
-	OperatorListen  string       `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
-	AdminSocket     string       `default:"/run/identityd/admin.sock" env:"IDENTITYD_ADMIN_SOCKET" help:"Unix socket of the admin API (0600)."`
-	HostNetns       string       `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the bridge and the token endpoint (default: the daemon's own)."`
-	Bridge          string       `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Bridge that sandboxes are attached to."`
-	Subnet          netip.Prefix `default:"10.88.0.0/16" env:"IDENTITYD_SUBNET" help:"Sandbox address pool; its first address is the router."`
-	RateLimit       float64      `default:"10" env:"IDENTITYD_RATE_LIMIT" help:"Token requests per second per sandbox."`
-	Burst           int          `default:"20" env:"IDENTITYD_BURST" help:"Burst of token requests per sandbox."`
-	LogLevel        string       `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
-	LogFormat       string       `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
+	StateDir        string        `default:"/var/lib/identityd" env:"IDENTITYD_STATE_DIR" help:"Records, secrets and signing keys (0700)."`
+	CgroupParent    string        `env:"IDENTITYD_CGROUP_PARENT" help:"Parent of sandbox cgroups (default <cgroup2 root>/identityd)."`
+	BPFDir          string        `name:"bpf-dir" default:"/sys/fs/bpf/identityd" env:"IDENTITYD_BPF_DIR" help:"bpffs directory for the pinned programs and maps."`
+	Listen          string        `env:"IDENTITYD_LISTEN" help:"Token endpoint address (default <router address>:7123)."`
+	Issuer          string        `env:"IDENTITYD_ISSUER" help:"Issuer URL: the iss claim and the base of OIDC discovery (default http://<listen>)."`
+	SigningAlg      string        `default:"RS256" enum:"RS256,ES256,EdDSA" env:"IDENTITYD_SIGNING_ALG" help:"Token signing algorithm (RS256, ES256, EdDSA)."`
+	DefaultAudience []string      `default:"miren" env:"IDENTITYD_DEFAULT_AUDIENCE" help:"Audience when a request names none."`
+	OperatorListen  string        `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
+	AdminSocket     string        `default:"/run/identityd/admin.sock" env:"IDENTITYD_ADMIN_SOCKET" help:"Unix socket of the admin API (0600)."`
+	HostNetns       string        `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the bridge and the token endpoint (default: the daemon's own)."`
+	Bridge          string        `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Bridge that sandboxes are attached to."`
+	Subnet          netip.Prefix  `default:"10.88.0.0/16" env:"IDENTITYD_SUBNET" help:"Sandbox address pool; its first address is the router."`
+	RateLimit       float64       `default:"10" env:"IDENTITYD_RATE_LIMIT" help:"Token requests per second per sandbox."`
+	Burst           int           `default:"20" env:"IDENTITYD_BURST" help:"Burst of token requests per sandbox."`
+	MaxConns        int           `default:"4096" env:"IDENTITYD_MAX_CONNS" help:"Open token endpoint connections in all (lowered to fit the descriptor limit)."`
+	MaxSandboxConns int           `name:"max-conns-per-sandbox" default:"64" env:"IDENTITYD_MAX_CONNS_PER_SANDBOX" help:"Open token endpoint connections per sandbox."`
+	MaxOtherConns   int           `default:"256" env:"IDENTITYD_MAX_OTHER_CONNS" help:"Open token endpoint connections of all callers that are not a live sandbox (host processes, unattested) together."`
+	IdleTimeout     time.Duration `default:"5s" env:"IDENTITYD_IDLE_TIMEOUT" help:"Close token endpoint keep-alive connections idle this long."`
+	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
+	LogFormat       string        `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
 }
 
 func (s *serveCmd) logger() (*slog.Logger, error) {
@@ -70,6 +76,8 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		Issuer: s.Issuer, SigningAlg: s.SigningAlg, DefaultAudience: s.DefaultAudience,
 		OperatorListen: s.OperatorListen, AdminSocket: s.AdminSocket, HostNetns: s.HostNetns,
 		Bridge: s.Bridge, Subnet: s.Subnet, RateLimit: s.RateLimit, Burst: s.Burst, Logger: log,
+		Conns:       tokenserver.ConnLimits{Total: s.MaxConns, PerSandbox: s.MaxSandboxConns, Others: s.MaxOtherConns},
+		IdleTimeout: s.IdleTimeout,
 	})
 }
 

@@ -21,6 +21,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"golang.org/x/net/netutil"
 	"golang.org/x/time/rate"
 
 	"github.com/identityd/identityd/bpf"
@@ -47,7 +48,11 @@ type Config struct {
 	Subnet          netip.Prefix
 	RateLimit       float64
 	Burst           int
-	Logger          *slog.Logger
+	// Conns bound the token endpoint's connections (Total is lowered to fit
+	// the descriptor limit); IdleTimeout closes idle keep-alive ones.
+	Conns       tokenserver.ConnLimits
+	IdleTimeout time.Duration
+	Logger      *slog.Logger
 }
 
 // Run starts the daemon and serves until ctx ends, then stops accepting,
@@ -104,8 +109,11 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return fmt.Errorf("operator endpoint: %w", err)
 		}
+		// Any host user can connect here: past the cap, new connections
+		// wait in the kernel's backlog, holding none of our descriptors.
+		ln = netutil.LimitListener(ln, serviceConns)
 		log.Info("operator endpoint listening", "addr", ln.Addr().String())
-		serve("operator", ln, &http.Server{Handler: tokenserver.OperatorHandler(reg, readyErr), ReadHeaderTimeout: 5 * time.Second})
+		serve("operator", ln, &http.Server{Handler: tokenserver.OperatorHandler(reg, readyErr), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 	}
 
 	start := time.Now()
@@ -161,10 +169,15 @@ func Run(ctx context.Context, cfg Config) error {
 		tokenLn.Close()
 		return err
 	}
+	conns, err := connLimits(cfg.Conns, log)
+	if err != nil {
+		tokenLn.Close()
+		return err
+	}
 	srv, err := tokenserver.New(tokenserver.Config{
 		Issuer: issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: ctrl,
 		Secrets: ctrl.Secrets(), Keys: keys, Logger: log, Metrics: metrics,
-		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst,
+		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
 	})
 	if err != nil {
 		tokenLn.Close()
@@ -177,6 +190,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	adminLn = netutil.LimitListener(adminLn, serviceConns)
 	admin := http.NewServeMux()
 	admin.Handle("/", controllers.AdminHandler(ctrl))
 	admin.HandleFunc("POST /v1/keys/rotate", func(w http.ResponseWriter, r *http.Request) {
@@ -189,7 +203,7 @@ func Run(ctx context.Context, cfg Config) error {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(keys.JWKS())
 	})
-	adminSrv := &http.Server{Handler: admin, ReadHeaderTimeout: 5 * time.Second}
+	adminSrv := &http.Server{Handler: admin, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
 	serve("admin", adminLn, adminSrv)
 
 	w, err := newAttributionWatch(in, log, reg)
