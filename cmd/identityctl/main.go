@@ -26,7 +26,8 @@ type cli struct {
 
 	Fsck      fsckCmd      `cmd:"" help:"Check that records, secrets, cgroups and netns agree (run while identityd is stopped or idle)."`
 	RotateKey rotateKeyCmd `cmd:"" name:"rotate-key" help:"Make a new signing key sign from now on; the old one stays published until its tokens expire."`
-	Exec      execCmd      `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run)."`
+	Exec      execCmd      `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run --privileged)."`
+	Init      initCmd      `cmd:"" name:"__init" hidden:"" help:"Confine and start a command as its pid namespace's init (used by run)."`
 }
 
 func (c *cli) admin() *controllers.AdminClient { return controllers.NewAdminClient(c.AdminSocket) }

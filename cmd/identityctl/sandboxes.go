@@ -27,17 +27,34 @@ func (e exitCode) Error() string { return fmt.Sprintf("exit status %d", int(e)) 
 func asExit(err error, out *exitCode) bool { return errors.As(err, out) }
 
 type runCmd struct {
-	App  string   `required:"" help:"App name (the token's app claim)."`
-	Org  string   `help:"Organisation (the token's organization_id claim)."`
-	ID   string   `help:"Sandbox id (generated if empty)."`
-	Keep bool     `help:"Keep the sandbox after the command exits."`
-	Cmd  []string `arg:"" passthrough:"" help:"Command and arguments."`
+	App  string `required:"" help:"App name (the token's app claim)."`
+	Org  string `help:"Organisation (the token's organization_id claim)."`
+	ID   string `help:"Sandbox id (generated if empty)."`
+	Keep bool   `help:"Keep the sandbox after the command exits."`
+	User string `placeholder:"USER[:GROUP]" help:"Run the command as this user and group (names or numbers; default nobody, 65534:65534 if there is none), without supplementary groups or capabilities, with no_new_privs, in pid, mount and IPC namespaces of its own."`
+	// Privileged is how run started commands before confinement, kept for
+	// trusted commands that need the host.
+	Privileged bool     `help:"Run the command as host root with every capability, in the host's pid and mount namespaces. It can then read other sandboxes' secrets from /proc/<pid>/environ, join their cgroups and netns, and get tokens naming them: only for commands trusted as much as root."`
+	Cmd        []string `arg:"" passthrough:"" help:"Command and arguments."`
 }
 
 // Run creates the sandbox, then starts the command in its cgroup (at clone
-// time) and its netns (joined before exec), with the identity environment.
-// The command does not depend on identityd staying up.
+// time) and its netns (joined before exec), with the identity environment,
+// confined unless --privileged. The command does not depend on identityd
+// staying up.
 func (r *runCmd) Run(ctx context.Context, c *cli) error {
+	// Resolved before the sandbox exists, so a bad --user leaves nothing.
+	var as *identity
+	switch {
+	case r.Privileged && r.User != "":
+		return errors.New("--user and --privileged exclude each other: --privileged runs the command as host root")
+	case !r.Privileged:
+		id, err := resolveUser(r.User)
+		if err != nil {
+			return err
+		}
+		as = &id
+	}
 	api := c.admin()
 	var created controllers.Created
 	if err := api.Do(ctx, "POST", "/v1/sandboxes", controllers.CreateRequest{ID: r.ID, App: r.App, Org: r.Org}, &created); err != nil {
@@ -45,7 +62,7 @@ func (r *runCmd) Run(ctx context.Context, c *cli) error {
 	}
 	sb := created.Sandbox
 	fmt.Fprintf(os.Stderr, "identityctl: sandbox %s (cgroup %s, netns %s)\n", sb.ID, sb.CgroupPath, sb.NetnsPath)
-	code, err := runIn(sb, created.Env, r.Cmd)
+	code, err := runIn(sb, created.Env, r.Cmd, as)
 	if !r.Keep {
 		// The command is gone, but its children may linger: kill them.
 		if derr := api.Do(context.Background(), "DELETE", "/v1/sandboxes/"+sb.ID+"?kill=true", nil, nil); derr != nil {
@@ -61,7 +78,10 @@ func (r *runCmd) Run(ctx context.Context, c *cli) error {
 	return nil
 }
 
-func runIn(sb controllers.Record, env map[string]string, argv []string) (int, error) {
+// runIn runs argv in the sandbox and returns its exit status. With as, the
+// command is confined (see confine.go) and runs as that user; without, it
+// runs as host root in the host's pid and mount namespaces.
+func runIn(sb controllers.Record, env map[string]string, argv []string, as *identity) (int, error) {
 	if len(argv) == 0 {
 		return 0, errors.New("no command given")
 	}
@@ -77,19 +97,25 @@ func runIn(sb controllers.Record, env map[string]string, argv []string) (int, er
 		return 0, fmt.Errorf("open sandbox cgroup: %w", err)
 	}
 	defer cg.Close()
-	cmd := exec.Command(self, append([]string{"__exec", "--netns", sb.NetnsPath, "--"}, argv...)...)
+	attr := &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	shim := []string{"__exec", "--netns", sb.NetnsPath}
+	if as != nil {
+		shim = []string{"__init", "--netns", sb.NetnsPath, "--uid", fmt.Sprint(as.uid), "--gid", fmt.Sprint(as.gid)}
+		attr.Cloneflags = confinedCloneFlags
+	}
+	cmd := exec.Command(self, append(append(shim, "--"), argv...)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Env = os.Environ()
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	cmd.SysProcAttr = attr
 	if err := cmd.Start(); err != nil {
 		return 0, fmt.Errorf("start %s in sandbox: %w", argv[0], err)
 	}
 	// Forward signals to the command; its exit decides ours.
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
+	signal.Notify(sigs, forwardedSignals...)
 	defer signal.Stop(sigs)
 	go func() {
 		for s := range sigs {
