@@ -93,7 +93,7 @@ func ID(path string) (uint64, error) {
 		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-		return 0, fmt.Errorf("cgroup %s: not a directory", path)
+		return 0, fmt.Errorf("cgroup %s: %w", path, unix.ENOTDIR)
 	}
 	return st.Ino, nil
 }

@@ -110,23 +110,38 @@ func Cookie(path string) (uint64, error) {
 	return cookie, nil
 }
 
+// ErrNotNetns means the path exists but is not a network namespace (for
+// example the mount point left after the namespace was unmounted).
+var ErrNotNetns = errors.New("not a network namespace")
+
 // IsNetns reports whether path is a network namespace file.
-func IsNetns(path string) bool {
+func IsNetns(path string) bool { return CheckNetns(path) == nil }
+
+// CheckNetns returns nil if path is a network namespace file. Otherwise the
+// error says why: fs.ErrNotExist (wrapped) if nothing is there, ErrNotNetns
+// if something else is, or the error that kept the check from finishing
+// (EMFILE, ENOMEM, ...), which says nothing about the namespace.
+func CheckNetns(path string) error {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
-		return false
+		return fmt.Errorf("check netns %s: %w", path, err)
 	}
-	return st.Type == unix.NSFS_MAGIC && netnsType(path)
-}
-
-func netnsType(path string) bool {
+	if st.Type != unix.NSFS_MAGIC {
+		return fmt.Errorf("check netns %s: %w", path, ErrNotNetns)
+	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return false
+		return fmt.Errorf("check netns %s: %w", path, err)
 	}
 	defer unix.Close(fd)
 	// NS_GET_NSTYPE answers CLONE_NEWNET for a network namespace.
 	const nsGetNstype = 0xb703
 	t, err := unix.IoctlRetInt(fd, nsGetNstype)
-	return err == nil && t == unix.CLONE_NEWNET
+	if err != nil {
+		return fmt.Errorf("check netns %s: namespace type: %w", path, err)
+	}
+	if t != unix.CLONE_NEWNET {
+		return fmt.Errorf("check netns %s: another kind of namespace: %w", path, ErrNotNetns)
+	}
+	return nil
 }
