@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 )
 
 // TempPrefix starts the names of temporary files, so that leftovers of an
@@ -68,8 +69,13 @@ func SyncDir(dir string) error {
 	return nil
 }
 
-// MkdirPrivate creates dir (and parents) with mode 0700 and refuses an
-// existing dir that others can write to or read.
+// MkdirPrivate creates dir (and parents) with mode 0700 and refuses a
+// directory that anyone but this process's effective user could change or
+// read: one owned by another user, one with group or other permissions, or
+// one below a directory that another user owns or that others may write to
+// without the sticky bit (they could rename dir away and put their own in
+// its place). Symbolic links are followed, and both the path as given and
+// the one it resolves to are checked.
 func MkdirPrivate(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", dir, err)
@@ -81,8 +87,56 @@ func MkdirPrivate(dir string) error {
 	if !st.IsDir() {
 		return fmt.Errorf("%s is not a directory", dir)
 	}
+	if err := ownedByUs(dir, st); err != nil {
+		return err
+	}
 	if st.Mode().Perm()&0o077 != 0 {
 		return fmt.Errorf("%s has mode %o: group or others can reach it (want 0700)", dir, st.Mode().Perm())
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("check %s: %w", dir, err)
+	}
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		return fmt.Errorf("check %s: %w", dir, err)
+	}
+	for _, p := range []string{abs, real} {
+		for a := filepath.Dir(p); ; a = filepath.Dir(a) {
+			if err := checkAncestor(dir, a); err != nil {
+				return err
+			}
+			if a == filepath.Dir(a) {
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// ownedByUs refuses a file that another user owns: its owner can change
+// its mode or replace what is inside.
+func ownedByUs(path string, st os.FileInfo) error {
+	uid := st.Sys().(*syscall.Stat_t).Uid
+	if euid := os.Geteuid(); int(uid) != euid {
+		return fmt.Errorf("%s is owned by uid %d; it must be owned by uid %d, the user this process runs as", path, uid, euid)
+	}
+	return nil
+}
+
+// checkAncestor refuses an ancestor a of dir that lets another user swap
+// dir for a directory of their own: owned by someone other than root or
+// us, or writable by group or others without the sticky bit.
+func checkAncestor(dir, a string) error {
+	st, err := os.Stat(a)
+	if err != nil {
+		return fmt.Errorf("check %s, above %s: %w", a, dir, err)
+	}
+	if uid := st.Sys().(*syscall.Stat_t).Uid; uid != 0 && int(uid) != os.Geteuid() {
+		return fmt.Errorf("%s, above %s, is owned by uid %d, who could replace %s; it must be owned by uid 0 or %d", a, dir, uid, dir, os.Geteuid())
+	}
+	if st.Mode().Perm()&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("%s, above %s, has mode %o: group or others can write to it and replace %s (want it not writable by them, or sticky)", a, dir, st.Mode().Perm(), dir)
 	}
 	return nil
 }
