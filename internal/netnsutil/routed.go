@@ -26,25 +26,29 @@ type RoutedLink struct {
 	Veth string
 	// Netns is the path of the sandbox's netns; its end becomes eth0.
 	Netns string
-	// Addr is the sandbox's address; Router is the host's address the
-	// sandbox routes through. IPv4 only: the source check is IPv4's
-	// reverse-path filter, which IPv6 does not have.
-	Addr, Router netip.Addr
+	// Addr is the sandbox's address. IPv4 only, as Router: the source
+	// check is IPv4's reverse-path filter, which IPv6 does not have.
+	Addr netip.Addr
+	// Router is the host's address the sandbox routes through, with the
+	// prefix of the pool Addr comes from (10.88.0.1/16).
+	Router netip.Prefix
 }
 
-// AttachRouted makes l. The host end carries Router/32 with Addr as its
-// peer, which gives the host its /32 route to the sandbox and lets it
-// answer ARP for Router on this link whatever arp_ignore (0 to 3) says;
-// strict reverse-path filtering on it drops every packet whose source is
-// not routed back through it, so the sandbox cannot use a neighbour's
-// address; IPv6 is off on it, so nothing IPv6 from the sandbox reaches the
-// host. The sandbox end is eth0 with Addr/32, an on-link route to Router
-// and a default route via Router; lo is brought up too.
+// AttachRouted makes l. The host has a /32 route to Addr through the host
+// end. The host end carries Router too, with its prefix but not the
+// prefix's route, so that the host answers the sandbox's ARP for Router on
+// this link whatever arp_ignore says up to 3 (1 wants Router on the link,
+// 2 the sender inside its prefix). Strict reverse-path filtering on the
+// host end drops every packet whose source is not routed back through it,
+// so the sandbox cannot use a neighbour's address, and IPv6 is off on it,
+// so nothing IPv6 from the sandbox reaches the host. The sandbox end is
+// eth0 with Addr/32, an on-link route to Router and a default route via
+// Router; lo is brought up too.
 //
 // It refuses (ErrLooseRPFilter) when the host netns's
 // net.ipv4.conf.all.rp_filter is 2, and on failure removes what it made.
 func AttachRouted(host *netlink.Handle, l RoutedLink) (err error) {
-	if !l.Addr.Is4() || !l.Router.Is4() {
+	if !l.Addr.Is4() || !l.Router.Addr().Is4() {
 		return fmt.Errorf("routed link %s: addresses %s and %s: only IPv4 has reverse-path filtering", l.Veth, l.Addr, l.Router)
 	}
 	if err := CheckStrictRPFilter(l.HostNetns); err != nil {
@@ -79,11 +83,15 @@ func AttachRouted(host *netlink.Handle, l RoutedLink) (err error) {
 	if err := SetSysctl(l.HostNetns, "net/ipv6/conf/"+l.Veth+"/disable_ipv6", "1"); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err // (ErrNotExist: a kernel without IPv6 has nothing to turn off)
 	}
-	if err := host.AddrAdd(hostEnd, &netlink.Addr{IPNet: IPNet(netip.PrefixFrom(l.Router, 32)), Peer: IPNet(netip.PrefixFrom(l.Addr, 32))}); err != nil {
-		return fmt.Errorf("add %s peer %s to %s: %w", l.Router, l.Addr, l.Veth, err)
+	if err := host.AddrAdd(hostEnd, &netlink.Addr{IPNet: IPNet(l.Router), Flags: unix.IFA_F_NOPREFIXROUTE}); err != nil {
+		return fmt.Errorf("add %s to %s: %w", l.Router, l.Veth, err)
 	}
 	if err := host.LinkSetUp(hostEnd); err != nil {
 		return fmt.Errorf("bring %s up: %w", l.Veth, err)
+	}
+	if err := host.RouteAdd(&netlink.Route{LinkIndex: hostEnd.Attrs().Index, Dst: IPNet(netip.PrefixFrom(l.Addr, 32)),
+		Scope: netlink.SCOPE_LINK, Src: l.Router.Addr().AsSlice()}); err != nil {
+		return fmt.Errorf("route to %s via %s: %w", l.Addr, l.Veth, err)
 	}
 
 	h, err := Handle(l.Netns)
@@ -105,11 +113,11 @@ func AttachRouted(host *netlink.Handle, l RoutedLink) (err error) {
 			return fmt.Errorf("bring %s up in %s: %w", name, l.Netns, err)
 		}
 		if name == "eth0" {
-			onLink := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: IPNet(netip.PrefixFrom(l.Router, 32)), Scope: netlink.SCOPE_LINK}
+			onLink := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: IPNet(netip.PrefixFrom(l.Router.Addr(), 32)), Scope: netlink.SCOPE_LINK}
 			if err := h.RouteAdd(onLink); err != nil {
 				return fmt.Errorf("route to %s on eth0 in %s: %w", l.Router, l.Netns, err)
 			}
-			if err := h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: l.Router.AsSlice()}); err != nil {
+			if err := h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: l.Router.Addr().AsSlice()}); err != nil {
 				return fmt.Errorf("default route via %s in %s: %w", l.Router, l.Netns, err)
 			}
 		}

@@ -47,7 +47,7 @@ func TestAttachRouted(t *testing.T) {
 
 	sbNS := testNetns(t, "sb")
 	addr := netip.MustParseAddr("10.231.7.9")
-	require.NoError(t, AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}))
+	require.NoError(t, AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: netip.PrefixFrom(router, 24)}))
 
 	for key, want := range map[string]string{"net/ipv4/conf/rtv0/rp_filter": "1", "net/ipv6/conf/rtv0/disable_ipv6": "1"} {
 		v, err := Sysctl(hostNS, key)
@@ -117,14 +117,14 @@ func TestAttachRouted(t *testing.T) {
 	// nothing is left behind.
 	require.NoError(t, SetSysctl(hostNS, "net/ipv4/conf/all/rp_filter", "2"))
 	refused := testNetns(t, "refused")
-	err = AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv2", Netns: refused, Addr: netip.MustParseAddr("10.231.7.11"), Router: router})
+	err = AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv2", Netns: refused, Addr: netip.MustParseAddr("10.231.7.11"), Router: netip.PrefixFrom(router, 24)})
 	require.ErrorIs(t, err, ErrLooseRPFilter)
 	assert.ErrorContains(t, err, "net.ipv4.conf.all.rp_filter is 2 in netns "+hostNS)
 	assert.ErrorContains(t, err, "sysctl -w net.ipv4.conf.all.rp_filter=1")
 	_, err = host.LinkByName("rtv2")
 	assert.ErrorAs(t, err, new(netlink.LinkNotFoundError))
 
-	err = AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv3", Netns: refused, Addr: netip.MustParseAddr("fd00::9"), Router: router})
+	err = AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv3", Netns: refused, Addr: netip.MustParseAddr("fd00::9"), Router: netip.PrefixFrom(router, 24)})
 	assert.ErrorContains(t, err, "only IPv4")
 
 	after, err := Sysctl("", "net/ipv4/conf/all/rp_filter")
