@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -13,8 +14,8 @@ import (
 	"regexp"
 	"slices"
 	"sort"
-	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -52,8 +53,9 @@ type Config struct {
 	TokenPort int
 	// Issuer is handed to sandboxes as MIREN_OIDC_ISSUER_URL.
 	Issuer string
-	// ResyncInterval bounds how long a sandbox removed underneath the
-	// controller stays registered; default 2s.
+	// ResyncInterval is how often live sandboxes are checked against the
+	// kernel; one removed underneath the controller is retired at the
+	// second check that finds it gone, so within two intervals. Default 2s.
 	ResyncInterval time.Duration
 	Logger         *slog.Logger `json:"-"`
 	// Fault, if set, is called at named points inside Create and Delete;
@@ -75,11 +77,42 @@ type Controller struct {
 
 	mu   sync.Mutex // serialises lifecycle operations
 	live map[string]*Record
+	// doubts holds what the previous resync saw of sandboxes that did not
+	// look plainly alive (under mu).
+	doubts map[string]*doubt
+	// inconclusive counts checks that could not tell whether a sandbox is
+	// alive.
+	inconclusive atomic.Uint64
+	// confirmWait separates the rebuild's two looks at a sandbox it found
+	// gone; tests replace it.
+	confirmWait func(context.Context) error
+}
+
+// doubt is what the resync remembers of a sandbox between two checks.
+type doubt struct {
+	// gone is why the sandbox looked gone; it is retired only if the next
+	// conclusive check agrees.
+	gone string
+	// unknown is set while checks are inconclusive (logged once).
+	unknown int
 }
 
 // New opens the state, rebuilds the sandboxes from their records and the
 // live cgroups and network namespaces, and returns a ready controller.
 func New(ctx context.Context, cfg Config) (*Controller, error) {
+	c, err := open(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.rebuild(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// open is New without the rebuild: the state opened, nothing registered.
+func open(cfg Config) (*Controller, error) {
 	root, err := cgroup2.Root()
 	if err != nil {
 		return nil, err
@@ -106,7 +139,8 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		cfg.Fault = func(string) {}
 	}
 	cfg.Subnet = cfg.Subnet.Masked()
-	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, router: cfg.Subnet.Addr().Next()}
+	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, doubts: map[string]*doubt{}, router: cfg.Subnet.Addr().Next(),
+		confirmWait: func(ctx context.Context) error { return sleep(ctx, confirmDelay) }}
 	if err := os.MkdirAll(cfg.CgroupParent, 0o755); err != nil {
 		return nil, fmt.Errorf("create cgroup parent: %w", err)
 	}
@@ -123,9 +157,6 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		return nil, err
 	}
 	if err := c.ensureBridge(); err != nil {
-		return nil, err
-	}
-	if err := c.rebuild(ctx); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -202,7 +233,10 @@ type Created struct {
 }
 
 // Create makes a sandbox: a cgroup, a netns joined to the bridge, and a
-// fresh secret. When it returns, the record and the secret are durable.
+// fresh secret. When it returns, the record and the secret are durable. A
+// cgroup, netns or veth of that name that Create did not make is never
+// touched: Create answers ErrExists. A Create that fails removes only what
+// it made itself.
 func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, error) {
 	if req.ID == "" {
 		req.ID = newID()
@@ -212,8 +246,11 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.live[req.ID]; ok || c.records.exists(req.ID) {
-		return nil, fmt.Errorf("%w: %s", ErrExists, req.ID)
+	if err := ctx.Err(); err != nil { // the caller left while it waited
+		return nil, err
+	}
+	if err := c.unused(req.ID); err != nil {
+		return nil, err
 	}
 	addr, err := c.allocate()
 	if err != nil {
@@ -226,25 +263,47 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 		Veth:       vethName(req.ID),
 		Addresses:  []netip.Prefix{addr},
 	}
-	// The marker names everything below, so a crash anywhere until the
-	// record exists is cleaned up at the next start.
+	// Whatever already carries one of the sandbox's names belongs to
+	// someone else. Checked before the pending marker, whose cleanup after
+	// a crash removes everything it names.
+	if err := c.untaken(r); err != nil {
+		return nil, fmt.Errorf("create %s: %w", r.ID, err)
+	}
 	if err := c.records.putPending(r); err != nil {
 		return nil, fmt.Errorf("create %s: %w", r.ID, err)
 	}
 	c.cfg.Fault("create:pending")
+	made := &Record{ID: r.ID} // what this Create made: all a failure removes
+	secretPut := false
 	fail := func(err error) (*Created, error) {
-		c.teardown(r, true)
-		c.secrets.Delete(r.ID)
-		c.records.removePending(r.ID)
+		if terr := c.teardown(made, true); terr != nil {
+			c.log.Warn("undo a failed create", "sandbox", r.ID, "error", terr)
+		}
+		if secretPut {
+			if derr := c.secrets.Delete(r.ID); derr != nil {
+				c.log.Warn("undo a failed create", "sandbox", r.ID, "error", derr)
+			}
+		}
+		if perr := c.records.removePending(r.ID); perr != nil {
+			c.log.Warn("undo a failed create: the next start finishes it", "sandbox", r.ID, "error", perr)
+		}
 		return nil, fmt.Errorf("create %s: %w", r.ID, err)
 	}
 	if err := os.Mkdir(r.CgroupPath, 0o755); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fail(fmt.Errorf("%w: cgroup %s already exists and is not this sandbox's; left untouched", ErrExists, r.CgroupPath))
+		}
 		return fail(fmt.Errorf("create cgroup: %w", err))
 	}
+	made.CgroupPath = r.CgroupPath
 	if r.CgroupID, err = cgroup2.ID(r.CgroupPath); err != nil {
 		return fail(err)
 	}
+	made.CgroupID = r.CgroupID
 	c.cfg.Fault("create:cgroup")
+	// untaken found neither the netns nor the veth, and both names are
+	// derived from the id: from here on they are this Create's.
+	made.NetnsPath, made.Veth = r.NetnsPath, r.Veth
 	if err := c.createNetwork(r, addr); err != nil {
 		return fail(err)
 	}
@@ -253,6 +312,7 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	}
 	c.cfg.Fault("create:network")
 	secret := newSecret()
+	secretPut = true
 	if err := c.secrets.Put(r.ID, secret); err != nil {
 		return fail(err)
 	}
@@ -262,14 +322,57 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	}
 	c.cfg.Fault("create:record")
 	if err := c.register(r); err != nil {
-		return nil, err
+		// Not served: take the record back so that no restart serves it.
+		if rerr := c.records.remove(r.ID); rerr != nil {
+			c.log.Warn("undo a failed create", "sandbox", r.ID, "error", rerr)
+		}
+		return fail(err)
 	}
 	if err := c.records.removePending(r.ID); err != nil {
 		c.log.Warn("remove pending marker", "sandbox", r.ID, "error", err)
 	}
 	c.log.Info("sandbox created", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID,
 		"netns", r.NetnsPath, "address", addr)
-	return &Created{Sandbox: *r, Env: c.Env(secret)}, ctx.Err()
+	// Committed: a caller that went away meanwhile does not undo it.
+	return &Created{Sandbox: *r, Env: c.Env(secret)}, nil
+}
+
+// unused refuses an id that a live sandbox or a record already has.
+func (c *Controller) unused(id string) error {
+	if _, ok := c.live[id]; ok {
+		return fmt.Errorf("%w: %s", ErrExists, id)
+	}
+	has, err := c.records.exists(id)
+	if err != nil {
+		return err
+	}
+	if has {
+		return fmt.Errorf("%w: %s", ErrExists, id)
+	}
+	return nil
+}
+
+// untaken returns an ErrExists error naming the first of r's cgroup, netns
+// and veth that already exists.
+func (c *Controller) untaken(r *Record) error {
+	for _, p := range []struct{ what, path string }{{"cgroup", r.CgroupPath}, {"netns", r.NetnsPath}} {
+		_, err := os.Lstat(p.path)
+		if err == nil {
+			return fmt.Errorf("%w: %s %s already exists and is not this sandbox's; left untouched", ErrExists, p.what, p.path)
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("check %s %s: %w", p.what, p.path, err)
+		}
+	}
+	_, err := c.host.LinkByName(r.Veth)
+	if err == nil {
+		return fmt.Errorf("%w: veth %s already exists and is not this sandbox's; left untouched", ErrExists, r.Veth)
+	}
+	var notFound netlink.LinkNotFoundError
+	if !errors.As(err, &notFound) {
+		return fmt.Errorf("check veth %s: %w", r.Veth, err)
+	}
+	return nil
 }
 
 // allocate picks the lowest free address of the pool.
@@ -354,8 +457,11 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.live[r.ID]; ok || c.records.exists(r.ID) {
-		return nil, fmt.Errorf("%w: %s", ErrExists, r.ID)
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := c.unused(r.ID); err != nil {
+		return nil, err
 	}
 	// A secret without a record is swept at the next start, so the secret
 	// goes first and the record commits the adoption.
@@ -363,17 +469,23 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 	if err := c.secrets.Put(r.ID, secret); err != nil {
 		return nil, err
 	}
+	undo := func(what string, err error) {
+		if err != nil {
+			c.log.Warn("undo a failed adoption: "+what, "sandbox", r.ID, "error", err)
+		}
+	}
 	if err := c.records.put(r); err != nil {
-		c.secrets.Delete(r.ID)
+		undo("delete secret", c.secrets.Delete(r.ID))
 		return nil, err
 	}
 	if err := c.register(r); err != nil {
-		c.secrets.Delete(r.ID)
-		c.records.remove(r.ID)
+		undo("delete secret", c.secrets.Delete(r.ID))
+		undo("remove record", c.records.remove(r.ID))
 		return nil, fmt.Errorf("%w: %v", ErrExists, err)
 	}
 	c.log.Info("sandbox adopted", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID, "netns", r.NetnsPath)
-	return &Created{Sandbox: *r, Env: c.Env(secret)}, ctx.Err()
+	// Committed: a caller that went away meanwhile does not undo it.
+	return &Created{Sandbox: *r, Env: c.Env(secret)}, nil
 }
 
 // Delete revokes a sandbox (its secret is durably gone before anything
@@ -383,6 +495,9 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	r, ok := c.live[id]
 	if !ok {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
@@ -406,7 +521,7 @@ func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 		return fmt.Errorf("remove record of %s: %w", id, err)
 	}
 	c.log.Info("sandbox deleted", "sandbox", id)
-	return ctx.Err()
+	return nil
 }
 
 // List returns the live sandboxes, by id.
@@ -435,42 +550,67 @@ func (c *Controller) Get(id string) (Record, error) {
 // rebuild turns the records on disk and the live kernel state into the
 // registry: it finishes or undoes operations a crash interrupted, retires
 // sandboxes whose cgroup or netns is gone (or was re-created), and logs live
-// cgroups under the parent that no record names.
+// cgroups under the parent that no record names. Only definite evidence,
+// seen twice, retires a sandbox (see probe): a start on a host short of
+// descriptors or memory keeps every sandbox it cannot check, as recorded,
+// or refuses to start; it never removes what it could not look at.
 func (c *Controller) rebuild(ctx context.Context) error {
 	start := time.Now()
-	pending, errs := list(c.records.pending)
-	for _, err := range errs {
-		c.log.Warn("unreadable pending marker", "error", err)
-	}
-	for _, p := range pending {
-		if c.records.exists(p.ID) {
-			c.records.removePending(p.ID) // Create finished; only the marker was left
-			continue
-		}
-		c.log.Warn("cleaning up a create that did not finish", "sandbox", p.ID)
-		c.teardown(p, true)
-		c.secrets.Delete(p.ID)
-		c.records.removePending(p.ID)
+	if err := c.finishPending(); err != nil {
+		return err
 	}
 
 	recs, errs := list(c.records.dir)
 	for _, err := range errs {
-		c.log.Error("unreadable sandbox record, not trusted", "error", err)
+		if !errors.Is(err, errCorrupt) {
+			// An unread record may be a live sandbox: without it, the
+			// sweep below would revoke its secret.
+			return fmt.Errorf("read sandbox records: %w", err)
+		}
+		c.log.Error("corrupt sandbox record, not trusted", "error", err)
 	}
 	known := map[string]bool{}
+	var doubtful []*Record
 	retired := 0
 	for _, r := range recs {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		known[r.ID] = true
-		if why := c.check(r); why != "" {
-			c.retire(r, why)
+		l := c.probeAtStart(r)
+		if l.State == gone {
+			c.log.Info("sandbox looks gone; looking again before retiring it", "sandbox", r.ID, "reason", l.Reason)
+			doubtful = append(doubtful, r)
+			continue
+		}
+		ok, err := c.admit(r, l)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			retired++
+		}
+	}
+	// A sandbox seen gone is looked at once more before anything of it is
+	// removed.
+	if len(doubtful) > 0 {
+		if err := c.confirmWait(ctx); err != nil {
+			return err
+		}
+	}
+	for _, r := range doubtful {
+		l := c.probeAtStart(r)
+		if l.State == gone {
+			c.retire(r, l.Reason, true)
 			retired++
 			continue
 		}
-		if err := c.register(r); err != nil {
-			c.retire(r, err.Error())
+		c.log.Warn("sandbox looked gone at start, then did not; kept", "sandbox", r.ID, "now", l.State.String())
+		ok, err := c.admit(r, l)
+		if err != nil {
+			return err
+		}
+		if !ok {
 			retired++
 		}
 	}
@@ -480,7 +620,9 @@ func (c *Controller) rebuild(ctx context.Context) error {
 		for _, e := range entries {
 			id, ok := cutSuffix(e.Name(), ".json")
 			if ok && !known[id] {
-				c.secrets.Delete(id)
+				if err := c.secrets.Delete(id); err != nil {
+					c.log.Warn("remove a secret no record names", "sandbox", id, "error", err)
+				}
 			}
 		}
 	}
@@ -500,6 +642,94 @@ func (c *Controller) rebuild(ctx context.Context) error {
 	return nil
 }
 
+// confirmDelay separates the two looks the start takes at a sandbox before
+// it retires it.
+const confirmDelay = 100 * time.Millisecond
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// finishPending undoes the creates a crash interrupted, from their pending
+// markers. A marker whose cleanup fails stays for the next start.
+func (c *Controller) finishPending() error {
+	pending, errs := list(c.records.pending)
+	for _, err := range errs {
+		c.log.Warn("unreadable pending marker; left for the next start", "error", err)
+	}
+	for _, p := range pending {
+		done, err := c.records.exists(p.ID)
+		if err != nil {
+			return fmt.Errorf("finish an interrupted create: %w", err)
+		}
+		if !done {
+			c.log.Warn("cleaning up a create that did not finish", "sandbox", p.ID)
+			if err := c.teardown(p, true); err != nil {
+				c.log.Warn("clean up a create that did not finish; retried at the next start", "sandbox", p.ID, "error", err)
+				continue
+			}
+			if err := c.secrets.Delete(p.ID); err != nil {
+				c.log.Warn("clean up a create that did not finish; retried at the next start", "sandbox", p.ID, "error", err)
+				continue
+			}
+		}
+		// Either Create finished and only the marker was left, or its
+		// leftovers are gone.
+		if err := c.records.removePending(p.ID); err != nil {
+			c.log.Warn("remove pending marker", "sandbox", p.ID, "error", err)
+		}
+	}
+	return nil
+}
+
+// probeAtStart is probe, deep, after the state directory's own evidence: a
+// record whose secret is gone is a delete that a crash interrupted.
+func (c *Controller) probeAtStart(r *Record) liveness {
+	has, err := c.secrets.Has(r.ID)
+	switch {
+	case err != nil:
+		return liveness{State: unknown, Object: "secret", Err: err}
+	case !has:
+		return liveness{State: gone, Reason: "its secret is gone: a delete was interrupted"}
+	}
+	return probe(r, true)
+}
+
+// admit registers a sandbox the start found alive or could not check, and
+// reports whether it is live. One it could not check is registered as
+// recorded, and the resync keeps looking at it.
+func (c *Controller) admit(r *Record, l liveness) (bool, error) {
+	switch l.State {
+	case alive:
+		if l.Cookie != 0 {
+			r.NetnsCookie = l.Cookie
+		}
+	case unknown:
+		c.inconclusive.Add(1)
+		c.log.Warn("cannot check sandbox at start; kept as recorded", "sandbox", r.ID, "object", l.Object, "error", l.Err)
+		if r.NetnsPath != "" && r.NetnsCookie == 0 {
+			return false, fmt.Errorf("sandbox %s: cannot check %s (%w) and its record holds no netns cookie to serve it by; not starting rather than guessing", r.ID, l.Object, l.Err)
+		}
+	}
+	if err := c.register(r); err != nil {
+		// Two records claim one cgroup or netns: the resources are the
+		// other sandbox's, so only this one's identity goes.
+		c.retire(r, err.Error(), false)
+		return false, nil
+	}
+	if l.State == unknown {
+		c.doubts[r.ID] = &doubt{unknown: 1} // the resync says when it can check again
+	}
+	return true, nil
+}
+
 func cutSuffix(s, suffix string) (string, bool) {
 	if len(s) > len(suffix) && s[len(s)-len(suffix):] == suffix {
 		return s[:len(s)-len(suffix)], true
@@ -507,45 +737,26 @@ func cutSuffix(s, suffix string) (string, bool) {
 	return "", false
 }
 
-// check says why r is no longer a live sandbox, or "" if it is; it
-// refreshes r's netns cookie from the live netns.
-func (c *Controller) check(r *Record) string {
-	if has, err := c.secrets.Has(r.ID); err == nil && !has {
-		return "its secret is gone: a delete was interrupted"
-	}
-	if r.CgroupPath != "" {
-		id, err := cgroup2.ID(r.CgroupPath)
-		switch {
-		case err != nil:
-			return "its cgroup is gone"
-		case id != r.CgroupID:
-			return "its cgroup was re-created (id " + strconv.FormatUint(id, 10) + ", recorded " + strconv.FormatUint(r.CgroupID, 10) + ")"
-		}
-	}
-	if r.NetnsPath != "" {
-		if !netnsutil.IsNetns(r.NetnsPath) {
-			return "its netns is gone"
-		}
-		cookie, err := netnsutil.Cookie(r.NetnsPath)
-		if err != nil {
-			return "its netns cannot be entered: " + err.Error()
-		}
-		r.NetnsCookie = cookie
-	}
-	return ""
-}
-
 // retire revokes a sandbox that is gone and removes its record and, if it
-// was created here, whatever is left of it.
-func (c *Controller) retire(r *Record, why string) {
+// was created here and teardown is set, whatever is left of it.
+func (c *Controller) retire(r *Record, why string, teardown bool) {
 	c.log.Warn("sandbox retired", "sandbox", r.ID, "reason", why)
-	c.secrets.Delete(r.ID)
+	if err := c.secrets.Delete(r.ID); err != nil {
+		// The record goes all the same: a secret without a record is
+		// swept at the next start, and nothing resolves to it meanwhile.
+		c.log.Warn("retire sandbox: revoke its secret", "sandbox", r.ID, "error", err)
+	}
 	c.reg.Remove(r.ID)
 	delete(c.live, r.ID)
-	if r.Owned {
-		c.teardown(r, true)
+	delete(c.doubts, r.ID)
+	if r.Owned && teardown {
+		if err := c.teardown(r, true); err != nil {
+			c.log.Warn("retire sandbox: tear it down", "sandbox", r.ID, "error", err)
+		}
 	}
-	c.records.remove(r.ID)
+	if err := c.records.remove(r.ID); err != nil {
+		c.log.Warn("retire sandbox: remove its record; the next start retires it again", "sandbox", r.ID, "error", err)
+	}
 }
 
 // Run notices sandboxes that disappear underneath the controller (a cgroup
@@ -563,7 +774,10 @@ func (c *Controller) Run(ctx context.Context) {
 	}
 }
 
-// Resync checks every live sandbox against the kernel once.
+// Resync checks every live sandbox against the kernel once, without
+// entering its netns (a stat and an open each). A sandbox is retired when
+// this check and the previous conclusive one both found it gone; one that
+// cannot be checked is kept.
 func (c *Controller) Resync() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -574,21 +788,54 @@ func (c *Controller) Resync() {
 	slices.Sort(ids)
 	for _, id := range ids {
 		r := c.live[id]
-		if why := c.checkQuick(r); why != "" {
-			c.retire(r, why)
+		c.judge(r, probe(r, false))
+	}
+	for id := range c.doubts {
+		if _, ok := c.live[id]; !ok {
+			delete(c.doubts, id)
 		}
 	}
 }
 
-// checkQuick is check without re-entering the netns: a stat each.
-func (c *Controller) checkQuick(r *Record) string {
-	if r.CgroupPath != "" {
-		if id, err := cgroup2.ID(r.CgroupPath); err != nil || id != r.CgroupID {
-			return "its cgroup is gone or was re-created"
+// judge acts on one resync's check of a live sandbox.
+func (c *Controller) judge(r *Record, l liveness) {
+	d := c.doubts[r.ID]
+	switch l.State {
+	case alive:
+		if d == nil {
+			return
 		}
+		if d.unknown > 0 {
+			c.log.Info("sandbox can be checked again", "sandbox", r.ID, "inconclusive_checks", d.unknown)
+		}
+		if d.gone != "" {
+			c.log.Warn("sandbox looked gone, then alive; kept", "sandbox", r.ID, "reason", d.gone)
+		}
+		delete(c.doubts, r.ID)
+	case unknown:
+		c.inconclusive.Add(1)
+		if d == nil {
+			d = &doubt{}
+			c.doubts[r.ID] = d
+		}
+		if d.unknown == 0 {
+			c.log.Warn("cannot check sandbox; kept", "sandbox", r.ID, "object", l.Object, "error", l.Err)
+		}
+		d.unknown++
+	case gone:
+		if d != nil && d.gone != "" {
+			c.retire(r, l.Reason, true)
+			return
+		}
+		if d == nil {
+			d = &doubt{}
+			c.doubts[r.ID] = d
+		}
+		d.gone = l.Reason
+		c.log.Info("sandbox looks gone; retired if the next check agrees", "sandbox", r.ID, "reason", l.Reason)
 	}
-	if r.NetnsPath != "" && !netnsutil.IsNetns(r.NetnsPath) {
-		return "its netns is gone"
-	}
-	return ""
 }
+
+// InconclusiveChecks counts the checks, at start and by the resync, that
+// could not tell whether a sandbox is alive (and so kept it).
+func (c *Controller) InconclusiveChecks() uint64 { return c.inconclusive.Load() }

@@ -11,7 +11,9 @@ import (
 )
 
 // Fsck compares records, secrets, cgroups and network namespaces and
-// returns every inconsistency it finds, as sentences. It only reads: run it
+// returns every inconsistency it finds, as sentences; a sandbox it cannot
+// check (out of descriptors, say) is reported as such, never as gone, by
+// the rule the daemon uses (probe). It only reads: run it
 // while the daemon is stopped or idle (an operation in flight looks like an
 // inconsistency until it finishes, and the next start repairs what a crash
 // left).
@@ -38,18 +40,16 @@ func Fsck(cfg Config) ([]string, error) {
 	owned := map[string]bool{} // cgroup paths and netns names of owned sandboxes
 	for _, r := range recs {
 		byID[r.ID] = r
-		if _, err := os.Stat(filepath.Join(cfg.StateDir, "secrets", r.ID+".json")); err != nil {
+		if _, err := os.Stat(filepath.Join(cfg.StateDir, "secrets", r.ID+".json")); missing(err) {
 			report("sandbox %s: record without a secret (an interrupted delete)", r.ID)
+		} else if err != nil {
+			report("sandbox %s: cannot check its secret: %v", r.ID, err)
 		}
-		if r.CgroupPath != "" {
-			if id, err := cgroup2.ID(r.CgroupPath); err != nil {
-				report("sandbox %s: cgroup %s is gone", r.ID, r.CgroupPath)
-			} else if id != r.CgroupID {
-				report("sandbox %s: cgroup %s was re-created (id %d, recorded %d)", r.ID, r.CgroupPath, id, r.CgroupID)
-			}
-		}
-		if r.NetnsPath != "" && !netnsutil.IsNetns(r.NetnsPath) {
-			report("sandbox %s: netns %s is gone", r.ID, r.NetnsPath)
+		switch l := probe(r, true); l.State {
+		case gone:
+			report("sandbox %s: %s", r.ID, l.Reason)
+		case unknown:
+			report("sandbox %s: cannot check its %s: %v", r.ID, l.Object, l.Err)
 		}
 		if r.Owned {
 			owned[r.CgroupPath] = true

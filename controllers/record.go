@@ -84,13 +84,25 @@ func removeFile(p string) error {
 	return nil
 }
 
-func (s *recordStore) exists(id string) bool {
+// exists reports whether a record of id is on disk; an error means it
+// could not be told.
+func (s *recordStore) exists(id string) (bool, error) {
 	_, err := os.Stat(filepath.Join(s.dir, id+".json"))
-	return err == nil
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("look for the record of %s: %w", id, err)
+	}
+	return true, nil
 }
 
-// list reads every record in dir. A file that does not parse is reported,
-// not trusted.
+// errCorrupt marks a record file that was read but does not parse, as
+// opposed to one that could not be read at all.
+var errCorrupt = errors.New("corrupt")
+
+// list reads every record in dir. A file that does not parse is reported
+// (wrapping errCorrupt), not trusted.
 func list(dir string) ([]*Record, []error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -110,7 +122,7 @@ func list(dir string) ([]*Record, []error) {
 		}
 		var r Record
 		if err := json.Unmarshal(b, &r); err != nil || r.ID+".json" != name {
-			errs = append(errs, fmt.Errorf("sandbox record %s is corrupt: %v", name, err))
+			errs = append(errs, fmt.Errorf("sandbox record %s is %w: %v", name, errCorrupt, err))
 			continue
 		}
 		out = append(out, &r)
