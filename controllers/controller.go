@@ -41,13 +41,16 @@ type Config struct {
 	// CgroupParent is where sandbox cgroups are created; default
 	// <cgroup2 root>/identityd.
 	CgroupParent string
-	// HostNetns is the netns holding the bridge (a path); empty means the
-	// controller's own. Tests point it at a namespace they made.
+	// HostNetns is the netns holding the router address and the host ends
+	// of the sandboxes' veths (a path); empty means the controller's own.
+	// Tests point it at a namespace they made.
 	HostNetns string
-	// Bridge is the bridge sandboxes are joined to; default identityd0.
+	// Bridge is the device holding the router address; default identityd0.
+	// Sandboxes get routed links of their own, not ports on it (only
+	// sandboxes made by older versions are).
 	Bridge string
-	// Subnet is the sandbox address pool; its first address is the router
-	// (on the bridge). Default 10.88.0.0/16.
+	// Subnet is the sandbox address pool, IPv4 only; its first address is
+	// the router (on Bridge). Default 10.88.0.0/16.
 	Subnet netip.Prefix
 	// TokenPort is where the token endpoint listens on the router; 7123.
 	TokenPort int
@@ -108,6 +111,7 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		c.Close()
 		return nil, err
 	}
+	c.warnLegacy()
 	return c, nil
 }
 
@@ -232,7 +236,7 @@ type Created struct {
 	Env     map[string]string `json:"env"`
 }
 
-// Create makes a sandbox: a cgroup, a netns joined to the bridge, and a
+// Create makes a sandbox: a cgroup, a netns with a routed link, and a
 // fresh secret. When it returns, the record and the secret are durable. A
 // cgroup, netns or veth of that name that Create did not make is never
 // touched: Create answers ErrExists. A Create that fails removes only what
@@ -385,7 +389,7 @@ func (c *Controller) allocate() (netip.Prefix, error) {
 	}
 	for a := c.router.Next(); c.cfg.Subnet.Contains(a); a = a.Next() {
 		if !used[a] && c.cfg.Subnet.Contains(a.Next()) { // not the broadcast address
-			return netip.PrefixFrom(a, c.cfg.Subnet.Bits()), nil
+			return netip.PrefixFrom(a, a.BitLen()), nil // routed: the sandbox has no on-link neighbours
 		}
 	}
 	return netip.Prefix{}, fmt.Errorf("address pool %s is exhausted", c.cfg.Subnet)
@@ -484,6 +488,7 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 		return nil, fmt.Errorf("%w: %v", ErrExists, err)
 	}
 	c.log.Info("sandbox adopted", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID, "netns", r.NetnsPath)
+	c.warnSharedL2(r)
 	// Committed: a caller that went away meanwhile does not undo it.
 	return &Created{Sandbox: *r, Env: c.Env(secret)}, nil
 }

@@ -26,9 +26,16 @@ func vethName(id string) string {
 	return "idv" + hex.EncodeToString(sum[:])[:10]
 }
 
-// ensureBridge makes sure the bridge exists in the host netns, carries the
-// router address and is up.
+// ensureBridge makes sure the router device exists in the host netns,
+// carries the router address and is up. It is a bridge, named by
+// Config.Bridge: sandboxes made by versions before routed links are ports
+// of it, and the bridge module is one the kernel tests already load. New
+// sandboxes are not its ports (see createNetwork); it only holds the router
+// address, which the token endpoint binds even when no sandbox exists.
 func (c *Controller) ensureBridge() error {
+	if !c.cfg.Subnet.Addr().Is4() {
+		return fmt.Errorf("%w: subnet %s: sandbox subnets must be IPv4: a sandbox's source address is checked by IPv4 reverse-path filtering, which IPv6 does not have", ErrInvalid, c.cfg.Subnet)
+	}
 	h := c.host
 	br, err := h.LinkByName(c.cfg.Bridge)
 	if err != nil {
@@ -43,6 +50,8 @@ func (c *Controller) ensureBridge() error {
 			return fmt.Errorf("find bridge %s: %w", c.cfg.Bridge, err)
 		}
 	}
+	// The subnet's prefix keeps the old sandboxes on the bridge reachable;
+	// each routed sandbox's /32 is more specific.
 	router := netip.PrefixFrom(c.router, c.cfg.Subnet.Bits())
 	addrs, err := h.AddrList(br, netlink.FAMILY_ALL)
 	if err != nil {
@@ -59,23 +68,93 @@ func (c *Controller) ensureBridge() error {
 			return fmt.Errorf("router address: %w", err)
 		}
 	}
+	// Old sandboxes on the bridge may not use a routed sandbox's address
+	// either.
+	if err := netnsutil.SetSysctl(c.cfg.HostNetns, "net/ipv4/conf/"+c.cfg.Bridge+"/rp_filter", "1"); err != nil {
+		return err
+	}
 	if err := h.LinkSetUp(br); err != nil {
 		return fmt.Errorf("bring %s up: %w", c.cfg.Bridge, err)
 	}
 	c.bridgeIndex = br.Attrs().Index
+	if err := netnsutil.CheckStrictRPFilter(c.cfg.HostNetns); err != nil {
+		c.log.Warn("sandboxes cannot be created until this is fixed", "error", err)
+	}
 	return nil
 }
 
-// createNetwork makes the sandbox's netns and joins it to the bridge with a
-// veth pair carrying addr, with a default route via the router.
+// createNetwork makes the sandbox's netns and links it to the host netns
+// with a routed point-to-point veth (netnsutil.AttachRouted): the sandbox
+// shares layer 2 with no other sandbox, so it cannot poison a neighbour's
+// ARP entries, and the host drops its packets whose source is not its own
+// address.
 func (c *Controller) createNetwork(r *Record, addr netip.Prefix) error {
+	// Refused before anything is made.
+	if err := netnsutil.CheckStrictRPFilter(c.cfg.HostNetns); err != nil {
+		return err
+	}
 	if err := netnsutil.NewNamed(netnsName(r.ID)); err != nil {
 		return err
 	}
-	if err := netnsutil.Attach(c.host, c.bridgeIndex, r.Veth, r.NetnsPath, []netip.Prefix{addr}, []netip.Addr{c.router}); err != nil {
+	if err := netnsutil.AttachRouted(c.host, netnsutil.RoutedLink{
+		HostNetns: c.cfg.HostNetns, Veth: r.Veth, Netns: r.NetnsPath, Addr: addr.Addr(), Router: netip.PrefixFrom(c.router, c.cfg.Subnet.Bits()),
+	}); err != nil {
 		return fmt.Errorf("network of sandbox %s: %w", r.ID, err)
 	}
 	return nil
+}
+
+// warnLegacy logs the sandboxes made before routed links, whose veths are
+// still ports of the shared bridge: they are served as before, but a
+// neighbour on the bridge can reach them at layer 2, so the guarantee
+// against ARP man-in-the-middle does not hold for them until they are
+// re-created. They are left in place because moving a running sandbox to a
+// new link would break its open connections.
+func (c *Controller) warnLegacy() {
+	links, err := c.host.LinkList()
+	if err != nil {
+		c.log.Warn("cannot list host links to find sandboxes on the shared bridge", "error", err)
+		return
+	}
+	onBridge := map[string]bool{}
+	for _, l := range links {
+		if l.Attrs().MasterIndex == c.bridgeIndex {
+			onBridge[l.Attrs().Name] = true
+		}
+	}
+	for _, r := range c.live {
+		if r.Owned && onBridge[r.Veth] {
+			c.log.Warn("sandbox is on the shared bridge of an older identityd: neighbours on the bridge reach it at layer 2 and the guarantee against ARP man-in-the-middle does not hold for it; re-create it to move it to a routed link",
+				"sandbox", r.ID, "veth", r.Veth, "bridge", c.cfg.Bridge)
+		}
+	}
+}
+
+// warnSharedL2 logs, for an adopted sandbox, each host end of its veths
+// that is a port of a bridge without port isolation: its neighbours on that
+// bridge reach it at layer 2, so they can poison the ARP entries between it
+// and the router and read or take over its token exchange. What the
+// network of an adopted sandbox must guarantee is in the README's security
+// model; this is the part the host can see.
+func (c *Controller) warnSharedL2(r *Record) {
+	if r.NetnsPath == "" {
+		return
+	}
+	ports, err := netnsutil.HostPorts(c.host, c.cfg.HostNetns, r.NetnsPath)
+	if err != nil {
+		c.log.Warn("cannot inspect the network of an adopted sandbox", "sandbox", r.ID, "netns", r.NetnsPath, "error", err)
+		return
+	}
+	if len(ports) == 0 {
+		c.log.Debug("adopted sandbox has no veth whose host end is in the host netns", "sandbox", r.ID, "netns", r.NetnsPath)
+	}
+	for _, p := range ports {
+		if p.Bridge != "" && !p.Isolated {
+			c.log.Warn("adopted sandbox's network lets neighbours reach it at layer 2: its host veth is a port of a bridge without port isolation, so identityd's guarantee against ARP man-in-the-middle does not hold for it",
+				"sandbox", r.ID, "netns", r.NetnsPath, "veth", p.Veth, "bridge", p.Bridge,
+				"fix", "bridge link set dev "+p.Veth+" isolated on (and source address anti-spoofing), or a routed link")
+		}
+	}
 }
 
 // teardown removes what Create made for r: the veth, the netns and the
