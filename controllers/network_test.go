@@ -520,3 +520,34 @@ func findLog(t *testing.T, logs *sandboxtest.LogBuffer, level, msg string, attrs
 	}
 	return out
 }
+
+// BenchmarkCreateNetwork measures making and removing one sandbox's network:
+// the routed link against the old bridge port, in the same world.
+//
+//	go test -run '^$' -bench CreateNetwork -benchtime 200x ./controllers/
+func BenchmarkCreateNetwork(b *testing.B) {
+	w := sandboxtest.New(b)
+	cfg := Config{StateDir: b.TempDir() + "/state", CgroupParent: w.CgroupDir + "/sandboxes", HostNetns: w.HostNetns,
+		Subnet: netip.MustParsePrefix("10.250.0.0/24"), Logger: quiet}
+	c, err := New(context.Background(), cfg)
+	require.NoError(b, err)
+	defer c.Close()
+	addr := netip.PrefixFrom(c.Router().Next(), 32)
+	for _, variant := range []string{"routed", "bridge"} {
+		b.Run(variant, func(b *testing.B) {
+			id := "bench-" + suffix()
+			rec := &Record{ID: id, NetnsPath: netnsutil.Dir + "/" + netnsName(id), Veth: vethName(id), Owned: true}
+			defer c.teardown(rec, false)
+			for b.Loop() {
+				if variant == "routed" {
+					require.NoError(b, c.createNetwork(rec, addr))
+				} else {
+					require.NoError(b, netnsutil.NewNamed(netnsName(id)))
+					require.NoError(b, netnsutil.Attach(c.host, c.bridgeIndex, rec.Veth, rec.NetnsPath,
+						[]netip.Prefix{netip.PrefixFrom(addr.Addr(), 24)}, []netip.Addr{c.Router()}))
+				}
+				require.NoError(b, c.teardown(rec, false))
+			}
+		})
+	}
+}
