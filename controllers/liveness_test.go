@@ -331,3 +331,39 @@ func logLine(t *testing.T, logs *sandboxtest.LogBuffer, msg string) map[string]a
 	t.Fatalf("no log line %q in:\n%s", msg, logs)
 	return nil
 }
+
+// TestFsckReportsWhatItCannotCheck: fsck at the descriptor limit says it
+// could not check a sandbox, never that the sandbox is gone.
+func TestFsckReportsWhatItCannotCheck(t *testing.T) {
+	w := sandboxtest.New(t)
+	cfg := testConfig(t, w)
+	c := start(t, cfg)
+	id := "fsck-" + suffix()
+	cleanupSandboxes(t, id)
+	cr, err := c.Create(context.Background(), CreateRequest{ID: id, App: "web"})
+	require.NoError(t, err)
+
+	var problems []string
+	withFreeFDs(t, 1, func() { problems, err = Fsck(cfg) })
+	require.NoError(t, err)
+	mine := func(problems []string) []string {
+		var out []string
+		for _, p := range problems {
+			if strings.Contains(p, id) {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	require.Len(t, mine(problems), 1, "%q", problems)
+	assert.Contains(t, mine(problems)[0], "sandbox "+id+": cannot check its netns "+cr.Sandbox.NetnsPath)
+	assert.Contains(t, mine(problems)[0], "too many open files")
+
+	problems, err = Fsck(cfg)
+	require.NoError(t, err)
+	assert.Empty(t, mine(problems), "with descriptors, all is well")
+	require.NoError(t, unix.Unmount(cr.Sandbox.NetnsPath, unix.MNT_DETACH))
+	problems, err = Fsck(cfg)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"sandbox " + id + ": its netns " + cr.Sandbox.NetnsPath + " is no longer a network namespace"}, mine(problems))
+}
