@@ -401,6 +401,7 @@ func (c *Controller) register(r *Record) error {
 		return err
 	}
 	c.live[r.ID] = r
+	delete(c.doubts, r.ID) // what was seen of an earlier sandbox of that id
 	return nil
 }
 
@@ -516,6 +517,7 @@ func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 	c.cfg.Fault("delete:revoked")
 	c.reg.Remove(id)
 	delete(c.live, id)
+	delete(c.doubts, id)
 	if r.Owned {
 		if err := c.teardown(r, kill); err != nil {
 			c.log.Warn("tear down sandbox", "sandbox", id, "error", err)
