@@ -100,17 +100,31 @@ func newWorld(t *testing.T) *world {
 		"--rate-limit", "1000", "--burst", "1000", "--signing-alg", "EdDSA"}
 	t.Cleanup(func() {
 		ow.kill(syscall.SIGKILL)
-		for _, e := range must(os.ReadDir(netnsutil.Dir)) {
-			if strings.HasPrefix(e.Name(), "identityd-e2e") {
-				netnsutil.DeleteNamed(e.Name())
-			}
-		}
+		ow.removeOwnNetns()
 		bpf.Uninstall(context.Background(), bpf.Options{PinDir: ow.pins})
 	})
 	return ow
 }
 
 func must[T any](v T, _ error) T { return v }
+
+// removeOwnNetns deletes the named network namespaces that this world's
+// daemon made, as its records and pending markers name them, and nothing
+// else: other test processes, and a real identityd, may have theirs.
+func (ow *world) removeOwnNetns() {
+	for _, dir := range []string{"sandboxes", "pending"} {
+		files, _ := filepath.Glob(filepath.Join(ow.state, dir, "*.json"))
+		for _, f := range files {
+			var r controllers.Record
+			if b, err := os.ReadFile(f); err != nil || json.Unmarshal(b, &r) != nil {
+				continue
+			}
+			if r.Owned && filepath.Dir(r.NetnsPath) == netnsutil.Dir {
+				netnsutil.DeleteNamed(filepath.Base(r.NetnsPath))
+			}
+		}
+	}
+}
 
 // start runs identityd and waits until its admin API answers, which it
 // does only after the rebuild, with the token endpoint already serving.
