@@ -20,6 +20,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
@@ -196,8 +197,15 @@ func (x *Index) byCgroup(id uint64) *Sandbox {
 		if cand == nil {
 			continue
 		}
-		// The ancestor directory must still be the registered cgroup.
-		if live, err := cgroup2.ID(p); err != nil || live != cand.CgroupID {
+		// The ancestor directory must still be the registered cgroup. A
+		// check that could not be made (out of descriptors, say) decides
+		// nothing and is not remembered: this caller is refused, the next
+		// one asks again.
+		live, err := cgroup2.ID(p)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) && !errors.Is(err, unix.ENOTDIR) {
+			return nil
+		}
+		if err != nil || live != cand.CgroupID {
 			break
 		}
 		x.descendants[id] = cand
