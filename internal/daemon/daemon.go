@@ -69,6 +69,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := atomicfile.MkdirPrivate(cfg.StateDir); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	// Refused here, before anything is installed or rebuilt, rather than
+	// when the admin socket is opened at the end.
+	if err := atomicfile.MkdirPrivate(filepath.Dir(cfg.AdminSocket)); err != nil {
+		return fmt.Errorf("admin socket directory: %w", err)
+	}
 	var ready atomic.Bool
 	var watch atomic.Pointer[attributionWatch]
 	readyErr := func() error {
@@ -163,6 +168,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		tokenLn.Close()
 		return err
+	}
+	inconclusive := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "identityd_sandbox_checks_inconclusive_total",
+		Help: "Checks of a sandbox's cgroup or netns, at start and by the resync, that could not be made (the sandbox was kept).",
+	}, func() float64 { return float64(ctrl.InconclusiveChecks()) })
+	if err := reg.Register(inconclusive); err != nil {
+		tokenLn.Close()
+		return fmt.Errorf("register metrics: %w", err)
 	}
 	metrics, err := tokenserver.NewMetrics(reg, func() float64 { return float64(ctrl.Len()) })
 	if err != nil {
