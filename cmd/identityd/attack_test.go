@@ -65,6 +65,16 @@ func (ow *world) tokensNaming(id string) (n int, callers map[uint64]int) {
 	return n, callers
 }
 
+// settledTokensNaming is tokensNaming once at least want tokens are
+// logged (stderr arrives through a pipe), or after a few seconds.
+func (ow *world) settledTokensNaming(id string, want int) (n int, callers map[uint64]int) {
+	for end := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if n, callers = ow.tokensNaming(id); n >= want || time.Now().After(end) {
+			return n, callers
+		}
+	}
+}
+
 // endpointOf is the token endpoint a sandbox's environment names.
 func endpointOf(t *testing.T, env map[string]string) netip.AddrPort {
 	t.Helper()
@@ -163,13 +173,16 @@ func TestAttackV1HijackOnSharedBridge(t *testing.T) {
 	require.NoError(t, api.Do(context.Background(), "POST", "/v1/sandboxes/adopt",
 		controllers.AdoptRequest{ID: "v1-b-" + tag, App: "search", CgroupPath: sbB.CgroupDir, NetnsPath: sbB.Netns}, &b))
 
-	warned := 0
-	for _, l := range ow.logLines() {
-		if l.Level == "WARN" && strings.Contains(strings.ToLower(l.raw), "isolat") {
-			warned++
+	// The daemon's stderr arrives through a pipe: wait for the lines.
+	assert.Eventually(t, func() bool {
+		warned := map[string]bool{}
+		for _, l := range ow.logLines() {
+			if l.Level == "WARN" && strings.Contains(strings.ToLower(l.raw), "isolat") {
+				warned[l.Sandbox] = true
+			}
 		}
-	}
-	assert.GreaterOrEqual(t, warned, 2, "adopting onto a shared bridge without isolation is a warning, once per sandbox:\n%s", ow.stderr)
+		return warned[a.Sandbox.ID] && warned[b.Sandbox.ID]
+	}, 5*time.Second, 20*time.Millisecond, "adopting onto a shared bridge without isolation is a warning naming the sandbox:\n%s", ow.stderr)
 
 	// B drops what it intercepts: no forwarding in its netns.
 	require.NoError(t, netnsutil.SetSysctl(sbB.Netns, "net/ipv4/conf/all/forwarding", "0"))
@@ -237,7 +250,7 @@ func TestAttackV1HijackOnSharedBridge(t *testing.T) {
 	t.Logf("V1 on a shared bridge: attack ran %s; A served again %s after B stopped",
 		attack.Round(time.Millisecond), time.Since(served).Round(time.Millisecond))
 
-	n, callers := ow.tokensNaming(a.Sandbox.ID)
+	n, callers := ow.settledTokensNaming(a.Sandbox.ID, servedA)
 	assert.Equal(t, servedA, n, "every token naming A went to A's own requests")
 	assert.Equal(t, map[uint64]int{a.Sandbox.CgroupID: n}, callers)
 }
@@ -326,7 +339,8 @@ func TestAttackV1OnDaemonNetwork(t *testing.T) {
 	assert.Zero(t, sawSYN, "B saw A's SYN")
 	assert.Zero(t, established, "a SYN with A's source address from B was answered")
 
-	n, callers := ow.tokensNaming(a.Sandbox.ID)
+	n, callers := ow.settledTokensNaming(a.Sandbox.ID, okA+1)
+	assert.Equal(t, okA+1, n, "A's own requests, and no more")
 	assert.Equal(t, map[uint64]int{a.Sandbox.CgroupID: n}, callers, "tokens naming A went to A only")
 }
 
@@ -405,7 +419,7 @@ func TestAttackV2FloodOfAsTuples(t *testing.T) {
 		}
 	}
 	assert.Zero(t, refused, "no request was refused")
-	n, callers := ow.tokensNaming(a.Sandbox.ID)
+	n, callers := ow.settledTokensNaming(a.Sandbox.ID, servedA)
 	assert.Equal(t, servedA, n)
 	assert.Equal(t, map[uint64]int{a.Sandbox.CgroupID: n}, callers, "tokens naming A went to A only")
 }
