@@ -108,6 +108,9 @@ func (d *demo) run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("bring up lo in the demo netns: %w", err)
 	}
+	if err := netnsutil.TightenRPFilter(d.hostNetns); err != nil {
+		return err
+	}
 	d.say("host netns %s (bridge identityd0, router 10.77.0.1, token endpoint :7123)", d.hostNetns)
 	ready, err := d.startDaemon(ctx)
 	if err != nil {

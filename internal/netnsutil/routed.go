@@ -142,6 +142,21 @@ func CheckStrictRPFilter(hostNetns string) error {
 	return nil
 }
 
+// TightenRPFilter makes a loose (2) net.ipv4.conf.all.rp_filter strict in
+// the netns at path, and leaves 0 and 1 alone. Only for a "host" netns the
+// caller made and owns (the test worlds, the demo), never the machine's: a
+// new netns copies conf.all from the machine's, and with Ubuntu's loose
+// default the controller would refuse to build sandboxes there.
+func TightenRPFilter(path string) error {
+	if path == "" {
+		return errors.New("tighten rp_filter: only in a netns the caller made, never its own")
+	}
+	if err := CheckStrictRPFilter(path); !errors.Is(err, ErrLooseRPFilter) {
+		return err
+	}
+	return SetSysctl(path, "net/ipv4/conf/all/rp_filter", "1")
+}
+
 // HostPort is the host end of one of a netns's veths, as the host netns
 // sees it.
 type HostPort struct {

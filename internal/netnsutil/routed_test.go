@@ -127,6 +127,17 @@ func TestAttachRouted(t *testing.T) {
 	err = AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv3", Netns: refused, Addr: netip.MustParseAddr("fd00::9"), Router: netip.PrefixFrom(router, 24)})
 	assert.ErrorContains(t, err, "only IPv4")
 
+	require.NoError(t, TightenRPFilter(hostNS))
+	v, err := Sysctl(hostNS, "net/ipv4/conf/all/rp_filter")
+	require.NoError(t, err)
+	assert.Equal(t, "1", v, "loose made strict")
+	require.NoError(t, SetSysctl(hostNS, "net/ipv4/conf/all/rp_filter", "0"))
+	require.NoError(t, TightenRPFilter(hostNS))
+	v, err = Sysctl(hostNS, "net/ipv4/conf/all/rp_filter")
+	require.NoError(t, err)
+	assert.Equal(t, "0", v, "off is left as it is: the links' own strict filter counts")
+	assert.Error(t, TightenRPFilter(""), "never the caller's own netns")
+
 	after, err := Sysctl("", "net/ipv4/conf/all/rp_filter")
 	require.NoError(t, err)
 	assert.Equal(t, rootRPF, after, "the machine's own netns is never touched")

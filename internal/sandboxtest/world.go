@@ -127,6 +127,9 @@ func (w *World) setupHost() error {
 	if err := w.host.LinkSetUp(lo); err != nil {
 		return fmt.Errorf("bring lo up: %w", err)
 	}
+	if err := netnsutil.TightenRPFilter(w.HostNetns); err != nil {
+		return err
+	}
 	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0"}}
 	if err := w.host.LinkAdd(br); err != nil {
 		return fmt.Errorf("add bridge: %w", err)
