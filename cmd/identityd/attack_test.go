@@ -169,9 +169,9 @@ func TestAttackV1HijackOnSharedBridge(t *testing.T) {
 	tag := suffix()
 	var a, b controllers.Created
 	require.NoError(t, api.Do(context.Background(), "POST", "/v1/sandboxes/adopt",
-		controllers.AdoptRequest{ID: "v1-a-" + tag, App: "billing", CgroupPath: sbA.CgroupDir, NetnsPath: sbA.Netns}, &a))
+		controllers.AdoptRequest{ID: "e2e-v1-a-" + tag, App: "billing", CgroupPath: sbA.CgroupDir, NetnsPath: sbA.Netns}, &a))
 	require.NoError(t, api.Do(context.Background(), "POST", "/v1/sandboxes/adopt",
-		controllers.AdoptRequest{ID: "v1-b-" + tag, App: "search", CgroupPath: sbB.CgroupDir, NetnsPath: sbB.Netns}, &b))
+		controllers.AdoptRequest{ID: "e2e-v1-b-" + tag, App: "search", CgroupPath: sbB.CgroupDir, NetnsPath: sbB.Netns}, &b))
 
 	// The daemon's stderr arrives through a pipe: wait for the lines.
 	assert.Eventually(t, func() bool {
@@ -264,8 +264,9 @@ func TestAttackV1OnDaemonNetwork(t *testing.T) {
 	ow := newWorld(t)
 	ow.start()
 	tag := suffix()
-	a := ow.create("v1n-a-"+tag, "billing")
-	b := ow.create("v1n-b-"+tag, "search")
+	// e2e- ids: newWorld's cleanup removes the netns of such sandboxes.
+	a := ow.create("e2e-v1n-a-"+tag, "billing")
+	b := ow.create("e2e-v1n-b-"+tag, "search")
 	require.NoError(t, netnsutil.SetSysctl(b.Sandbox.NetnsPath, "net/ipv4/conf/all/forwarding", "0"))
 	ca := sandboxtest.StartClient(t, a.Sandbox.CgroupPath, a.Sandbox.NetnsPath)
 	cb := sandboxtest.StartClient(t, b.Sandbox.CgroupPath, b.Sandbox.NetnsPath)
@@ -355,8 +356,8 @@ func TestAttackV2FloodOfAsTuples(t *testing.T) {
 	ow := newWorld(t)
 	ow.start()
 	tag := suffix()
-	a := ow.create("v2-a-"+tag, "billing")
-	b := ow.create("v2-b-"+tag, "search")
+	a := ow.create("e2e-v2-a-"+tag, "billing")
+	b := ow.create("e2e-v2-b-"+tag, "search")
 	const first, last, requests = 40000, 40999, 200
 	require.NoError(t, netnsutil.SetSysctl(a.Sandbox.NetnsPath, "net/ipv4/ip_local_port_range", "40000 40999"))
 	ca := sandboxtest.StartClient(t, a.Sandbox.CgroupPath, a.Sandbox.NetnsPath)
