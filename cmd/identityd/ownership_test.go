@@ -84,13 +84,13 @@ func TestRefusesDirectoriesOthersControl(t *testing.T) {
 		require.NoError(t, os.Chown(adminDir, nobody, nobody))
 		defer os.Chown(adminDir, 0, 0)
 		line := refused(t)
-		assert.Contains(t, line, "admin socket: "+adminDir+" is owned by uid 65534; it must be owned by uid 0")
+		assert.Contains(t, line, "admin socket directory: "+adminDir+" is owned by uid 65534; it must be owned by uid 0")
 		assert.NoFileExists(t, ow.admin, "no socket made in it")
 	})
 	t.Run("admin socket dir others can write to", func(t *testing.T) {
 		require.NoError(t, os.Chmod(adminDir, 0o733))
 		defer os.Chmod(adminDir, 0o700)
-		assert.Contains(t, refused(t), "admin socket: "+adminDir+" has mode 733")
+		assert.Contains(t, refused(t), "admin socket directory: "+adminDir+" has mode 733")
 	})
 
 	// Owned by root, private: accepted, and the daemon serves.
