@@ -64,7 +64,7 @@ func (d *demoCmd) Run(ctx context.Context) error {
 }
 
 // demo plays the original bug report's repro in a closed world: a "host"
-// netns of its own holds the bridge and the token endpoint (10.77.0.1:7123),
+// netns of its own holds the router address and the token endpoint (10.77.0.1:7123),
 // and two sandboxes fetch tokens every second while the daemon is killed and
 // restarted under them.
 type demo struct {
@@ -111,7 +111,7 @@ func (d *demo) run(ctx context.Context) error {
 	if err := netnsutil.TightenRPFilter(d.hostNetns); err != nil {
 		return err
 	}
-	d.say("host netns %s (bridge identityd0, router 10.77.0.1, token endpoint :7123)", d.hostNetns)
+	d.say("host netns %s (router 10.77.0.1 on identityd0, a routed /32 veth per sandbox, token endpoint :7123)", d.hostNetns)
 	ready, err := d.startDaemon(ctx)
 	if err != nil {
 		return err

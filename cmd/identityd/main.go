@@ -41,8 +41,8 @@ type serveCmd struct {
 	DefaultAudience []string      `default:"miren" env:"IDENTITYD_DEFAULT_AUDIENCE" help:"Audience when a request names none."`
 	OperatorListen  string        `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
 	AdminSocket     string        `default:"/run/identityd/admin.sock" env:"IDENTITYD_ADMIN_SOCKET" help:"Unix socket of the admin API (0600)."`
-	HostNetns       string        `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the bridge and the token endpoint (default: the daemon's own)."`
-	Bridge          string        `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Bridge that sandboxes are attached to."`
+	HostNetns       string        `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the sandboxes' host-side veths, the router address and the token endpoint (default: the daemon's own)."`
+	Bridge          string        `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Device in the host netns that carries the router address (a bridge with no ports; sandboxes get routed /32 veths, and only sandboxes made by earlier versions sit on it)."`
 	Subnet          netip.Prefix  `default:"10.88.0.0/16" env:"IDENTITYD_SUBNET" help:"Sandbox address pool; its first address is the router."`
 	RateLimit       float64       `default:"10" env:"IDENTITYD_RATE_LIMIT" help:"Token requests per second per sandbox."`
 	Burst           int           `default:"20" env:"IDENTITYD_BURST" help:"Burst of token requests per sandbox."`
