@@ -45,6 +45,12 @@ type Config struct {
 	// of the sandboxes' veths (a path); empty means the controller's own.
 	// Tests point it at a namespace they made.
 	HostNetns string
+	// NetnsPrefix begins the name of every network namespace this
+	// controller creates under /run/netns, and only names with it are ever
+	// scanned or cleaned up; default "identityd-". Instances that share a
+	// host (several daemons, a test suite beside a real identityd) each use
+	// their own.
+	NetnsPrefix string
 	// Bridge is the device holding the router address; default identityd0.
 	// Sandboxes get routed links of their own, not ports on it (only
 	// sandboxes made by older versions are).

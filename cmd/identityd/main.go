@@ -42,6 +42,7 @@ type serveCmd struct {
 	OperatorListen  string        `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
 	AdminSocket     string        `default:"/run/identityd/admin.sock" env:"IDENTITYD_ADMIN_SOCKET" help:"Unix socket of the admin API (0600)."`
 	HostNetns       string        `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the sandboxes' host-side veths, the router address and the token endpoint (default: the daemon's own)."`
+	NetnsPrefix     string        `default:"identityd-" env:"IDENTITYD_NETNS_PREFIX" help:"Prefix of the named network namespaces (/run/netns) of the sandboxes this instance creates; only names with it are scanned or cleaned up. Give each instance on a host its own."`
 	Bridge          string        `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Device in the host netns that carries the router address (a bridge with no ports; sandboxes get routed /32 veths, and only sandboxes made by earlier versions sit on it)."`
 	Subnet          netip.Prefix  `default:"10.88.0.0/16" env:"IDENTITYD_SUBNET" help:"Sandbox address pool; its first address is the router."`
 	RateLimit       float64       `default:"10" env:"IDENTITYD_RATE_LIMIT" help:"Token requests per second per sandbox."`
@@ -74,7 +75,7 @@ func (s *serveCmd) Run(ctx context.Context) error {
 	return daemon.Run(ctx, daemon.Config{
 		StateDir: s.StateDir, CgroupParent: s.CgroupParent, BPFDir: s.BPFDir, Listen: s.Listen,
 		Issuer: s.Issuer, SigningAlg: s.SigningAlg, DefaultAudience: s.DefaultAudience,
-		OperatorListen: s.OperatorListen, AdminSocket: s.AdminSocket, HostNetns: s.HostNetns,
+		OperatorListen: s.OperatorListen, AdminSocket: s.AdminSocket, HostNetns: s.HostNetns, NetnsPrefix: s.NetnsPrefix,
 		Bridge: s.Bridge, Subnet: s.Subnet, RateLimit: s.RateLimit, Burst: s.Burst, Logger: log,
 		Conns:       tokenserver.ConnLimits{Total: s.MaxConns, PerSandbox: s.MaxSandboxConns, Others: s.MaxOtherConns},
 		IdleTimeout: s.IdleTimeout,

@@ -44,6 +44,7 @@ type Config struct {
 	OperatorListen  string // empty: none
 	AdminSocket     string
 	HostNetns       string // netns of the bridge and the listener; empty: ours
+	NetnsPrefix     string // of the sandboxes' named netns; empty: identityd-
 	Bridge          string
 	Subnet          netip.Prefix
 	RateLimit       float64
@@ -129,7 +130,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer in.Close()
 
 	ctrl, err := controllers.New(ctx, controllers.Config{
-		StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, HostNetns: cfg.HostNetns,
+		StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, HostNetns: cfg.HostNetns, NetnsPrefix: cfg.NetnsPrefix,
 		Bridge: cfg.Bridge, Subnet: cfg.Subnet, Issuer: cfg.Issuer, Logger: log,
 	})
 	if err != nil {
