@@ -11,6 +11,7 @@ import (
 // the operator's registry, never served on the sandbox-facing endpoint.
 type Metrics struct {
 	requests     *prometheus.CounterVec
+	issuedByAlg  *prometheus.CounterVec
 	refusals     *prometheus.CounterVec
 	latency      prometheus.Histogram
 	connRefusals *prometheus.CounterVec
@@ -25,6 +26,10 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 			Name: "identityd_token_requests_total",
 			Help: "Token requests by outcome: issued, refused, failed.",
 		}, []string{"outcome"}),
+		issuedByAlg: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "identityd_tokens_issued_total",
+			Help: "Tokens issued, by the signing algorithm in their header (RS256, ES256, EdDSA).",
+		}, []string{"alg"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "identityd_token_refusals_total",
 			Help: "Refused token requests by reason.",
@@ -42,7 +47,7 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 	if reg == nil {
 		return m, nil
 	}
-	cs := []prometheus.Collector{m.requests, m.refusals, m.latency, m.connRefusals}
+	cs := []prometheus.Collector{m.requests, m.issuedByAlg, m.refusals, m.latency, m.connRefusals}
 	if liveSandboxes != nil {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "identityd_live_sandboxes",
@@ -61,6 +66,8 @@ func (m *Metrics) observe(outcome string, d time.Duration) {
 	m.requests.WithLabelValues(outcome).Inc()
 	m.latency.Observe(d.Seconds())
 }
+
+func (m *Metrics) issued(alg string) { m.issuedByAlg.WithLabelValues(alg).Inc() }
 
 func (m *Metrics) refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }
 

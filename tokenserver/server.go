@@ -2,6 +2,7 @@ package tokenserver
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -80,9 +82,13 @@ type Config struct {
 	// IdleTimeout closes keep-alive connections left idle;
 	// DefaultIdleTimeout if zero.
 	IdleTimeout time.Duration
-	Logger      *slog.Logger
-	Metrics     *Metrics
-	Now         func() time.Time
+	// Node names this host in every line the server logs, so that a log
+	// merged from many hosts says where a token was issued or refused;
+	// os.Hostname() if empty.
+	Node    string
+	Logger  *slog.Logger
+	Metrics *Metrics
+	Now     func() time.Time
 }
 
 // Server serves the token endpoint and OIDC discovery.
@@ -123,6 +129,13 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.Node == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("token server: host name for the log: %w", err)
+		}
+		cfg.Node = host
+	}
 	if cfg.Metrics == nil {
 		cfg.Metrics, _ = NewMetrics(nil, nil)
 	}
@@ -134,7 +147,7 @@ func New(cfg Config) (*Server, error) {
 	}
 	cfg.Conns = cfg.Conns.withDefaults()
 	return &Server{
-		cfg: cfg, log: cfg.Logger, limiters: map[string]*limiter{},
+		cfg: cfg, log: cfg.Logger.With("node", cfg.Node), limiters: map[string]*limiter{},
 		conns: &connTable{limits: cfg.Conns, sandbox: map[string]int{}},
 	}, nil
 }
@@ -305,15 +318,42 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	if len(aud) == 0 {
 		aud = s.cfg.DefaultAudience
 	}
-	token, err := s.issue(sb, aud, ttl)
+	token, c, err := s.issue(sb, aud, ttl)
 	if err != nil {
 		s.log.Error("issue token", "sandbox", sb.ID, "caller", att.rec, "error", err)
 		writeError(w, http.StatusInternalServerError, msgIssueFailed)
 		return
 	}
 	outcome = "issued"
-	s.log.Debug("token issued", "sandbox", sb.ID, "caller", att.rec, "aud", aud, "ttl", ttl)
+	s.audit(r.RemoteAddr, sb.ID, c, token, att.rec)
 	writeJSON(w, http.StatusOK, map[string]string{"value": token})
+}
+
+// audit counts an issued token and logs its line of the audit trail: with
+// the node (on s.log) and the kernel's record of the caller, it answers
+// which process on which host obtained jti X. It never logs the token nor
+// anything of the request but its remote address.
+func (s *Server) audit(remote, sandbox string, c Claims, token string, caller bpf.Record) {
+	alg, kid := signedBy(token)
+	s.cfg.Metrics.issued(alg)
+	s.log.Info("token issued", "sandbox", sandbox, "jti", c.ID, "sub", c.Subject, "aud", c.Audience,
+		"iat", c.IssuedAt, "exp", c.Expiry, "alg", alg, "kid", kid, "remote", remote, "caller", caller)
+}
+
+// signedBy reads alg and kid from the header of a compact JWS the server
+// has just signed: the values in the token itself, whichever KeySet signed
+// it. alg is "unknown" if the header cannot be read.
+func signedBy(token string) (alg, kid string) {
+	var h struct {
+		Alg string `json:"alg"`
+		Kid string `json:"kid"`
+	}
+	head, _, _ := strings.Cut(token, ".")
+	b, err := base64.RawURLEncoding.DecodeString(head)
+	if err != nil || json.Unmarshal(b, &h) != nil || h.Alg == "" {
+		return "unknown", h.Kid
+	}
+	return h.Alg, h.Kid
 }
 
 func attestationReason(err error) string {
@@ -381,13 +421,15 @@ func Subject(org, app, sandboxID string) (string, error) {
 	return b.String(), nil
 }
 
-func (s *Server) issue(sb registry.Sandbox, aud []string, ttl time.Duration) (string, error) {
+// issue signs a token for sb and returns it with its claims, which the
+// audit line reports.
+func (s *Server) issue(sb registry.Sandbox, aud []string, ttl time.Duration) (string, Claims, error) {
 	sub, err := Subject(sb.Org, sb.App, sb.ID)
 	if err != nil {
-		return "", err
+		return "", Claims{}, err
 	}
 	now := s.cfg.Now().Unix()
-	return s.cfg.Keys.Sign(Claims{
+	c := Claims{
 		Issuer:         s.cfg.Issuer,
 		Subject:        sub,
 		Audience:       aud,
@@ -399,7 +441,9 @@ func (s *Server) issue(sb registry.Sandbox, aud []string, ttl time.Duration) (st
 		SandboxID:      sb.ID,
 		OrganizationID: sb.Org,
 		IdentityType:   "sandbox",
-	})
+	}
+	token, err := s.cfg.Keys.Sign(c)
+	return token, c, err
 }
 
 // allow takes a token from the sandbox's bucket, or says how long to wait.
