@@ -58,10 +58,17 @@ type Config struct {
 	// Subnet is the sandbox address pool, IPv4 only; its first address is
 	// the router (on Bridge). Default 10.88.0.0/16.
 	Subnet netip.Prefix
-	// TokenPort is where the token endpoint listens on the router; 7123.
-	TokenPort int
-	// Issuer is handed to sandboxes as MIREN_OIDC_ISSUER_URL.
-	Issuer string
+	// TokenURL and Issuer are handed to sandboxes as
+	// MIREN_IDENTITY_TOKEN_URL and MIREN_OIDC_ISSUER_URL: the daemon passes
+	// the URL of the listener it opened and the iss of the tokens it signs.
+	// TokenURL defaults to http://<router>:7123/v1/token.
+	TokenURL string
+	Issuer   string
+	// Registry and Secrets are the stores the controller writes and the
+	// token server reads; the daemon builds both and hands them to each.
+	// If nil, the controller opens its own (and closes them).
+	Registry *registry.Index    `json:"-"`
+	Secrets  *secretstore.Store `json:"-"`
 	// ResyncInterval is how often live sandboxes are checked against the
 	// kernel; one removed underneath the controller is retired at the
 	// second check that finds it gone, so within two intervals. Default 2s.
@@ -78,6 +85,7 @@ type Controller struct {
 	cfg         Config
 	log         *slog.Logger
 	reg         *registry.Index
+	ownReg      bool // opened by the controller, closed by Close
 	secrets     *secretstore.Store
 	records     *recordStore
 	host        *netlink.Handle
@@ -130,35 +138,32 @@ func open(cfg Config) (*Controller, error) {
 	if cfg.CgroupParent == "" {
 		cfg.CgroupParent = filepath.Join(root, "identityd")
 	}
-	if cfg.Bridge == "" {
-		cfg.Bridge = "identityd0"
-	}
-	if !cfg.Subnet.IsValid() {
-		cfg.Subnet = netip.MustParsePrefix("10.88.0.0/16")
-	}
-	if cfg.TokenPort == 0 {
-		cfg.TokenPort = 7123
+	cfg = cfg.withHostDefaults()
+	if cfg.TokenURL == "" {
+		cfg.TokenURL = fmt.Sprintf("http://%s/v1/token", netip.AddrPortFrom(Router(cfg.Subnet), DefaultTokenPort))
 	}
 	if cfg.ResyncInterval == 0 {
 		cfg.ResyncInterval = 2 * time.Second
 	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
-	}
 	if cfg.Fault == nil {
 		cfg.Fault = func(string) {}
 	}
-	cfg.Subnet = cfg.Subnet.Masked()
-	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, doubts: map[string]*doubt{}, router: cfg.Subnet.Addr().Next(),
+	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, doubts: map[string]*doubt{}, router: Router(cfg.Subnet),
 		confirmWait: func(ctx context.Context) error { return sleep(ctx, confirmDelay) }}
 	if err := os.MkdirAll(cfg.CgroupParent, 0o755); err != nil {
 		return nil, fmt.Errorf("create cgroup parent: %w", err)
 	}
-	if c.reg, err = registry.New(root); err != nil {
-		return nil, err
+	c.reg, c.secrets = cfg.Registry, cfg.Secrets
+	if c.reg == nil {
+		if c.reg, err = registry.New(root); err != nil {
+			return nil, err
+		}
+		c.ownReg = true
 	}
-	if c.secrets, err = secretstore.Open(filepath.Join(cfg.StateDir, "secrets")); err != nil {
-		return nil, err
+	if c.secrets == nil {
+		if c.secrets, err = secretstore.Open(filepath.Join(cfg.StateDir, "secrets")); err != nil {
+			return nil, err
+		}
 	}
 	if c.records, err = openRecords(cfg.StateDir); err != nil {
 		return nil, err
@@ -175,12 +180,48 @@ func open(cfg Config) (*Controller, error) {
 // Close releases the controller's handles; sandboxes are left as they are.
 func (c *Controller) Close() error {
 	c.host.Close()
-	return c.reg.Close()
+	if c.ownReg {
+		return c.reg.Close()
+	}
+	return nil
 }
 
-// Resolve and Len make the controller the token server's registry.
-func (c *Controller) Resolve(cgroupID, netnsCookie uint64) (registry.Sandbox, error) {
-	return c.reg.Resolve(cgroupID, netnsCookie)
+// DefaultTokenPort is the token endpoint's port on the router address.
+const DefaultTokenPort = 7123
+
+// Router is the router address of a sandbox subnet: its first address, on
+// the host side of every sandbox's link, where the token endpoint listens.
+func Router(subnet netip.Prefix) netip.Addr { return subnet.Masked().Addr().Next() }
+
+func (cfg Config) withHostDefaults() Config {
+	if cfg.Bridge == "" {
+		cfg.Bridge = "identityd0"
+	}
+	if !cfg.Subnet.IsValid() {
+		cfg.Subnet = netip.MustParsePrefix("10.88.0.0/16")
+	}
+	cfg.Subnet = cfg.Subnet.Masked()
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return cfg
+}
+
+// PrepareHost sets up the router device in cfg.HostNetns as New does, and
+// returns the router address: the daemon binds the token endpoint to it,
+// and so knows the URL it serves, before it builds the controller.
+func PrepareHost(cfg Config) (netip.Addr, error) {
+	cfg = cfg.withHostDefaults()
+	h, err := netnsutil.Handle(cfg.HostNetns)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	defer h.Close()
+	c := &Controller{cfg: cfg, log: cfg.Logger, host: h, router: Router(cfg.Subnet)}
+	if err := c.ensureBridge(); err != nil {
+		return netip.Addr{}, err
+	}
+	return c.router, nil
 }
 
 // Len returns the number of live sandboxes.
@@ -189,13 +230,10 @@ func (c *Controller) Len() int { return c.reg.Len() }
 // Router returns the router address sandboxes call.
 func (c *Controller) Router() netip.Addr { return c.router }
 
-// Secrets is the store the token server checks bearers against.
-func (c *Controller) Secrets() *secretstore.Store { return c.secrets }
-
 // Env is the environment to inject into a sandbox's processes.
 func (c *Controller) Env(secret string) map[string]string {
 	return map[string]string{
-		"MIREN_IDENTITY_TOKEN_URL":    fmt.Sprintf("http://%s/v1/token", netip.AddrPortFrom(c.router, uint16(c.cfg.TokenPort))),
+		"MIREN_IDENTITY_TOKEN_URL":    c.cfg.TokenURL,
 		"MIREN_IDENTITY_TOKEN_SECRET": secret,
 		"MIREN_OIDC_ISSUER_URL":       c.cfg.Issuer,
 	}

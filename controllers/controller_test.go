@@ -133,7 +133,7 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, os.FileMode(0o600), st.Mode().Perm(), f)
 	}
-	resolved, err := c.Resolve(sb.CgroupID, sb.NetnsCookie)
+	resolved, err := c.reg.Resolve(sb.CgroupID, sb.NetnsCookie)
 	require.NoError(t, err)
 	assert.Equal(t, "web", resolved.App)
 
@@ -180,7 +180,7 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 		AdoptRequest{ID: "adopted-" + suffix(), App: "batch", CgroupPath: other.CgroupDir, NetnsPath: other.Netns}, &adopted))
 	assert.False(t, adopted.Sandbox.Owned)
 	assert.Equal(t, other.NetnsCookie, adopted.Sandbox.NetnsCookie)
-	resolved, err = c.Resolve(other.CgroupID, other.NetnsCookie)
+	resolved, err = c.reg.Resolve(other.CgroupID, other.NetnsCookie)
 	require.NoError(t, err)
 	assert.Equal(t, adopted.Sandbox.ID, resolved.ID)
 
@@ -193,7 +193,7 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 	assert.NoDirExists(t, sb.CgroupPath)
 	assert.NoFileExists(t, sb.NetnsPath)
 	assert.NoFileExists(t, filepath.Join(cfg.StateDir, "secrets", id+".json"))
-	_, err = c.Resolve(sb.CgroupID, sb.NetnsCookie)
+	_, err = c.reg.Resolve(sb.CgroupID, sb.NetnsCookie)
 	assert.ErrorIs(t, err, registry.ErrUnknownCaller)
 	assert.Equal(t, 404, apiStatus(api.Do(ctx, "GET", "/v1/sandboxes/"+id, nil, nil)))
 	assert.Equal(t, 404, apiStatus(api.Do(ctx, "DELETE", "/v1/sandboxes/"+id, nil, nil)))
@@ -201,7 +201,7 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 	// Deleting an adopted sandbox revokes it and leaves its resources alone.
 	require.NoError(t, api.Do(ctx, "DELETE", "/v1/sandboxes/"+adopted.Sandbox.ID, nil, nil))
 	assert.DirExists(t, other.CgroupDir)
-	_, err = c.Resolve(other.CgroupID, other.NetnsCookie)
+	_, err = c.reg.Resolve(other.CgroupID, other.NetnsCookie)
 	assert.ErrorIs(t, err, registry.ErrUnknownCaller)
 }
 
@@ -244,15 +244,15 @@ func TestRebuildKeepsLiveAndRetiresRecreated(t *testing.T) {
 	list := c2.List()
 	require.Len(t, list, 1)
 	assert.Equal(t, keep, list[0].ID)
-	ok, err := c2.Secrets().Verify(keep, k.Env["MIREN_IDENTITY_TOKEN_SECRET"])
+	ok, err := c2.secrets.Verify(keep, k.Env["MIREN_IDENTITY_TOKEN_SECRET"])
 	require.NoError(t, err)
 	assert.True(t, ok, "a live sandbox's secret still works after the restart")
-	has, err := c2.Secrets().Has(gone)
+	has, err := c2.secrets.Has(gone)
 	require.NoError(t, err)
 	assert.False(t, has, "the re-created cgroup's old secret is revoked")
 	newID, err := cgroup2.ID(g.Sandbox.CgroupPath)
 	require.NoError(t, err)
-	_, err = c2.Resolve(newID, g.Sandbox.NetnsCookie)
+	_, err = c2.reg.Resolve(newID, g.Sandbox.NetnsCookie)
 	assert.ErrorIs(t, err, registry.ErrUnknownCaller)
 	assert.DirExists(t, g.Sandbox.CgroupPath, "someone else's cgroup is not touched")
 }
@@ -270,7 +270,7 @@ func TestResyncRetiresSandboxRemovedUnderneath(t *testing.T) {
 	require.NoError(t, os.Remove(other.CgroupDir))
 	require.Eventually(t, func() bool { return c.Len() == 0 }, 5*time.Second, 20*time.Millisecond,
 		"a sandbox whose cgroup vanished is retired within seconds")
-	has, err := c.Secrets().Has(a.Sandbox.ID)
+	has, err := c.secrets.Has(a.Sandbox.ID)
 	require.NoError(t, err)
 	assert.False(t, has)
 }
@@ -346,7 +346,7 @@ func assertConsistent(t *testing.T, c *Controller, cfg Config, tag string) {
 		live[r.ID] = true
 		assert.DirExists(t, r.CgroupPath)
 		assert.True(t, netnsutil.IsNetns(r.NetnsPath), r.NetnsPath)
-		has, err := c.Secrets().Has(r.ID)
+		has, err := c.secrets.Has(r.ID)
 		require.NoError(t, err)
 		assert.True(t, has, r.ID)
 	}
@@ -397,10 +397,10 @@ func TestCrashSafety(t *testing.T) {
 		require.NoError(t, err)
 		defer c.Close()
 		assertConsistent(t, c, cfg, tag)
-		ok, err := c.Secrets().Verify(survivor.Sandbox.ID, survivor.Env["MIREN_IDENTITY_TOKEN_SECRET"])
+		ok, err := c.secrets.Verify(survivor.Sandbox.ID, survivor.Env["MIREN_IDENTITY_TOKEN_SECRET"])
 		require.NoError(t, err)
 		assert.True(t, ok, "a sandbox whose Create returned still authenticates")
-		_, err = c.Resolve(survivor.Sandbox.CgroupID, survivor.Sandbox.NetnsCookie)
+		_, err = c.reg.Resolve(survivor.Sandbox.CgroupID, survivor.Sandbox.NetnsCookie)
 		assert.NoError(t, err)
 	}
 
@@ -428,7 +428,7 @@ func TestCrashSafety(t *testing.T) {
 			defer c.Close()
 			_, err = c.Get(victim)
 			assert.ErrorIs(t, err, ErrNotFound, "a delete the daemon started is finished at restart")
-			ok, _ := c.Secrets().Verify(victim, cr.Env["MIREN_IDENTITY_TOKEN_SECRET"])
+			ok, _ := c.secrets.Verify(victim, cr.Env["MIREN_IDENTITY_TOKEN_SECRET"])
 			assert.False(t, ok)
 		})
 	}

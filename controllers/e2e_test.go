@@ -48,7 +48,7 @@ func TestRunningSandboxSurvivesRestarts(t *testing.T) {
 		keys, err := tokenserver.OpenKeys(keysDir, tokenserver.RS256, nil)
 		require.NoError(t, err)
 		srv, err := tokenserver.New(tokenserver.Config{Issuer: env["MIREN_OIDC_ISSUER_URL"], Attester: in,
-			Registry: c, Secrets: c.Secrets(), Keys: keys, Logger: quiet})
+			Registry: c.reg, Secrets: c.secrets, Keys: keys, Logger: quiet})
 		require.NoError(t, err)
 		ln, err := w.Listen("tcp", router.String())
 		require.NoError(t, err)

@@ -269,7 +269,7 @@ func TestRebuildKeepsWhatItCannotCheck(t *testing.T) {
 	c = start(t, cfg)
 	assert.Equal(t, want, c.List())
 	for id, secret := range secrets {
-		ok, err := c.Secrets().Verify(id, secret)
+		ok, err := c.secrets.Verify(id, secret)
 		require.NoError(t, err)
 		assert.True(t, ok, id)
 	}

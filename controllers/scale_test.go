@@ -60,7 +60,7 @@ func TestRebuildAtScale(t *testing.T) {
 			require.Equal(t, n, c.Len())
 			last, err := c.Get(ids[n-1])
 			require.NoError(t, err)
-			sb, err := c.Resolve(last.CgroupID, 0)
+			sb, err := c.reg.Resolve(last.CgroupID, 0)
 			require.NoError(t, err)
 			require.Equal(t, ids[n-1], sb.ID)
 		})

@@ -35,7 +35,6 @@ func (fakeRegistry) Resolve(cg, _ uint64) (registry.Sandbox, error) {
 	}
 	return registry.Sandbox{ID: "sb-a", App: "web"}, nil
 }
-func (fakeRegistry) Len() int { return 1 }
 
 const fuzzSecret = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 

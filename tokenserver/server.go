@@ -38,7 +38,6 @@ type Attester interface {
 // the real one.
 type Registry interface {
 	Resolve(cgroupID, netnsCookie uint64) (registry.Sandbox, error)
-	Len() int
 }
 
 // Secrets checks a bearer against the sandbox's persisted secret;

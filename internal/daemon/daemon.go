@@ -1,11 +1,13 @@
-// Package daemon assembles identityd: the attribution programs, the sandbox
-// controller, the token endpoint, the operator endpoint and the admin
-// socket, started in that order and stopped gracefully.
+// Package daemon assembles identityd: the attribution programs, the stores
+// the sandbox controller writes and the token server reads, the token
+// endpoint, the operator endpoint and the admin socket. Each piece has a
+// small constructor; Run builds them in order and runs the servers and
+// background loops as one group of tasks, so that any of them failing stops
+// the daemon with its error.
 package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/net/netutil"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/time/rate"
 
 	"github.com/identityd/identityd/bpf"
@@ -29,6 +32,8 @@ import (
 	"github.com/identityd/identityd/internal/atomicfile"
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
+	"github.com/identityd/identityd/internal/registry"
+	"github.com/identityd/identityd/internal/secretstore"
 	"github.com/identityd/identityd/tokenserver"
 )
 
@@ -38,12 +43,12 @@ type Config struct {
 	CgroupParent    string
 	BPFDir          string
 	Listen          string // token endpoint; empty: router address:7123
-	Issuer          string // empty: http://<listen address>
+	Issuer          string // empty: http://<the token endpoint's address>
 	SigningAlg      string
 	DefaultAudience []string
 	OperatorListen  string // empty: none
 	AdminSocket     string
-	HostNetns       string // netns of the bridge and the listener; empty: ours
+	HostNetns       string // netns of the router address and the listener; empty: ours
 	NetnsPrefix     string // of the sandboxes' named netns; empty: identityd-
 	Bridge          string
 	Subnet          netip.Prefix
@@ -56,11 +61,120 @@ type Config struct {
 	Logger      *slog.Logger
 }
 
+// shutdownGrace bounds how long in-flight requests may take to finish once
+// the daemon is asked to stop.
+const shutdownGrace = 10 * time.Second
+
 // Run starts the daemon and serves until ctx ends, then stops accepting,
-// finishes in-flight requests and returns nil. The BPF programs stay
-// attached: sandboxes never lose attribution because the daemon stopped.
+// finishes in-flight requests and returns nil; or until a server or
+// background task fails, and returns why. The BPF programs stay attached:
+// sandboxes never lose attribution because the daemon stopped.
 func Run(ctx context.Context, cfg Config) error {
+	start := time.Now()
 	log := cfg.Logger
+	if err := checkHost(cfg); err != nil {
+		return err
+	}
+	metrics, err := newMetricsRegistry()
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	g, gctx := errgroup.WithContext(ctx)
+	var servers serverSet
+	g.Go(func() error { return servers.shutdownWhenDone(gctx, log) })
+	// A start-up that fails half way stops what already runs.
+	fail := func(err error) error {
+		cancel()
+		g.Wait()
+		return err
+	}
+
+	// The operator endpoint comes up first, so /healthz answers and /readyz
+	// says "not yet" while sandboxes are rebuilt.
+	var ready readiness
+	if cfg.OperatorListen != "" {
+		ln, err := listenOperator(cfg.OperatorListen)
+		if err != nil {
+			return fail(err)
+		}
+		log.Info("operator endpoint listening", "addr", ln.Addr().String())
+		servers.serve(g, "operator", ln, &http.Server{Handler: operatorHandler(metrics, ready.err),
+			ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
+	}
+
+	// What sandboxes are told comes from the listener actually opened.
+	ep, err := openTokenEndpoint(cfg)
+	if err != nil {
+		return fail(err)
+	}
+	defer ep.ln.Close()
+	log.Info("token endpoint", "addr", ep.addr.String(), "url", ep.tokenURL, "issuer", ep.issuer)
+
+	in, err := bpf.Install(ctx, bpf.Options{PinDir: cfg.BPFDir, Logger: log})
+	if err != nil {
+		return fail(err)
+	}
+	defer in.Close()
+	if err := in.SetEndpoints([]netip.AddrPort{ep.addr}); err != nil {
+		return fail(err)
+	}
+
+	st, err := openStores(cfg)
+	if err != nil {
+		return fail(err)
+	}
+	defer st.close()
+
+	ctrl, err := controllers.New(ctx, controllerConfig(cfg, ep, st))
+	if err != nil {
+		return fail(err)
+	}
+	defer ctrl.Close()
+
+	keys, err := tokenserver.OpenKeys(filepath.Join(cfg.StateDir, "keys"), cfg.SigningAlg, nil)
+	if err != nil {
+		return fail(err)
+	}
+	if err := registerControllerMetrics(metrics, ctrl); err != nil {
+		return fail(err)
+	}
+	srv, err := newTokenServer(cfg, ep, in, st, keys, metrics)
+	if err != nil {
+		return fail(err)
+	}
+	servers.serve(g, "token", srv.Listener(ep.ln), srv.HTTPServer())
+
+	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
+	if err != nil {
+		return fail(err)
+	}
+	servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), &http.Server{
+		Handler: adminHandler(ctrl, keys, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
+
+	watch, err := newAttributionWatch(in, log, metrics)
+	if err != nil {
+		return fail(fmt.Errorf("register metrics: %w", err))
+	}
+	g.Go(func() error { ctrl.Run(gctx); return nil })
+	g.Go(func() error { watch.Run(gctx, attributionCheckInterval); return nil })
+
+	ready.set(watch)
+	log.Info("identityd ready", "token_endpoint", ep.addr.String(), "issuer", ep.issuer, "sandboxes", st.reg.Len(),
+		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond))
+	err = g.Wait()
+	if err != nil {
+		log.Error("identityd stopped", "error", err)
+		return err
+	}
+	log.Info("identityd stopped; attribution programs stay attached")
+	return nil
+}
+
+// checkHost refuses to start where the daemon cannot keep its promises,
+// before anything is installed or rebuilt.
+func checkHost(cfg Config) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("identityd must run as root (running as uid %d)", os.Geteuid())
 	}
@@ -70,186 +184,197 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := atomicfile.MkdirPrivate(cfg.StateDir); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	// Refused here, before anything is installed or rebuilt, rather than
-	// when the admin socket is opened at the end.
 	if err := atomicfile.MkdirPrivate(filepath.Dir(cfg.AdminSocket)); err != nil {
 		return fmt.Errorf("admin socket directory: %w", err)
 	}
-	var ready atomic.Bool
-	var watch atomic.Pointer[attributionWatch]
-	readyErr := func() error {
-		if !ready.Load() {
-			return errors.New("starting: rebuilding sandboxes")
-		}
-		if err := watch.Load().Err(); err != nil {
-			return fmt.Errorf("attribution programs detached: %w", err)
-		}
-		return nil
-	}
+	return nil
+}
 
+func newMetricsRegistry() (*prometheus.Registry, error) {
 	reg := prometheus.NewRegistry()
 	for _, c := range []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})} {
 		if err := reg.Register(c); err != nil {
-			return fmt.Errorf("register metrics: %w", err)
+			return nil, fmt.Errorf("register metrics: %w", err)
 		}
 	}
-	var servers []*http.Server
-	defer func() {
-		for _, s := range servers {
-			s.Close()
-		}
-	}()
-	serve := func(name string, ln net.Listener, s *http.Server) {
-		servers = append(servers, s)
-		go func() {
-			if err := s.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("server stopped", "server", name, "error", err)
-			}
-		}()
-	}
+	return reg, nil
+}
 
-	// The operator endpoint comes up first, so /healthz answers and /readyz
-	// says "not yet" while sandboxes are rebuilt.
-	if cfg.OperatorListen != "" {
-		ln, err := net.Listen("tcp", cfg.OperatorListen)
-		if err != nil {
-			return fmt.Errorf("operator endpoint: %w", err)
-		}
-		// Any host user can connect here: past the cap, new connections
-		// wait in the kernel's backlog, holding none of our descriptors.
-		ln = netutil.LimitListener(ln, serviceConns)
-		log.Info("operator endpoint listening", "addr", ln.Addr().String())
-		serve("operator", ln, &http.Server{Handler: tokenserver.OperatorHandler(reg, readyErr), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
-	}
-
-	start := time.Now()
-	in, err := bpf.Install(ctx, bpf.Options{PinDir: cfg.BPFDir, Logger: log})
+// listenOperator opens the operator endpoint. Any host user can connect
+// there: past the cap, new connections wait in the kernel's backlog,
+// holding none of the daemon's descriptors.
+func listenOperator(addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("operator endpoint: %w", err)
 	}
-	defer in.Close()
+	return netutil.LimitListener(ln, serviceConns), nil
+}
 
-	ctrl, err := controllers.New(ctx, controllers.Config{
-		StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, HostNetns: cfg.HostNetns, NetnsPrefix: cfg.NetnsPrefix,
-		Bridge: cfg.Bridge, Subnet: cfg.Subnet, Issuer: cfg.Issuer, Logger: log,
-	})
+// tokenEndpoint is the token listener and what sandboxes are told about it.
+type tokenEndpoint struct {
+	ln       net.Listener
+	addr     netip.AddrPort // as bound
+	tokenURL string         // MIREN_IDENTITY_TOKEN_URL
+	issuer   string         // MIREN_OIDC_ISSUER_URL, the tokens' iss
+}
+
+// openTokenEndpoint prepares the router address in the host netns, binds the
+// token endpoint there (or to --listen), and derives the URL and the issuer
+// from the address actually bound.
+func openTokenEndpoint(cfg Config) (tokenEndpoint, error) {
+	router, err := controllers.PrepareHost(controllers.Config{HostNetns: cfg.HostNetns, Bridge: cfg.Bridge, Subnet: cfg.Subnet, Logger: cfg.Logger})
 	if err != nil {
-		return err
+		return tokenEndpoint{}, err
 	}
-	defer ctrl.Close()
-
 	listen := cfg.Listen
 	if listen == "" {
-		listen = netip.AddrPortFrom(ctrl.Router(), 7123).String()
+		listen = netip.AddrPortFrom(router, controllers.DefaultTokenPort).String()
 	}
-	var tokenLn net.Listener
-	listenIn := func() (err error) {
-		tokenLn, err = net.Listen("tcp", listen)
+	var ln net.Listener
+	bind := func() (err error) {
+		ln, err = net.Listen("tcp", listen)
 		return err
 	}
 	if cfg.HostNetns != "" {
-		err = netnsutil.Do(cfg.HostNetns, listenIn)
+		err = netnsutil.Do(cfg.HostNetns, bind)
 	} else {
-		err = listenIn()
+		err = bind()
 	}
 	if err != nil {
-		return fmt.Errorf("token endpoint: %w", err)
+		return tokenEndpoint{}, fmt.Errorf("token endpoint: %w", err)
 	}
-	ep := tokenLn.Addr().(*net.TCPAddr).AddrPort()
-	if err := in.SetEndpoints([]netip.AddrPort{ep}); err != nil {
-		tokenLn.Close()
-		return err
+	ep := tokenEndpoint{ln: ln, addr: ln.Addr().(*net.TCPAddr).AddrPort()}
+	host := ep.addr
+	if host.Addr().IsUnspecified() {
+		// Listening everywhere: sandboxes reach it on the router address.
+		host = netip.AddrPortFrom(router, host.Port())
 	}
-	issuer := cfg.Issuer
-	if issuer == "" {
-		issuer = "http://" + ep.String()
+	ep.tokenURL = "http://" + host.String() + "/v1/token"
+	ep.issuer = strings.TrimRight(cfg.Issuer, "/")
+	if ep.issuer == "" {
+		ep.issuer = "http://" + host.String()
 	}
+	return ep, nil
+}
 
-	keys, err := tokenserver.OpenKeys(filepath.Join(cfg.StateDir, "keys"), cfg.SigningAlg, nil)
+// stores are what the controller writes and the token server reads.
+type stores struct {
+	reg     *registry.Index
+	secrets *secretstore.Store
+}
+
+func openStores(cfg Config) (*stores, error) {
+	root, err := cgroup2.Root()
 	if err != nil {
-		tokenLn.Close()
-		return err
+		return nil, err
 	}
+	reg, err := registry.New(root)
+	if err != nil {
+		return nil, err
+	}
+	secrets, err := secretstore.Open(filepath.Join(cfg.StateDir, "secrets"))
+	if err != nil {
+		reg.Close()
+		return nil, err
+	}
+	return &stores{reg: reg, secrets: secrets}, nil
+}
+
+func (s *stores) close() { s.reg.Close() }
+
+func controllerConfig(cfg Config, ep tokenEndpoint, st *stores) controllers.Config {
+	return controllers.Config{
+		StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, HostNetns: cfg.HostNetns, NetnsPrefix: cfg.NetnsPrefix,
+		Bridge: cfg.Bridge, Subnet: cfg.Subnet, TokenURL: ep.tokenURL, Issuer: ep.issuer,
+		Registry: st.reg, Secrets: st.secrets, Logger: cfg.Logger,
+	}
+}
+
+func registerControllerMetrics(reg prometheus.Registerer, ctrl *controllers.Controller) error {
 	inconclusive := prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "identityd_sandbox_checks_inconclusive_total",
 		Help: "Checks of a sandbox's cgroup or netns, at start and by the resync, that could not be made (the sandbox was kept).",
 	}, func() float64 { return float64(ctrl.InconclusiveChecks()) })
 	if err := reg.Register(inconclusive); err != nil {
-		tokenLn.Close()
 		return fmt.Errorf("register metrics: %w", err)
 	}
-	metrics, err := tokenserver.NewMetrics(reg, func() float64 { return float64(ctrl.Len()) })
+	return nil
+}
+
+func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stores, keys *tokenserver.Keys,
+	reg prometheus.Registerer) (*tokenserver.Server, error) {
+	metrics, err := tokenserver.NewMetrics(reg, func() float64 { return float64(st.reg.Len()) })
 	if err != nil {
-		tokenLn.Close()
-		return err
+		return nil, err
 	}
-	conns, err := connLimits(cfg.Conns, log)
+	conns, err := connLimits(cfg.Conns, cfg.Logger)
 	if err != nil {
-		tokenLn.Close()
-		return err
+		return nil, err
 	}
-	srv, err := tokenserver.New(tokenserver.Config{
-		Issuer: issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: ctrl,
-		Secrets: ctrl.Secrets(), Keys: keys, Logger: log, Metrics: metrics,
+	return tokenserver.New(tokenserver.Config{
+		Issuer: ep.issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: st.reg,
+		Secrets: st.secrets, Keys: keys, Logger: cfg.Logger, Metrics: metrics,
 		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
 	})
-	if err != nil {
-		tokenLn.Close()
-		return err
-	}
-	tokenSrv := srv.HTTPServer()
-	serve("token", srv.Listener(tokenLn), tokenSrv)
+}
 
-	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
-	if err != nil {
-		return err
+// readiness is what /readyz reports: not ready until the daemon serves,
+// then whatever the attribution watch says.
+type readiness struct {
+	watch atomic.Pointer[attributionWatch]
+}
+
+func (r *readiness) set(w *attributionWatch) { r.watch.Store(w) }
+
+func (r *readiness) err() error {
+	w := r.watch.Load()
+	if w == nil {
+		return errors.New("starting: rebuilding sandboxes")
 	}
-	adminLn = netutil.LimitListener(adminLn, serviceConns)
-	admin := http.NewServeMux()
-	admin.Handle("/", controllers.AdminHandler(ctrl))
-	admin.HandleFunc("POST /v1/keys/rotate", func(w http.ResponseWriter, r *http.Request) {
-		if err := keys.Rotate(); err != nil {
-			log.Error("rotate signing key", "error", err)
-			http.Error(w, `{"error":"rotate signing key failed"}`, http.StatusInternalServerError)
-			return
+	if err := w.Err(); err != nil {
+		return fmt.Errorf("attribution programs detached: %w", err)
+	}
+	return nil
+}
+
+// serverSet runs HTTP servers as tasks of one group and shuts them all down
+// gracefully when the group's context ends, which also happens when any of
+// them fails.
+type serverSet struct {
+	mu      sync.Mutex
+	servers []*http.Server
+}
+
+// serve runs srv on ln as a task of g. A server that stops for any reason
+// but a shutdown is an error, and ends the group.
+func (s *serverSet) serve(g *errgroup.Group, name string, ln net.Listener, srv *http.Server) {
+	s.mu.Lock()
+	s.servers = append(s.servers, srv)
+	s.mu.Unlock()
+	g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("%s server stopped: %w", name, err)
 		}
-		log.Info("signing key rotated; the previous key stays published until its tokens expire")
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(keys.JWKS())
+		return nil
 	})
-	adminSrv := &http.Server{Handler: admin, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
-	serve("admin", adminLn, adminSrv)
+}
 
-	w, err := newAttributionWatch(in, log, reg)
-	if err != nil {
-		return fmt.Errorf("register metrics: %w", err)
-	}
-	watch.Store(w)
-	// Cancelled, then waited for, before the installation and the
-	// controller they use are closed.
-	var background sync.WaitGroup
-	defer background.Wait()
-	runCtx, stopBackground := context.WithCancel(ctx)
-	defer stopBackground()
-	background.Go(func() { ctrl.Run(runCtx) })
-	background.Go(func() { w.Run(runCtx, attributionCheckInterval) })
-
-	ready.Store(true)
-	log.Info("identityd ready", "token_endpoint", ep.String(), "issuer", issuer, "sandboxes", ctrl.Len(),
-		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond))
-
+// shutdownWhenDone waits for ctx to end, then stops every server, letting
+// in-flight requests finish within shutdownGrace.
+func (s *serverSet) shutdownWhenDone(ctx context.Context, log *slog.Logger) error {
 	<-ctx.Done()
 	log.Info("identityd stopping: finishing in-flight requests")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	defer cancel()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	var errs []error
-	for _, s := range servers {
-		if err := s.Shutdown(shutdownCtx); err != nil {
-			errs = append(errs, err)
+	for _, srv := range s.servers {
+		if err := srv.Shutdown(shutdownCtx); err != nil {
+			errs = append(errs, fmt.Errorf("shut down: %w", err))
 		}
 	}
-	servers = nil
-	log.Info("identityd stopped; attribution programs stay attached")
 	return errors.Join(errs...)
 }
 

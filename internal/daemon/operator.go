@@ -1,17 +1,18 @@
-package tokenserver
+package daemon
 
 import (
+	"encoding/json"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// OperatorHandler serves what operators and their monitoring scrape, on an
+// operatorHandler serves what operators and their monitoring scrape, on an
 // address of their own, never on the sandbox-facing endpoint: /metrics from
-// g, /healthz (the process is up) and /readyz (ready reports nil once the
-// daemon serves tokens).
-func OperatorHandler(g prometheus.Gatherer, ready func() error) http.Handler {
+// g, /healthz (the process is up) and /readyz (ready reports nil while the
+// daemon serves tokens, else why not).
+func operatorHandler(g prometheus.Gatherer, ready func() error) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -25,4 +26,10 @@ func OperatorHandler(g prometheus.Gatherer, ready func() error) http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	return mux
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
 }
