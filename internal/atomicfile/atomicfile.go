@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -141,9 +142,28 @@ func checkAncestor(dir, a string) error {
 	return nil
 }
 
+// IsTemp reports whether a file name is that of a temporary file of
+// WriteFile: a write in flight, or the leftover of one a crash interrupted.
+func IsTemp(name string) bool { return strings.HasPrefix(name, TempPrefix) }
+
+// Temps returns the paths of the temporary files of WriteFile in dir.
+func Temps(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("look for interrupted writes in %s: %w", dir, err)
+	}
+	var out []string
+	for _, e := range entries {
+		if IsTemp(e.Name()) {
+			out = append(out, filepath.Join(dir, e.Name()))
+		}
+	}
+	return out, nil
+}
+
 // RemoveTemps deletes leftovers of interrupted writes in dir.
 func RemoveTemps(dir string) error {
-	matches, err := filepath.Glob(filepath.Join(dir, TempPrefix+"*"))
+	matches, err := Temps(dir)
 	if err != nil {
 		return err
 	}

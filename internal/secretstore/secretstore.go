@@ -4,7 +4,8 @@
 // Only a SHA-256 hash of the secret is stored: the secrets are 32 random
 // bytes, so a fast hash loses nothing to guessing, and a leaked state
 // directory does not leak usable secrets. Each sandbox has one file,
-// <dir>/<id>.json, 0600 in a 0700 directory, replaced atomically. A file
+// <dir>/<id>.json (a daemon's <dir> is Dir of its state directory), 0600 in
+// a 0700 directory, replaced atomically. A file
 // holds a list of hashes, each with an optional expiry, so that a rotated
 // secret's predecessor can stay valid for a grace window.
 package secretstore
@@ -29,8 +30,11 @@ import (
 // ErrNotFound means no secret is stored for the sandbox.
 var ErrNotFound = errors.New("no secret stored for sandbox")
 
+// MaxIDLen is the longest sandbox id the store takes.
+const MaxIDLen = 128
+
 // validID keeps ids usable as file names: no separators, no leading dot.
-var validID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+var validID = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}$`, MaxIDLen-1))
 
 // ValidID reports whether id can name a sandbox in the store.
 func ValidID(id string) bool { return validID.MatchString(id) }
@@ -52,6 +56,15 @@ type hashEntry struct {
 	NotAfter *time.Time `json:"not_after,omitempty"`
 }
 
+// dirName is the store's directory within a daemon's state directory.
+const dirName = "secrets"
+
+// Dir is where a daemon whose state lives in stateDir keeps its secrets.
+func Dir(stateDir string) string { return filepath.Join(stateDir, dirName) }
+
+// fileSuffix ends the name of every sandbox's file: <id>.json.
+const fileSuffix = ".json"
+
 // Open opens (creating if needed) the store in dir, and removes leftovers of
 // writes a crash interrupted.
 func Open(dir string) (*Store, error) {
@@ -61,14 +74,37 @@ func Open(dir string) (*Store, error) {
 	if err := atomicfile.RemoveTemps(dir); err != nil {
 		return nil, fmt.Errorf("open secret store: remove interrupted writes: %w", err)
 	}
-	return &Store{dir: dir, now: time.Now}, nil
+	return At(dir), nil
 }
 
-func (s *Store) path(id string) (string, error) {
+// At is the store in dir as it is: nothing is created or cleaned up, so
+// that a check such as fsck only reads.
+func At(dir string) *Store { return &Store{dir: dir, now: time.Now} }
+
+// Path is the file that holds the secrets of sandbox id.
+func (s *Store) Path(id string) (string, error) {
 	if !ValidID(id) {
 		return "", fmt.Errorf("invalid sandbox id %q", id)
 	}
-	return filepath.Join(s.dir, id+".json"), nil
+	return filepath.Join(s.dir, id+fileSuffix), nil
+}
+
+// IDs lists the sandboxes that have a secret stored, in file name order.
+// Temporary files of writes in flight, and names that cannot be a
+// sandbox's, are left out.
+func (s *Store) IDs() ([]string, error) {
+	entries, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("list secrets: %w", err)
+	}
+	var ids []string
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), fileSuffix)
+		if ok && !atomicfile.IsTemp(e.Name()) && ValidID(id) {
+			ids = append(ids, id)
+		}
+	}
+	return ids, nil
 }
 
 func hashOf(secret string) string {
@@ -78,7 +114,7 @@ func hashOf(secret string) string {
 
 // Put makes secret the only valid secret of sandbox id, durably.
 func (s *Store) Put(id, secret string) error {
-	p, err := s.path(id)
+	p, err := s.Path(id)
 	if err != nil {
 		return fmt.Errorf("store secret: %w", err)
 	}
@@ -96,7 +132,7 @@ func (s *Store) Put(id, secret string) error {
 // The comparison runs in constant time. A missing file is ErrNotFound; an
 // unreadable or corrupt one is an error, never a match.
 func (s *Store) Verify(id, bearer string) (bool, error) {
-	p, err := s.path(id)
+	p, err := s.Path(id)
 	if err != nil {
 		return false, fmt.Errorf("verify secret: %w", err)
 	}
@@ -147,7 +183,7 @@ func parse(b []byte) (record, error) {
 
 // Has reports whether any secret is stored for sandbox id.
 func (s *Store) Has(id string) (bool, error) {
-	p, err := s.path(id)
+	p, err := s.Path(id)
 	if err != nil {
 		return false, err
 	}
@@ -161,7 +197,7 @@ func (s *Store) Has(id string) (bool, error) {
 // Delete revokes every secret of sandbox id, durably. Deleting a missing
 // record is not an error.
 func (s *Store) Delete(id string) error {
-	p, err := s.path(id)
+	p, err := s.Path(id)
 	if err != nil {
 		return fmt.Errorf("delete secret: %w", err)
 	}

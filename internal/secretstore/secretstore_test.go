@@ -9,6 +9,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/identityd/identityd/internal/atomicfile"
 )
 
 const secretA = "3f1c0d7a9b2e4f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8"
@@ -99,4 +101,40 @@ func FuzzRecord(f *testing.F) {
 			t.Fatal("an error must never come with a match")
 		}
 	})
+}
+
+// TestLayout: the store of a state directory is its secrets directory, one
+// file per sandbox; IDs lists them and nothing else; At only reads.
+func TestLayout(t *testing.T) {
+	state := t.TempDir()
+	assert.Equal(t, filepath.Join(state, "secrets"), Dir(state))
+
+	ro := At(Dir(state))
+	_, err := ro.IDs()
+	assert.ErrorIs(t, err, os.ErrNotExist, "At creates nothing")
+	assert.NoDirExists(t, Dir(state))
+
+	s, err := Open(Dir(state))
+	require.NoError(t, err)
+	require.NoError(t, s.Put("b", secretA))
+	require.NoError(t, s.Put("a", secretA))
+	p, err := s.Path("a")
+	require.NoError(t, err)
+	assert.Equal(t, filepath.Join(state, "secrets", "a.json"), p)
+	assert.FileExists(t, p)
+	_, err = s.Path("../a")
+	assert.Error(t, err)
+	// A write in flight and files that are no sandbox's are not listed.
+	require.NoError(t, os.WriteFile(filepath.Join(Dir(state), atomicfile.TempPrefix+"c.json-1"), nil, 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(Dir(state), "notes.txt"), nil, 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(Dir(state), "-x.json"), nil, 0o600))
+
+	ids, err := ro.IDs()
+	require.NoError(t, err)
+	assert.Equal(t, []string{"a", "b"}, ids)
+	has, err := ro.Has("a")
+	require.NoError(t, err)
+	assert.True(t, has)
+	assert.True(t, ValidID(strings.Repeat("a", MaxIDLen)))
+	assert.False(t, ValidID(strings.Repeat("a", MaxIDLen+1)))
 }
