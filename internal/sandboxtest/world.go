@@ -23,7 +23,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -280,47 +279,10 @@ func (w *World) cleanup() {
 	}
 }
 
-// removeCgroupTree removes dir and the cgroups below it, deepest first.
-// Processes still inside are killed first.
+// removeCgroupTree kills the processes still in dir and below it, and
+// removes the cgroups, deepest first.
 func removeCgroupTree(dir string) error {
-	var dirs []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() {
-			dirs = append(dirs, p)
-		}
-		return nil
-	})
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("walk cgroup %s: %w", dir, err)
-	}
-	slices.Reverse(dirs)
-	for _, d := range dirs {
-		killCgroup(d)
-		if err := os.Remove(d); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove cgroup %s: %w", d, err)
-		}
-	}
-	return nil
-}
-
-func killCgroup(dir string) {
-	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	if err != nil {
-		return
-	}
-	for _, f := range strings.Fields(string(b)) {
-		if pid, err := strconv.Atoi(f); err == nil {
-			unix.Kill(pid, unix.SIGKILL)
-			var ws unix.WaitStatus
-			unix.Wait4(pid, &ws, 0, nil)
-		}
-	}
+	return errors.Join(cgroup2.Kill(dir), cgroup2.Remove(dir))
 }
 
 // sweepLeftovers removes netns and cgroups left by test processes that died
