@@ -138,6 +138,12 @@ func (l *limitListener) Accept() (net.Conn, error) {
 			return nil, err
 		}
 		att := l.s.attest(c)
+		if l.s.cfg.Probe != nil {
+			if remote, ok := c.RemoteAddr().(*net.TCPAddr); ok && l.s.cfg.Probe(remote.AddrPort(), att.rec, att.err) {
+				c.Close()
+				continue
+			}
+		}
 		var sandbox string
 		if att.err == nil {
 			// A caller that is no live sandbox yet is counted with the

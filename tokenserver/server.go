@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -81,6 +82,10 @@ type Config struct {
 	// IdleTimeout closes keep-alive connections left idle;
 	// DefaultIdleTimeout if zero.
 	IdleTimeout time.Duration
+	// Probe, if set, sees every accepted connection's attribution first; a
+	// connection it claims (the daemon's own readiness probe) is closed
+	// without being served or counted.
+	Probe func(remote netip.AddrPort, rec bpf.Record, err error) bool
 	// Node names this host in every line the server logs, so that a log
 	// merged from many hosts says where a token was issued or refused;
 	// os.Hostname() if empty.

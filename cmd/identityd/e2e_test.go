@@ -87,7 +87,7 @@ func newWorld(t *testing.T) *world {
 	rand.Read(r[:])
 	tmp := t.TempDir()
 	ow := &world{t: t, w: w, bin: binaries(t), state: filepath.Join(tmp, "state"), admin: filepath.Join(tmp, "run", "admin.sock"),
-		pins: filepath.Join(bpf.DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s", os.Getpid(), t.Name()))}
+		pins: filepath.Join(bpf.DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "-")))}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	ow.operator = ln.Addr().String()

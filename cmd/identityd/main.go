@@ -29,6 +29,7 @@ type cli struct {
 	Version   versionCmd   `cmd:"" help:"Print the version."`
 	Demo      demoCmd      `cmd:"" help:"Play the original bug's repro end to end in a closed network world (needs root)."`
 	Uninstall uninstallCmd `cmd:"" help:"Detach the attribution programs and remove their pins (sandboxes lose attribution). Stop the daemon first: a running daemon attaches them again."`
+	Probe     probeCmd     `cmd:"" name:"__probe" hidden:"" help:"The readiness probe's client; the daemon runs it."`
 }
 
 type serveCmd struct {
@@ -51,6 +52,7 @@ type serveCmd struct {
 	MaxSandboxConns int           `name:"max-conns-per-sandbox" default:"64" env:"IDENTITYD_MAX_CONNS_PER_SANDBOX" help:"Open token endpoint connections per sandbox."`
 	MaxOtherConns   int           `default:"256" env:"IDENTITYD_MAX_OTHER_CONNS" help:"Open token endpoint connections of all callers that are not a live sandbox (host processes, unattested) together."`
 	IdleTimeout     time.Duration `default:"5s" env:"IDENTITYD_IDLE_TIMEOUT" help:"Close token endpoint keep-alive connections idle this long."`
+	CheckInterval   time.Duration `default:"2s" env:"IDENTITYD_CHECK_INTERVAL" help:"How often the readiness probe proves attribution end to end and the attribution programs are checked (and put back if removed)."`
 	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
 	LogFormat       string        `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
 }
@@ -78,8 +80,18 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		OperatorListen: s.OperatorListen, AdminSocket: s.AdminSocket, HostNetns: s.HostNetns, NetnsPrefix: s.NetnsPrefix,
 		Bridge: s.Bridge, Subnet: s.Subnet, RateLimit: s.RateLimit, Burst: s.Burst, Logger: log,
 		Conns:       tokenserver.ConnLimits{Total: s.MaxConns, PerSandbox: s.MaxSandboxConns, Others: s.MaxOtherConns},
-		IdleTimeout: s.IdleTimeout,
+		IdleTimeout: s.IdleTimeout, CheckInterval: s.CheckInterval,
 	})
+}
+
+type probeCmd struct {
+	Netns   string         `help:"Network namespace (path) to connect from."`
+	Bind    netip.Addr     `required:""`
+	Connect netip.AddrPort `required:""`
+}
+
+func (p *probeCmd) Run() error {
+	return daemon.ProbeClient(p.Netns, p.Bind, p.Connect, os.Stdin, os.Stdout)
 }
 
 type versionCmd struct{}

@@ -58,7 +58,10 @@ type Config struct {
 	// the descriptor limit); IdleTimeout closes idle keep-alive ones.
 	Conns       tokenserver.ConnLimits
 	IdleTimeout time.Duration
-	Logger      *slog.Logger
+	// CheckInterval paces the readiness probe and the check of the
+	// attribution programs; DefaultCheckInterval if zero.
+	CheckInterval time.Duration
+	Logger        *slog.Logger
 }
 
 // shutdownGrace bounds how long in-flight requests may take to finish once
@@ -140,7 +143,12 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := registerControllerMetrics(metrics, ctrl); err != nil {
 		return fail(err)
 	}
-	srv, err := newTokenServer(cfg, ep, in, st, keys, metrics)
+	probe, err := newProber(cfg, ep.addr, metrics)
+	if err != nil {
+		return fail(err)
+	}
+	defer probe.close()
+	srv, err := newTokenServer(cfg, ep, in, st, keys, metrics, probe.observe)
 	if err != nil {
 		return fail(err)
 	}
@@ -153,12 +161,19 @@ func Run(ctx context.Context, cfg Config) error {
 	servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), &http.Server{
 		Handler: adminHandler(ctrl, keys, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 
-	watch, err := newAttributionWatch(in, log, metrics)
+	watch, err := newAttributionWatch(in, probe.probe, log, metrics)
 	if err != nil {
 		return fail(fmt.Errorf("register metrics: %w", err))
 	}
+	interval := cfg.CheckInterval
+	if interval <= 0 {
+		interval = DefaultCheckInterval
+	}
 	g.Go(func() error { ctrl.Run(gctx); return nil })
-	g.Go(func() error { watch.Run(gctx, attributionCheckInterval); return nil })
+	// Ready means a connection was attributed end to end, once, before the
+	// first "ready"; then every interval.
+	watch.runProbe(ctx)
+	g.Go(func() error { watch.Run(gctx, interval); return nil })
 
 	ready.set(watch)
 	log.Info("identityd ready", "token_endpoint", ep.addr.String(), "issuer", ep.issuer, "sandboxes", st.reg.Len(),
@@ -303,7 +318,7 @@ func registerControllerMetrics(reg prometheus.Registerer, ctrl *controllers.Cont
 }
 
 func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stores, keys *tokenserver.Keys,
-	reg prometheus.Registerer) (*tokenserver.Server, error) {
+	reg prometheus.Registerer, probe func(netip.AddrPort, bpf.Record, error) bool) (*tokenserver.Server, error) {
 	metrics, err := tokenserver.NewMetrics(reg, func() float64 { return float64(st.reg.Len()) })
 	if err != nil {
 		return nil, err
@@ -316,6 +331,7 @@ func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stor
 		Issuer: ep.issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: st.reg,
 		Secrets: st.secrets, Keys: keys, Logger: cfg.Logger, Metrics: metrics,
 		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
+		Probe: probe,
 	})
 }
 
@@ -332,10 +348,7 @@ func (r *readiness) err() error {
 	if w == nil {
 		return errors.New("starting: rebuilding sandboxes")
 	}
-	if err := w.Err(); err != nil {
-		return fmt.Errorf("attribution programs detached: %w", err)
-	}
-	return nil
+	return w.Err()
 }
 
 // serverSet runs HTTP servers as tasks of one group and shuts them all down

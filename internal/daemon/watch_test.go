@@ -48,7 +48,7 @@ func installIn(t *testing.T) (*bpf.Installation, bpf.Options) {
 func TestWatchRepairsAnUninstall(t *testing.T) {
 	in, opts := installIn(t)
 	reg := prometheus.NewRegistry()
-	w, err := newAttributionWatch(in, slog.New(slog.NewTextHandler(io.Discard, nil)), reg)
+	w, err := newAttributionWatch(in, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), reg)
 	require.NoError(t, err)
 
 	w.check(context.Background())
@@ -64,7 +64,7 @@ func TestWatchRepairsAnUninstall(t *testing.T) {
 
 func TestWatchReportsAFailedRepair(t *testing.T) {
 	in, opts := installIn(t)
-	w, err := newAttributionWatch(in, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	w, err := newAttributionWatch(in, nil, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
 	require.NoError(t, err)
 
 	// The cgroup the programs were attached to is gone: nothing can be
