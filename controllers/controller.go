@@ -74,9 +74,6 @@ type Config struct {
 	// second check that finds it gone, so within two intervals. Default 2s.
 	ResyncInterval time.Duration
 	Logger         *slog.Logger `json:"-"`
-	// Fault, if set, is called at named points inside Create and Delete;
-	// crash tests kill the process there.
-	Fault func(point string) `json:"-"`
 }
 
 // Controller owns the sandboxes' lifecycle and is the token server's
@@ -103,6 +100,16 @@ type Controller struct {
 	// confirmWait separates the rebuild's two looks at a sandbox it found
 	// gone; tests replace it.
 	confirmWait func(context.Context) error
+	// fault, if set, is called at named points inside Create and Delete;
+	// crash tests set it to kill the process there.
+	fault func(point string)
+}
+
+// at marks a point inside Create or Delete that crash tests stop at.
+func (c *Controller) at(point string) {
+	if c.fault != nil {
+		c.fault(point)
+	}
 }
 
 // doubt is what the resync remembers of a sandbox between two checks.
@@ -145,8 +152,8 @@ func open(cfg Config) (*Controller, error) {
 	if cfg.ResyncInterval == 0 {
 		cfg.ResyncInterval = 2 * time.Second
 	}
-	if cfg.Fault == nil {
-		cfg.Fault = func(string) {}
+	if cfg.NetnsPrefix, err = cfg.netnsPrefix(); err != nil {
+		return nil, err
 	}
 	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, doubts: map[string]*doubt{}, router: Router(cfg.Subnet),
 		confirmWait: func(ctx context.Context) error { return sleep(ctx, confirmDelay) }}
@@ -161,7 +168,7 @@ func open(cfg Config) (*Controller, error) {
 		c.ownReg = true
 	}
 	if c.secrets == nil {
-		if c.secrets, err = secretstore.Open(filepath.Join(cfg.StateDir, "secrets")); err != nil {
+		if c.secrets, err = secretstore.Open(secretstore.Dir(cfg.StateDir)); err != nil {
 			return nil, err
 		}
 	}
@@ -307,8 +314,8 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	r := &Record{
 		ID: req.ID, App: req.App, Org: req.Org, Owned: true, Created: time.Now().UTC(),
 		CgroupPath: filepath.Join(c.cfg.CgroupParent, req.ID),
-		NetnsPath:  filepath.Join(netnsutil.Dir, netnsName(req.ID)),
-		Veth:       vethName(req.ID),
+		NetnsPath:  filepath.Join(netnsutil.Dir, c.netnsName(req.ID)),
+		Veth:       c.vethName(req.ID),
 		Addresses:  []netip.Prefix{addr},
 	}
 	// Whatever already carries one of the sandbox's names belongs to
@@ -320,7 +327,7 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	if err := c.records.putPending(r); err != nil {
 		return nil, fmt.Errorf("create %s: %w", r.ID, err)
 	}
-	c.cfg.Fault("create:pending")
+	c.at("create:pending")
 	made := &Record{ID: r.ID} // what this Create made: all a failure removes
 	secretPut := false
 	fail := func(err error) (*Created, error) {
@@ -348,7 +355,7 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 		return fail(err)
 	}
 	made.CgroupID = r.CgroupID
-	c.cfg.Fault("create:cgroup")
+	c.at("create:cgroup")
 	// untaken found neither the netns nor the veth, and both names are
 	// derived from the id: from here on they are this Create's.
 	made.NetnsPath, made.Veth = r.NetnsPath, r.Veth
@@ -358,17 +365,17 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	if r.NetnsCookie, err = netnsutil.Cookie(r.NetnsPath); err != nil {
 		return fail(err)
 	}
-	c.cfg.Fault("create:network")
+	c.at("create:network")
 	secret := newSecret()
 	secretPut = true
 	if err := c.secrets.Put(r.ID, secret); err != nil {
 		return fail(err)
 	}
-	c.cfg.Fault("create:secret")
+	c.at("create:secret")
 	if err := c.records.put(r); err != nil {
 		return fail(err)
 	}
-	c.cfg.Fault("create:record")
+	c.at("create:record")
 	if err := c.register(r); err != nil {
 		// Not served: take the record back so that no restart serves it.
 		if rerr := c.records.remove(r.ID); rerr != nil {
@@ -552,13 +559,19 @@ func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 	if !ok {
 		return fmt.Errorf("%w: %s", ErrNotFound, id)
 	}
-	if r.Owned && !kill && r.CgroupPath != "" && populated(r.CgroupPath) {
-		return fmt.Errorf("%w: %s (delete with kill to stop them)", ErrBusy, id)
+	if r.Owned && !kill && r.CgroupPath != "" {
+		busy, err := cgroup2.Populated(r.CgroupPath)
+		if err != nil && !missing(err) {
+			return fmt.Errorf("delete %s: cannot tell whether tasks still run in it: %w", id, err)
+		}
+		if busy {
+			return fmt.Errorf("%w: %s (delete with kill to stop them)", ErrBusy, id)
+		}
 	}
 	if err := c.secrets.Delete(id); err != nil {
 		return fmt.Errorf("revoke %s: %w", id, err)
 	}
-	c.cfg.Fault("delete:revoked")
+	c.at("delete:revoked")
 	c.reg.Remove(id)
 	delete(c.live, id)
 	delete(c.doubts, id)
@@ -567,7 +580,7 @@ func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 			c.log.Warn("tear down sandbox", "sandbox", id, "error", err)
 		}
 	}
-	c.cfg.Fault("delete:teardown")
+	c.at("delete:teardown")
 	if err := c.records.remove(id); err != nil {
 		return fmt.Errorf("remove record of %s: %w", id, err)
 	}
@@ -667,28 +680,18 @@ func (c *Controller) rebuild(ctx context.Context) error {
 	}
 
 	// Secrets nobody's record names: an adoption or a create cut short.
-	if entries, err := os.ReadDir(filepath.Join(c.cfg.StateDir, "secrets")); err == nil {
-		for _, e := range entries {
-			id, ok := cutSuffix(e.Name(), ".json")
-			if ok && !known[id] {
-				if err := c.secrets.Delete(id); err != nil {
-					c.log.Warn("remove a secret no record names", "sandbox", id, "error", err)
-				}
+	ids, err := c.secrets.IDs()
+	if err != nil {
+		c.log.Warn("cannot look for secrets no record names; looked for again at the next start", "error", err)
+	}
+	for _, id := range ids {
+		if !known[id] {
+			if err := c.secrets.Delete(id); err != nil {
+				c.log.Warn("remove a secret no record names", "sandbox", id, "error", err)
 			}
 		}
 	}
-	cgroups := make(map[string]bool, len(c.live))
-	for _, r := range c.live {
-		cgroups[r.CgroupPath] = true
-	}
-	if entries, err := os.ReadDir(c.cfg.CgroupParent); err == nil {
-		for _, e := range entries {
-			p := filepath.Join(c.cfg.CgroupParent, e.Name())
-			if e.IsDir() && !cgroups[p] {
-				c.log.Warn("cgroup under the sandbox parent has no record; never trusted", "cgroup", p)
-			}
-		}
-	}
+	c.warnUnknown()
 	c.log.Info("sandboxes rebuilt", "live", len(c.live), "retired", retired, "took", time.Since(start))
 	return nil
 }
@@ -781,11 +784,35 @@ func (c *Controller) admit(r *Record, l liveness) (bool, error) {
 	return true, nil
 }
 
-func cutSuffix(s, suffix string) (string, bool) {
-	if len(s) > len(suffix) && s[len(s)-len(suffix):] == suffix {
-		return s[:len(s)-len(suffix)], true
+// warnUnknown logs the cgroups under the sandbox parent and this
+// instance's named netns that no live sandbox has: they are never trusted
+// (nor removed: what made them is unknown).
+func (c *Controller) warnUnknown() {
+	cgroups := make(map[string]bool, len(c.live))
+	netns := make(map[string]bool, len(c.live))
+	for _, r := range c.live {
+		cgroups[r.CgroupPath] = true
+		netns[r.NetnsPath] = true
 	}
-	return "", false
+	entries, err := os.ReadDir(c.cfg.CgroupParent)
+	if err != nil {
+		c.log.Warn("cannot look for cgroups no record names", "error", err)
+	}
+	for _, e := range entries {
+		p := filepath.Join(c.cfg.CgroupParent, e.Name())
+		if e.IsDir() && !cgroups[p] {
+			c.log.Warn("cgroup under the sandbox parent has no record; never trusted", "cgroup", p)
+		}
+	}
+	names, err := ListNetns(c.cfg.NetnsPrefix)
+	if err != nil {
+		c.log.Warn("cannot look for network namespaces no record names", "error", err)
+	}
+	for _, name := range names {
+		if p := filepath.Join(netnsutil.Dir, name); !netns[p] {
+			c.log.Warn("network namespace with this instance's prefix has no record; never trusted", "netns", p, "prefix", c.cfg.NetnsPrefix)
+		}
+	}
 }
 
 // retire revokes a sandbox that is gone and removes its record and, if it

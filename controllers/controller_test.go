@@ -25,6 +25,7 @@ import (
 	"github.com/identityd/identityd/internal/netnsutil"
 	"github.com/identityd/identityd/internal/registry"
 	"github.com/identityd/identityd/internal/sandboxtest"
+	"github.com/identityd/identityd/internal/secretstore"
 )
 
 func TestMain(m *testing.M) {
@@ -50,19 +51,55 @@ func suffix() string {
 }
 
 // testConfig is a controller configuration inside a world: the bridge lives
-// in the world's host netns, sandbox cgroups under the world's cgroup.
+// in the world's host netns, sandbox cgroups under the world's cgroup, and
+// the sandboxes' named netns have a prefix of this test's own, so that it
+// sees neither another test's nor a real identityd's. They are removed when
+// the test ends.
 func testConfig(t *testing.T, w *sandboxtest.World) Config {
 	var r [2]byte
 	rand.Read(r[:])
+	prefix := testNetnsPrefix(t)
 	return Config{
 		StateDir:       filepath.Join(t.TempDir(), "state"),
 		CgroupParent:   filepath.Join(w.CgroupDir, "sandboxes"),
 		HostNetns:      w.HostNetns,
+		NetnsPrefix:    prefix,
 		Subnet:         netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 200 + r[0]%50, r[1], 0}), 24),
 		Issuer:         "https://issuer.test",
 		ResyncInterval: 100 * time.Millisecond,
 		Logger:         quiet,
 	}
+}
+
+// testNetnsPrefix is a netns prefix unique to this test; every netns with
+// it is removed when the test ends. It has the test worlds' form,
+// idt<pid>-..., so that a later test process sweeps what a killed one
+// left, and its "c" keeps it apart from the worlds' own names.
+func testNetnsPrefix(tb testing.TB) string {
+	prefix := fmt.Sprintf("idt%d-c%s-", os.Getpid(), suffix())
+	tb.Cleanup(func() { removeNetns(tb, prefix) })
+	return prefix
+}
+
+// removeNetns deletes every netns an instance with prefix may have made.
+func removeNetns(tb testing.TB, prefix string) {
+	names, err := ListNetns(prefix)
+	if err != nil {
+		tb.Errorf("remove the test's netns: %v", err)
+	}
+	for _, name := range names {
+		if err := netnsutil.DeleteNamed(name); err != nil {
+			tb.Errorf("remove the test's netns: %v", err)
+		}
+	}
+}
+
+// hasSecret reports whether the state in cfg holds a secret of id.
+func hasSecret(t *testing.T, cfg Config, id string) bool {
+	t.Helper()
+	has, err := secretstore.At(secretstore.Dir(cfg.StateDir)).Has(id)
+	require.NoError(t, err)
+	return has
 }
 
 func start(t *testing.T, cfg Config) *Controller {
@@ -71,17 +108,6 @@ func start(t *testing.T, cfg Config) *Controller {
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-// cleanupSandboxes removes the controller-made netns of this test, which
-// live outside the world.
-func cleanupSandboxes(t *testing.T, ids ...string) {
-	t.Cleanup(func() {
-		for _, id := range ids {
-			os.Remove(filepath.Join(netnsutil.Dir, netnsName(id)))
-			netnsutil.DeleteNamed(netnsName(id))
-		}
-	})
 }
 
 func serveAdmin(t *testing.T, c *Controller) *AdminClient {
@@ -113,7 +139,6 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 	api := serveAdmin(t, c)
 	ctx := context.Background()
 	id := "web-" + suffix()
-	cleanupSandboxes(t, id)
 
 	var created Created
 	require.NoError(t, api.Do(ctx, "POST", "/v1/sandboxes", CreateRequest{ID: id, App: "web", Org: "acme"}, &created))
@@ -128,8 +153,10 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 	cookie, err := netnsutil.Cookie(sb.NetnsPath)
 	require.NoError(t, err)
 	assert.Equal(t, cookie, sb.NetnsCookie)
-	for _, f := range []string{"sandboxes/" + id + ".json", "secrets/" + id + ".json"} {
-		st, err := os.Stat(filepath.Join(cfg.StateDir, f))
+	secretFile, err := c.secrets.Path(id)
+	require.NoError(t, err)
+	for _, f := range []string{filepath.Join(c.records.dir, id+".json"), secretFile} {
+		st, err := os.Stat(f)
 		require.NoError(t, err)
 		assert.Equal(t, os.FileMode(0o600), st.Mode().Perm(), f)
 	}
@@ -192,7 +219,7 @@ func TestLifecycleThroughAdminSocket(t *testing.T) {
 	sleeper.Wait()
 	assert.NoDirExists(t, sb.CgroupPath)
 	assert.NoFileExists(t, sb.NetnsPath)
-	assert.NoFileExists(t, filepath.Join(cfg.StateDir, "secrets", id+".json"))
+	assert.False(t, hasSecret(t, cfg, id))
 	_, err = c.reg.Resolve(sb.CgroupID, sb.NetnsCookie)
 	assert.ErrorIs(t, err, registry.ErrUnknownCaller)
 	assert.Equal(t, 404, apiStatus(api.Do(ctx, "GET", "/v1/sandboxes/"+id, nil, nil)))
@@ -228,7 +255,6 @@ func TestRebuildKeepsLiveAndRetiresRecreated(t *testing.T) {
 	c := start(t, cfg)
 	ctx := context.Background()
 	keep, gone := "keep-"+suffix(), "gone-"+suffix()
-	cleanupSandboxes(t, keep, gone)
 	k, err := c.Create(ctx, CreateRequest{ID: keep, App: "web"})
 	require.NoError(t, err)
 	g, err := c.Create(ctx, CreateRequest{ID: gone, App: "web"})
@@ -293,15 +319,15 @@ func runDaemon(raw string) int {
 		return 2
 	}
 	dc.Config.Logger = quiet
-	dc.Config.Fault = func(point string) {
-		if point == dc.Fault {
-			syscall.Kill(os.Getpid(), syscall.SIGKILL)
-		}
-	}
 	c, err := New(context.Background(), dc.Config)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
+	}
+	c.fault = func(point string) {
+		if point == dc.Fault {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		}
 	}
 	ln, err := ListenAdmin(dc.Socket)
 	if err != nil {
@@ -335,11 +361,11 @@ func daemon(t *testing.T, cfg Config, sock, fault string) *exec.Cmd {
 // assertConsistent checks the invariants after a restart: every record and
 // secret parses, every live sandbox has its cgroup, netns and secret, and
 // nothing is left of sandboxes that are not live.
-func assertConsistent(t *testing.T, c *Controller, cfg Config, tag string) {
+func assertConsistent(t *testing.T, c *Controller, cfg Config) {
 	t.Helper()
-	recs, errs := list(filepath.Join(cfg.StateDir, "sandboxes"))
+	recs, errs := list(c.records.dir)
 	assert.Empty(t, errs, "no record is torn")
-	pending, _ := list(filepath.Join(cfg.StateDir, "pending"))
+	pending, _ := list(c.records.pending)
 	assert.Empty(t, pending, "no pending marker survives a start")
 	live := map[string]bool{}
 	for _, r := range c.List() {
@@ -351,9 +377,9 @@ func assertConsistent(t *testing.T, c *Controller, cfg Config, tag string) {
 		assert.True(t, has, r.ID)
 	}
 	assert.Len(t, recs, len(live))
-	secrets, _ := os.ReadDir(filepath.Join(cfg.StateDir, "secrets"))
-	for _, e := range secrets {
-		id := strings.TrimSuffix(e.Name(), ".json")
+	secrets, err := c.secrets.IDs()
+	require.NoError(t, err)
+	for _, id := range secrets {
 		assert.True(t, live[id], "secret of %s has no live sandbox", id)
 	}
 	cgroups, _ := os.ReadDir(cfg.CgroupParent)
@@ -362,12 +388,15 @@ func assertConsistent(t *testing.T, c *Controller, cfg Config, tag string) {
 			assert.True(t, live[e.Name()], "cgroup %s has no live sandbox", e.Name())
 		}
 	}
-	entries, _ := os.ReadDir(netnsutil.Dir)
-	for _, e := range entries {
-		if id, ok := strings.CutPrefix(e.Name(), "identityd-"); ok && strings.HasSuffix(id, "-"+tag) {
-			assert.True(t, live[id], "netns %s has no live sandbox", e.Name())
-		}
+	names, err := ListNetns(cfg.NetnsPrefix)
+	require.NoError(t, err)
+	for _, name := range names {
+		id := strings.TrimPrefix(name, cfg.NetnsPrefix)
+		assert.True(t, live[id], "netns %s has no live sandbox", name)
 	}
+	problems, err := Fsck(cfg)
+	require.NoError(t, err)
+	assert.Empty(t, problems, "fsck finds nothing")
 }
 
 func TestCrashSafety(t *testing.T) {
@@ -376,12 +405,7 @@ func TestCrashSafety(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "run", "admin.sock")
 	ctx := context.Background()
 	tag := suffix()
-	var ids []string
-	id := func(name string) string {
-		ids = append(ids, name+"-"+tag)
-		return name + "-" + tag
-	}
-	t.Cleanup(func() { cleanupSandboxesNow(ids) })
+	id := func(name string) string { return name + "-" + tag }
 
 	// A sandbox made before any crash must survive all of them.
 	d := daemon(t, cfg, sock, "")
@@ -396,7 +420,7 @@ func TestCrashSafety(t *testing.T) {
 		c, err := New(ctx, cfg)
 		require.NoError(t, err)
 		defer c.Close()
-		assertConsistent(t, c, cfg, tag)
+		assertConsistent(t, c, cfg)
 		ok, err := c.secrets.Verify(survivor.Sandbox.ID, survivor.Env["MIREN_IDENTITY_TOKEN_SECRET"])
 		require.NoError(t, err)
 		assert.True(t, ok, "a sandbox whose Create returned still authenticates")
@@ -431,11 +455,5 @@ func TestCrashSafety(t *testing.T) {
 			ok, _ := c.secrets.Verify(victim, cr.Env["MIREN_IDENTITY_TOKEN_SECRET"])
 			assert.False(t, ok)
 		})
-	}
-}
-
-func cleanupSandboxesNow(ids []string) {
-	for _, id := range ids {
-		netnsutil.DeleteNamed(netnsName(id))
 	}
 }

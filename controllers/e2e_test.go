@@ -35,7 +35,6 @@ func TestRunningSandboxSurvivesRestarts(t *testing.T) {
 
 	c := start(t, cfg)
 	id := "app-" + suffix()
-	cleanupSandboxes(t, id)
 	created, err := c.Create(ctx, CreateRequest{ID: id, App: "web", Org: "acme"})
 	require.NoError(t, err)
 	router := netip.AddrPortFrom(c.Router(), 7123)

@@ -27,15 +27,14 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 	c := start(t, cfg)
 	api := serveAdmin(t, c)
 	ctx := context.Background()
+	records := recordDirs(cfg.StateDir)
 
 	assertNothingLeft := func(t *testing.T, id string, keep ...string) {
 		t.Helper()
-		for _, p := range []string{
-			filepath.Join(cfg.StateDir, "sandboxes", id+".json"), filepath.Join(cfg.StateDir, "secrets", id+".json"),
-			filepath.Join(cfg.StateDir, "pending", id+".json"),
-		} {
+		for _, p := range []string{filepath.Join(records.dir, id+".json"), filepath.Join(records.pending, id+".json")} {
 			assert.NoFileExists(t, p)
 		}
+		assert.False(t, hasSecret(t, cfg, id))
 		kept := map[string]bool{}
 		for _, k := range keep {
 			kept[k] = true
@@ -44,13 +43,13 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 			assert.NoDirExists(t, filepath.Join(cfg.CgroupParent, id))
 		}
 		if !kept["netns"] {
-			assert.NoFileExists(t, filepath.Join(netnsutil.Dir, netnsName(id)))
+			assert.NoFileExists(t, filepath.Join(netnsutil.Dir, c.netnsName(id)))
 		}
 		if !kept["veth"] {
 			h, err := netnsutil.Handle(w.HostNetns)
 			require.NoError(t, err)
 			defer h.Close()
-			_, err = h.LinkByName(vethName(id))
+			_, err = h.LinkByName(c.vethName(id))
 			assert.Error(t, err, "no veth left")
 		}
 		_, err := c.Get(id)
@@ -59,7 +58,6 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 
 	t.Run("cgroup with a running task", func(t *testing.T) {
 		id := "taken-cg-" + suffix()
-		cleanupSandboxes(t, id)
 		cg := filepath.Join(cfg.CgroupParent, id)
 		require.NoError(t, os.Mkdir(cg, 0o755))
 		cgID, err := cgroup2.ID(cg)
@@ -73,7 +71,9 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 		now, err := cgroup2.ID(cg)
 		require.NoError(t, err, "the cgroup is still there")
 		assert.Equal(t, cgID, now, "and it is the same cgroup")
-		assert.True(t, populated(cg), "its task still runs")
+		busy, err := cgroup2.Populated(cg)
+		require.NoError(t, err)
+		assert.True(t, busy, "its task still runs")
 		assert.NoError(t, task.Process.Signal(syscall.Signal(0)), "the task is alive")
 		procs, err := os.ReadFile(filepath.Join(cg, "cgroup.procs"))
 		require.NoError(t, err)
@@ -83,9 +83,8 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 
 	t.Run("netns", func(t *testing.T) {
 		id := "taken-ns-" + suffix()
-		cleanupSandboxes(t, id)
-		require.NoError(t, netnsutil.NewNamed(netnsName(id)))
-		ns := filepath.Join(netnsutil.Dir, netnsName(id))
+		require.NoError(t, netnsutil.NewNamed(c.netnsName(id)))
+		ns := filepath.Join(netnsutil.Dir, c.netnsName(id))
 		cookie, err := netnsutil.Cookie(ns)
 		require.NoError(t, err)
 
@@ -100,19 +99,18 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 
 	t.Run("veth", func(t *testing.T) {
 		id := "taken-veth-" + suffix()
-		cleanupSandboxes(t, id)
 		h, err := netnsutil.Handle(w.HostNetns)
 		require.NoError(t, err)
 		defer h.Close()
 		// Someone else's veth pair, both ends in the host netns.
-		require.NoError(t, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: vethName(id)}, PeerName: "idtp" + suffix()}))
-		before, err := h.LinkByName(vethName(id))
+		require.NoError(t, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: c.vethName(id)}, PeerName: "idtp" + suffix()}))
+		before, err := h.LinkByName(c.vethName(id))
 		require.NoError(t, err)
 
 		err = api.Do(ctx, "POST", "/v1/sandboxes", CreateRequest{ID: id, App: "web"}, nil)
 		assert.Equal(t, 409, apiStatus(err), "%v", err)
-		assert.ErrorContains(t, err, "veth "+vethName(id)+" already exists")
-		after, err := h.LinkByName(vethName(id))
+		assert.ErrorContains(t, err, "veth "+c.vethName(id)+" already exists")
+		after, err := h.LinkByName(c.vethName(id))
 		require.NoError(t, err, "the link is still there")
 		assert.Equal(t, before.Attrs().Index, after.Attrs().Index)
 		assertNothingLeft(t, id, "veth")
@@ -120,27 +118,25 @@ func TestCreateOverSomeoneElsesObjects(t *testing.T) {
 
 	t.Run("cgroup made between the check and the mkdir", func(t *testing.T) {
 		id := "race-cg-" + suffix()
-		cleanupSandboxes(t, id)
 		cg := filepath.Join(cfg.CgroupParent, id)
 		cfg := cfg
 		cfg.StateDir = filepath.Join(t.TempDir(), "state")
-		cfg.Fault = func(point string) {
+		c := start(t, cfg)
+		c.fault = func(point string) {
 			if point == "create:pending" {
 				require.NoError(t, os.Mkdir(cg, 0o755))
 			}
 		}
-		c := start(t, cfg)
 		_, err := c.Create(ctx, CreateRequest{ID: id, App: "web"})
 		assert.ErrorIs(t, err, ErrExists)
 		assert.ErrorContains(t, err, "cgroup "+cg+" already exists and is not this sandbox's; left untouched")
 		assert.DirExists(t, cg)
-		assert.NoFileExists(t, filepath.Join(cfg.StateDir, "pending", id+".json"))
-		assert.NoFileExists(t, filepath.Join(netnsutil.Dir, netnsName(id)))
+		assert.NoFileExists(t, filepath.Join(c.records.pending, id+".json"))
+		assert.NoFileExists(t, filepath.Join(netnsutil.Dir, c.netnsName(id)))
 	})
 
 	// A fresh Create still works.
 	id := "fresh-" + suffix()
-	cleanupSandboxes(t, id)
 	_, err := c.Create(ctx, CreateRequest{ID: id, App: "web"})
 	require.NoError(t, err)
 }

@@ -1,23 +1,31 @@
 package controllers
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
 
+	"github.com/identityd/identityd/internal/atomicfile"
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
+	"github.com/identityd/identityd/internal/secretstore"
 )
 
-// Fsck compares records, secrets, cgroups and network namespaces and
-// returns every inconsistency it finds, as sentences; a sandbox it cannot
+// Fsck compares records, secrets, cgroups and network namespaces (only
+// those of cfg's netns prefix: other instances' are none of its business)
+// and returns every inconsistency it finds, as sentences; a sandbox it cannot
 // check (out of descriptors, say) is reported as such, never as gone, by
 // the rule the daemon uses (probe). It only reads: run it
 // while the daemon is stopped or idle (an operation in flight looks like an
 // inconsistency until it finishes, and the next start repairs what a crash
 // left).
 func Fsck(cfg Config) ([]string, error) {
+	prefix, err := cfg.netnsPrefix()
+	if err != nil {
+		return nil, err
+	}
 	if cfg.CgroupParent == "" {
 		root, err := cgroup2.Root()
 		if err != nil {
@@ -28,22 +36,30 @@ func Fsck(cfg Config) ([]string, error) {
 	var problems []string
 	report := func(format string, args ...any) { problems = append(problems, fmt.Sprintf(format, args...)) }
 
-	recs, errs := list(filepath.Join(cfg.StateDir, "sandboxes"))
+	dirs := recordDirs(cfg.StateDir)
+	secretsDir := secretstore.Dir(cfg.StateDir)
+	secrets := secretstore.At(secretsDir)
+	recs, errs := list(dirs.dir)
 	for _, err := range errs {
 		report("%v", err)
 	}
-	pending, _ := list(filepath.Join(cfg.StateDir, "pending"))
+	pending, _ := list(dirs.pending)
+	// What records and pending markers name is theirs; anything else under
+	// the cgroup parent or with this instance's netns prefix is not.
+	cgroups := map[string]bool{}
+	netns := map[string]bool{}
 	for _, p := range pending {
 		report("sandbox %s: a create was interrupted (the next start cleans it up)", p.ID)
+		cgroups[p.CgroupPath] = true
+		netns[p.NetnsPath] = true
 	}
 	byID := map[string]*Record{}
-	owned := map[string]bool{} // cgroup paths and netns names of owned sandboxes
 	for _, r := range recs {
 		byID[r.ID] = r
-		if _, err := os.Stat(filepath.Join(cfg.StateDir, "secrets", r.ID+".json")); missing(err) {
-			report("sandbox %s: record without a secret (an interrupted delete)", r.ID)
-		} else if err != nil {
+		if has, err := secrets.Has(r.ID); err != nil {
 			report("sandbox %s: cannot check its secret: %v", r.ID, err)
+		} else if !has {
+			report("sandbox %s: record without a secret (an interrupted delete)", r.ID)
 		}
 		switch l := probe(r, true); l.State {
 		case gone:
@@ -52,33 +68,44 @@ func Fsck(cfg Config) ([]string, error) {
 			report("sandbox %s: cannot check its %s: %v", r.ID, l.Object, l.Err)
 		}
 		if r.Owned {
-			owned[r.CgroupPath] = true
-			owned[filepath.Base(r.NetnsPath)] = true
+			cgroups[r.CgroupPath] = true
+		}
+		netns[r.NetnsPath] = true
+	}
+	ids, err := secrets.IDs()
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		report("cannot check the secrets: %v", err)
+	}
+	for _, id := range ids {
+		if byID[id] == nil {
+			report("secret %s has no record", id)
 		}
 	}
-	if entries, err := os.ReadDir(filepath.Join(cfg.StateDir, "secrets")); err == nil {
-		for _, e := range entries {
-			if id, ok := strings.CutSuffix(e.Name(), ".json"); ok && byID[id] == nil {
-				report("secret %s has no record", id)
-			}
-			if strings.HasPrefix(e.Name(), ".tmp-") {
-				report("temporary file %s left by an interrupted write", e.Name())
-			}
+	for _, dir := range []string{dirs.dir, dirs.pending, secretsDir} {
+		temps, err := atomicfile.Temps(dir)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			report("%v", err)
+		}
+		for _, p := range temps {
+			report("temporary file %s left by an interrupted write", p)
 		}
 	}
 	if entries, err := os.ReadDir(cfg.CgroupParent); err == nil {
 		for _, e := range entries {
-			if p := filepath.Join(cfg.CgroupParent, e.Name()); e.IsDir() && !owned[p] {
+			if p := filepath.Join(cfg.CgroupParent, e.Name()); e.IsDir() && !cgroups[p] {
 				report("cgroup %s has no record", p)
 			}
 		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		report("cannot check the cgroups under %s: %v", cfg.CgroupParent, err)
 	}
-	if entries, err := os.ReadDir(netnsutil.Dir); err == nil {
-		for _, e := range entries {
-			id, ok := strings.CutPrefix(e.Name(), "identityd-")
-			if ok && !owned[e.Name()] && byID[id] == nil {
-				report("netns %s has no record", filepath.Join(netnsutil.Dir, e.Name()))
-			}
+	names, err := ListNetns(prefix)
+	if err != nil {
+		report("cannot check the network namespaces: %v", err)
+	}
+	for _, name := range names {
+		if p := filepath.Join(netnsutil.Dir, name); !netns[p] {
+			report("netns %s has no record", p)
 		}
 	}
 	return problems, nil

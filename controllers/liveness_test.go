@@ -163,7 +163,6 @@ func TestResyncRetiresOnlyConfirmedAndKnown(t *testing.T) {
 	c := start(t, cfg)
 	ctx := context.Background()
 	id := "fd-" + suffix()
-	cleanupSandboxes(t, id)
 	created, err := c.Create(ctx, CreateRequest{ID: id, App: "web"})
 	require.NoError(t, err)
 	sb := created.Sandbox
@@ -175,7 +174,7 @@ func TestResyncRetiresOnlyConfirmedAndKnown(t *testing.T) {
 	})
 	assert.Equal(t, 1, c.Len(), "kept through checks that could not be made")
 	assert.Equal(t, uint64(5), c.InconclusiveChecks())
-	assert.FileExists(t, filepath.Join(cfg.StateDir, "secrets", id+".json"))
+	assert.True(t, hasSecret(t, cfg, id))
 	assert.True(t, netnsutil.IsNetns(sb.NetnsPath))
 	warn := logLine(t, logs, "cannot check sandbox; kept")
 	assert.Equal(t, "WARN", warn["level"])
@@ -194,12 +193,11 @@ func TestResyncRetiresOnlyConfirmedAndKnown(t *testing.T) {
 	assert.Contains(t, logs.String(), "retired if the next check agrees")
 	c.Resync()
 	assert.Equal(t, 0, c.Len())
-	assert.NoFileExists(t, filepath.Join(cfg.StateDir, "secrets", id+".json"))
+	assert.False(t, hasSecret(t, cfg, id))
 	assert.NoDirExists(t, r.CgroupPath, "a retired sandbox made here is torn down")
 
 	// Gone once, then back (an odd reading): kept.
 	id2 := "odd-" + suffix()
-	cleanupSandboxes(t, id2)
 	_, err = c.Create(ctx, CreateRequest{ID: id2, App: "web"})
 	require.NoError(t, err)
 	r2 := c.live[id2]
@@ -218,24 +216,21 @@ func TestRebuildKeepsWhatItCannotCheck(t *testing.T) {
 	cfg := testConfig(t, w)
 	c := start(t, cfg)
 	ctx := context.Background()
-	var ids []string
 	secrets := map[string]string{}
 	for i := range 3 {
 		id := fmt.Sprintf("keep%d-%s", i, suffix())
-		ids = append(ids, id)
 		cr, err := c.Create(ctx, CreateRequest{ID: id, App: "web"})
 		require.NoError(t, err)
 		secrets[id] = cr.Env["MIREN_IDENTITY_TOKEN_SECRET"]
 	}
-	cleanupSandboxes(t, ids...)
 	want := c.List()
 	require.NoError(t, c.Close())
 
 	assertIntact := func(t *testing.T) {
 		t.Helper()
 		for _, r := range want {
-			assert.FileExists(t, filepath.Join(cfg.StateDir, "sandboxes", r.ID+".json"))
-			assert.FileExists(t, filepath.Join(cfg.StateDir, "secrets", r.ID+".json"))
+			assert.FileExists(t, filepath.Join(recordDirs(cfg.StateDir).dir, r.ID+".json"))
+			assert.True(t, hasSecret(t, cfg, r.ID))
 			assert.DirExists(t, r.CgroupPath)
 			assert.True(t, netnsutil.IsNetns(r.NetnsPath), r.NetnsPath)
 		}
@@ -282,7 +277,6 @@ func TestRebuildConfirmsBeforeRetiring(t *testing.T) {
 	cfg := testConfig(t, w)
 	c := start(t, cfg)
 	id := "back-" + suffix()
-	cleanupSandboxes(t, id)
 	cr, err := c.Create(context.Background(), CreateRequest{ID: id, App: "web"})
 	require.NoError(t, err)
 	require.NoError(t, c.Close())
@@ -311,7 +305,7 @@ func TestRebuildConfirmsBeforeRetiring(t *testing.T) {
 	require.NoError(t, unix.Unmount(cr.Sandbox.NetnsPath, unix.MNT_DETACH))
 	c = start(t, cfg)
 	assert.Empty(t, c.List())
-	assert.NoFileExists(t, filepath.Join(cfg.StateDir, "secrets", id+".json"))
+	assert.False(t, hasSecret(t, cfg, id))
 }
 
 // slogTo is a JSON logger writing into logs, at debug level.
@@ -339,7 +333,6 @@ func TestFsckReportsWhatItCannotCheck(t *testing.T) {
 	cfg := testConfig(t, w)
 	c := start(t, cfg)
 	id := "fsck-" + suffix()
-	cleanupSandboxes(t, id)
 	cr, err := c.Create(context.Background(), CreateRequest{ID: id, App: "web"})
 	require.NoError(t, err)
 
@@ -361,7 +354,7 @@ func TestFsckReportsWhatItCannotCheck(t *testing.T) {
 
 	problems, err = Fsck(cfg)
 	require.NoError(t, err)
-	assert.Empty(t, mine(problems), "with descriptors, all is well")
+	assert.Empty(t, problems, "with descriptors, all is well (and nothing of other instances is seen)")
 	require.NoError(t, unix.Unmount(cr.Sandbox.NetnsPath, unix.MNT_DETACH))
 	problems, err = Fsck(cfg)
 	require.NoError(t, err)

@@ -5,26 +5,96 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"syscall"
+	"regexp"
+	"strings"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
+	"github.com/identityd/identityd/internal/secretstore"
 )
 
-// netnsName is the named netns of a sandbox the controller creates.
-func netnsName(id string) string { return "identityd-" + id }
+// DefaultNetnsPrefix begins the names of the network namespaces of an
+// instance that was given no prefix of its own.
+const DefaultNetnsPrefix = "identityd-"
 
-// vethName is the host end of a sandbox's veth: derived from the id, so
-// that cleanup after a crash finds it, and short enough for IFNAMSIZ.
-func vethName(id string) string {
-	sum := sha256.Sum256([]byte(id))
+// maxNetnsPrefix keeps a prefix followed by the longest sandbox id a file
+// name.
+const maxNetnsPrefix = unix.NAME_MAX - secretstore.MaxIDLen
+
+// netnsPrefixRE: the characters of sandbox ids, and no leading . - or _, so
+// that every name is an ordinary file in /run/netns and an ordinary
+// argument to ip netns.
+var netnsPrefixRE = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}$`, maxNetnsPrefix-1))
+
+// CheckNetnsPrefix refuses a prefix that cannot begin the names of an
+// instance's network namespaces.
+func CheckNetnsPrefix(prefix string) error {
+	if !netnsPrefixRE.MatchString(prefix) {
+		return fmt.Errorf("%w: netns prefix %q: want 1-%d of [A-Za-z0-9_.-], not starting with . - or _ (it begins file names in %s, before sandbox ids of up to %d characters)",
+			ErrInvalid, prefix, maxNetnsPrefix, netnsutil.Dir, secretstore.MaxIDLen)
+	}
+	return nil
+}
+
+// netnsPrefix is the configured prefix, or the default, checked.
+func (cfg Config) netnsPrefix() (string, error) {
+	if cfg.NetnsPrefix == "" {
+		return DefaultNetnsPrefix, nil
+	}
+	return cfg.NetnsPrefix, CheckNetnsPrefix(cfg.NetnsPrefix)
+}
+
+// NetnsName is the name under /run/netns of the network namespace that an
+// instance with prefix (see CheckNetnsPrefix) creates for sandbox id.
+func NetnsName(prefix, id string) string { return prefix + id }
+
+// ListNetns returns the names of the network namespaces under /run/netns
+// that an instance with prefix may have made: those that begin with it and
+// go on with a sandbox id. Nothing else there is ever an instance's to
+// report or remove. Prefixes of instances on one host must not begin one
+// another: the default, identityd-, takes in identityd-x-<id> too.
+func ListNetns(prefix string) ([]string, error) {
+	if err := CheckNetnsPrefix(prefix); err != nil {
+		return nil, err
+	}
+	entries, err := os.ReadDir(netnsutil.Dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list network namespaces: %w", err)
+	}
+	var names []string
+	for _, e := range entries {
+		if id, ok := strings.CutPrefix(e.Name(), prefix); ok && secretstore.ValidID(id) {
+			names = append(names, e.Name())
+		}
+	}
+	return names, nil
+}
+
+// netnsName is the named netns of a sandbox this controller creates.
+func (c *Controller) netnsName(id string) string { return NetnsName(c.cfg.NetnsPrefix, id) }
+
+// vethName is the host end of the veth of a sandbox whose netns is named
+// netns: derived from that name, which is unique on the host, so that two
+// instances sharing a host netns never pick the same, and cleanup after a
+// crash finds it; short enough for IFNAMSIZ. (Sandboxes made by earlier
+// versions have a name derived from the id alone; their records hold it.)
+func vethName(netns string) string {
+	sum := sha256.Sum256([]byte(netns))
 	return "idv" + hex.EncodeToString(sum[:])[:10]
 }
+
+// vethName is the host end of the veth of a sandbox this controller creates.
+func (c *Controller) vethName(id string) string { return vethName(c.netnsName(id)) }
 
 // ensureBridge makes sure the router device exists in the host netns,
 // carries the router address and is up. It is a bridge, named by
@@ -93,7 +163,7 @@ func (c *Controller) createNetwork(r *Record, addr netip.Prefix) error {
 	if err := netnsutil.CheckStrictRPFilter(c.cfg.HostNetns); err != nil {
 		return err
 	}
-	if err := netnsutil.NewNamed(netnsName(r.ID)); err != nil {
+	if err := netnsutil.NewNamed(filepath.Base(r.NetnsPath)); err != nil {
 		return err
 	}
 	if err := netnsutil.AttachRouted(c.host, netnsutil.RoutedLink{
@@ -172,9 +242,11 @@ func (c *Controller) teardown(r *Record, kill bool) error {
 	}
 	if r.CgroupPath != "" && ours {
 		if kill {
-			killCgroup(r.CgroupPath)
+			if err := cgroup2.Kill(r.CgroupPath); err != nil {
+				errs = append(errs, err)
+			}
 		}
-		if err := removeCgroup(r.CgroupPath); err != nil {
+		if err := cgroup2.Remove(r.CgroupPath); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -191,26 +263,4 @@ func (c *Controller) teardown(r *Record, kill bool) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// removeCgroup removes a cgroup and any cgroups below it, deepest first.
-func removeCgroup(dir string) error {
-	entries, err := os.ReadDir(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	for _, e := range entries {
-		if e.IsDir() {
-			if err := removeCgroup(filepath.Join(dir, e.Name())); err != nil {
-				return err
-			}
-		}
-	}
-	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-		if errors.Is(err, syscall.EBUSY) {
-			return fmt.Errorf("remove cgroup %s: tasks are still running in it: %w", dir, err)
-		}
-		return fmt.Errorf("remove cgroup %s: %w", dir, err)
-	}
-	return nil
 }

@@ -39,7 +39,6 @@ func TestRoutedSandboxesResistARPAndSpoofing(t *testing.T) {
 	c := start(t, cfg)
 	ctx := context.Background()
 	idA, idB := "net-a-"+suffix(), "net-b-"+suffix()
-	cleanupSandboxes(t, idA, idB)
 	a, err := c.Create(ctx, CreateRequest{ID: idA, App: "victim"})
 	require.NoError(t, err)
 	b, err := c.Create(ctx, CreateRequest{ID: idB, App: "attacker"})
@@ -145,16 +144,15 @@ func TestLooseRPFilterRefusesCreate(t *testing.T) {
 	assert.NotEmpty(t, findLog(t, logs, "WARN", "sandboxes cannot be created until this is fixed"))
 
 	id := "loose-" + suffix()
-	cleanupSandboxes(t, id)
 	_, err := c.Create(context.Background(), CreateRequest{ID: id, App: "web"})
 	require.ErrorIs(t, err, netnsutil.ErrLooseRPFilter)
 	assert.ErrorContains(t, err, "net.ipv4.conf.all.rp_filter is 2")
 	assert.ErrorContains(t, err, "sysctl -w net.ipv4.conf.all.rp_filter=1")
 	assert.Zero(t, c.Len())
 	assert.NoDirExists(t, cfg.CgroupParent+"/"+id)
-	assert.NoFileExists(t, netnsutil.Dir+"/"+netnsName(id))
+	assert.NoFileExists(t, netnsutil.Dir+"/"+c.netnsName(id))
 	host := handle(t, w.HostNetns)
-	_, err = host.LinkByName(vethName(id))
+	_, err = host.LinkByName(c.vethName(id))
 	assert.ErrorAs(t, err, new(netlink.LinkNotFoundError))
 
 	require.NoError(t, netnsutil.SetSysctl(w.HostNetns, "net/ipv4/conf/all/rp_filter", "1"))
@@ -175,7 +173,6 @@ func TestRouterAnswersARPWhateverArpIgnore(t *testing.T) {
 	for _, v := range []string{"1", "2", "3"} {
 		require.NoError(t, netnsutil.SetSysctl(w.HostNetns, "net/ipv4/conf/all/arp_ignore", v))
 		id := "arp" + v + "-" + suffix()
-		cleanupSandboxes(t, id)
 		sb, err := c.Create(context.Background(), CreateRequest{ID: id, App: "web"})
 		require.NoError(t, err)
 		assert.Equal(t, sb.Sandbox.Addresses[0].Addr(), exchange(t, sb.Sandbox.NetnsPath, ln, ln.Addr().(*net.TCPAddr).AddrPort()),
@@ -204,7 +201,6 @@ func TestUpgradeKeepsBridgedSandboxes(t *testing.T) {
 	c1 := start(t, cfg)
 	ctx := context.Background()
 	idOld, idOld2, idNew := "old-"+suffix(), "old2-"+suffix(), "new-"+suffix()
-	cleanupSandboxes(t, idOld, idOld2, idNew)
 	var olds []Created
 	for _, id := range []string{idOld, idOld2} {
 		sb, err := c1.Create(ctx, CreateRequest{ID: id, App: "legacy"})
@@ -528,7 +524,7 @@ func findLog(t *testing.T, logs *sandboxtest.LogBuffer, level, msg string, attrs
 func BenchmarkCreateNetwork(b *testing.B) {
 	w := sandboxtest.New(b)
 	cfg := Config{StateDir: b.TempDir() + "/state", CgroupParent: w.CgroupDir + "/sandboxes", HostNetns: w.HostNetns,
-		Subnet: netip.MustParsePrefix("10.250.0.0/24"), Logger: quiet}
+		NetnsPrefix: testNetnsPrefix(b), Subnet: netip.MustParsePrefix("10.250.0.0/24"), Logger: quiet}
 	c, err := New(context.Background(), cfg)
 	require.NoError(b, err)
 	defer c.Close()
@@ -536,13 +532,13 @@ func BenchmarkCreateNetwork(b *testing.B) {
 	for _, variant := range []string{"routed", "bridge"} {
 		b.Run(variant, func(b *testing.B) {
 			id := "bench-" + suffix()
-			rec := &Record{ID: id, NetnsPath: netnsutil.Dir + "/" + netnsName(id), Veth: vethName(id), Owned: true}
+			rec := &Record{ID: id, NetnsPath: netnsutil.Dir + "/" + c.netnsName(id), Veth: c.vethName(id), Owned: true}
 			defer c.teardown(rec, false)
 			for b.Loop() {
 				if variant == "routed" {
 					require.NoError(b, c.createNetwork(rec, addr))
 				} else {
-					require.NoError(b, netnsutil.NewNamed(netnsName(id)))
+					require.NoError(b, netnsutil.NewNamed(c.netnsName(id)))
 					require.NoError(b, netnsutil.Attach(c.host, c.bridgeIndex, rec.Veth, rec.NetnsPath,
 						[]netip.Prefix{netip.PrefixFrom(addr.Addr(), 24)}, []netip.Addr{c.Router()}))
 				}

@@ -45,8 +45,14 @@ type recordStore struct {
 	dir, pending string
 }
 
+// recordDirs is where the records and pending markers of the state in
+// stateDir live.
+func recordDirs(stateDir string) *recordStore {
+	return &recordStore{dir: filepath.Join(stateDir, "sandboxes"), pending: filepath.Join(stateDir, "pending")}
+}
+
 func openRecords(stateDir string) (*recordStore, error) {
-	s := &recordStore{dir: filepath.Join(stateDir, "sandboxes"), pending: filepath.Join(stateDir, "pending")}
+	s := recordDirs(stateDir)
 	for _, d := range []string{stateDir, s.dir, s.pending} {
 		if err := atomicfile.MkdirPrivate(d); err != nil {
 			return nil, fmt.Errorf("open sandbox records: %w", err)
@@ -112,7 +118,7 @@ func list(dir string) ([]*Record, []error) {
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
-		if !strings.HasSuffix(name, ".json") || strings.HasPrefix(name, atomicfile.TempPrefix) {
+		if !strings.HasSuffix(name, ".json") || atomicfile.IsTemp(name) {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join(dir, name))

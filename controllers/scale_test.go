@@ -23,13 +23,15 @@ import (
 // written without fsync: the subject is the rebuild, not the setup.
 func populate(tb testing.TB, cfg Config, n int) []string {
 	tb.Helper()
-	store, err := secretstore.Open(filepath.Join(cfg.StateDir, "secrets"))
+	store, err := secretstore.Open(secretstore.Dir(cfg.StateDir))
 	require.NoError(tb, err)
 	require.NoError(tb, store.Put("template", "s3cret"))
-	secret, err := os.ReadFile(filepath.Join(cfg.StateDir, "secrets", "template.json"))
+	template, err := store.Path("template")
+	require.NoError(tb, err)
+	secret, err := os.ReadFile(template)
 	require.NoError(tb, err)
 	require.NoError(tb, store.Delete("template"))
-	_, err = openRecords(cfg.StateDir)
+	records, err := openRecords(cfg.StateDir)
 	require.NoError(tb, err)
 	require.NoError(tb, os.MkdirAll(cfg.CgroupParent, 0o755))
 	ids := make([]string, n)
@@ -42,8 +44,10 @@ func populate(tb testing.TB, cfg Config, n int) []string {
 		require.NoError(tb, err)
 		b, err := json.Marshal(Record{ID: id, App: "app", CgroupPath: dir, CgroupID: cg, Created: time.Now()})
 		require.NoError(tb, err)
-		require.NoError(tb, os.WriteFile(filepath.Join(cfg.StateDir, "sandboxes", id+".json"), b, 0o600))
-		require.NoError(tb, os.WriteFile(filepath.Join(cfg.StateDir, "secrets", id+".json"), secret, 0o600))
+		require.NoError(tb, os.WriteFile(filepath.Join(records.dir, id+".json"), b, 0o600))
+		p, err := store.Path(id)
+		require.NoError(tb, err)
+		require.NoError(tb, os.WriteFile(p, secret, 0o600))
 	}
 	return ids
 }
@@ -83,6 +87,7 @@ func BenchmarkRebuild(b *testing.B) {
 				StateDir:     filepath.Join(b.TempDir(), "state"),
 				CgroupParent: filepath.Join(w.CgroupDir, "sandboxes"),
 				HostNetns:    w.HostNetns,
+				NetnsPrefix:  testNetnsPrefix(b),
 				Logger:       quiet,
 			}
 			ids := populate(b, cfg, n)
@@ -94,7 +99,7 @@ func BenchmarkRebuild(b *testing.B) {
 					if _, err := cgroup2.ID(filepath.Join(cfg.CgroupParent, id)); err != nil {
 						b.Fatal(err)
 					}
-					if _, err := os.ReadFile(filepath.Join(cfg.StateDir, "sandboxes", id+".json")); err != nil {
+					if _, err := os.ReadFile(filepath.Join(recordDirs(cfg.StateDir).dir, id+".json")); err != nil {
 						b.Fatal(err)
 					}
 				}
