@@ -37,8 +37,8 @@ var netnsPrefixRE = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9][A-Za-z0-9_.-]{0
 // instance's network namespaces.
 func CheckNetnsPrefix(prefix string) error {
 	if !netnsPrefixRE.MatchString(prefix) {
-		return fmt.Errorf("%w: netns prefix %q: want 1-%d of [A-Za-z0-9_.-], not starting with . - or _ (it begins file names in %s, before sandbox ids of up to %d characters)",
-			ErrInvalid, prefix, maxNetnsPrefix, netnsutil.Dir, secretstore.MaxIDLen)
+		return fmt.Errorf("netns prefix %q: want 1-%d of [A-Za-z0-9_.-], not starting with . - or _ (it begins file names in %s, before sandbox ids of up to %d characters)",
+			prefix, maxNetnsPrefix, netnsutil.Dir, secretstore.MaxIDLen)
 	}
 	return nil
 }

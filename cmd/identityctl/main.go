@@ -42,6 +42,7 @@ func main() {
 		kong.BindTo(ctx, (*context.Context)(nil)),
 		kong.Bind(&c),
 		kong.UsageOnError(),
+		kong.Vars{"default_netns_prefix": controllers.DefaultNetnsPrefix},
 	)
 	err := k.Run()
 	var exit exitCode

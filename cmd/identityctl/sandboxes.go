@@ -255,12 +255,13 @@ func (rotateKeyCmd) Run(ctx context.Context, c *cli) error {
 type fsckCmd struct {
 	StateDir     string `default:"/var/lib/identityd" env:"IDENTITYD_STATE_DIR" help:"identityd's state directory."`
 	CgroupParent string `env:"IDENTITYD_CGROUP_PARENT" help:"Parent of sandbox cgroups (default <cgroup2 root>/identityd)."`
+	NetnsPrefix  string `default:"${default_netns_prefix}" env:"IDENTITYD_NETNS_PREFIX" help:"The instance's netns prefix (identityd serve --netns-prefix): only named netns with it are checked."`
 }
 
 // Run checks records, secrets, cgroups and netns against each other, and
 // exits 1 when anything disagrees.
 func (f *fsckCmd) Run() error {
-	problems, err := controllers.Fsck(controllers.Config{StateDir: f.StateDir, CgroupParent: f.CgroupParent})
+	problems, err := controllers.Fsck(controllers.Config{StateDir: f.StateDir, CgroupParent: f.CgroupParent, NetnsPrefix: f.NetnsPrefix})
 	if err != nil {
 		return err
 	}
