@@ -784,6 +784,11 @@ func (c *Controller) admit(r *Record, l liveness) (bool, error) {
 	return true, nil
 }
 
+// mayBeSandbox reports whether a directory under the cgroup parent could
+// be a sandbox's: its name is a sandbox id. Others (the daemon's readiness
+// probe's .probe) are none of the sandboxes' business.
+func mayBeSandbox(name string) bool { return secretstore.ValidID(name) }
+
 // warnUnknown logs the cgroups under the sandbox parent and this
 // instance's named netns that no live sandbox has: they are never trusted
 // (nor removed: what made them is unknown).
@@ -800,7 +805,7 @@ func (c *Controller) warnUnknown() {
 	}
 	for _, e := range entries {
 		p := filepath.Join(c.cfg.CgroupParent, e.Name())
-		if e.IsDir() && !cgroups[p] {
+		if e.IsDir() && mayBeSandbox(e.Name()) && !cgroups[p] {
 			c.log.Warn("cgroup under the sandbox parent has no record; never trusted", "cgroup", p)
 		}
 	}

@@ -92,7 +92,7 @@ func Fsck(cfg Config) ([]string, error) {
 	}
 	if entries, err := os.ReadDir(cfg.CgroupParent); err == nil {
 		for _, e := range entries {
-			if p := filepath.Join(cfg.CgroupParent, e.Name()); e.IsDir() && !cgroups[p] {
+			if p := filepath.Join(cfg.CgroupParent, e.Name()); e.IsDir() && mayBeSandbox(e.Name()) && !cgroups[p] {
 				report("cgroup %s has no record", p)
 			}
 		}

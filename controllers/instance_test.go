@@ -117,6 +117,10 @@ func TestInstancesDoNotSeeEachOther(t *testing.T) {
 	}
 	clean(t, cfgA)
 	clean(t, cfgB)
+	// A cgroup whose name is no sandbox id (the daemon's readiness probe's)
+	// is not a sandbox's either.
+	require.NoError(t, os.Mkdir(filepath.Join(cfgA.CgroupParent, ".probe"), 0o755))
+	clean(t, cfgA)
 
 	// A stray netns with B's prefix: B's fsck and start say so, A's do not.
 	stray := cfgB.NetnsPrefix + "stray-" + suffix()
