@@ -1,6 +1,7 @@
 package tokenserver
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -12,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -41,58 +43,111 @@ const (
 	keyFileExt = ".jwk.json"
 )
 
-// Keys holds the signing keys, persisted one file per key (0600 in a 0700
-// directory). The newest unretired key signs; retired keys stay in the
-// published set until every token they signed has expired.
-type Keys struct {
-	dir string
-	alg jose.SignatureAlgorithm
-	now func() time.Time
+// DefaultPublishDelay is how long a new key is published before it signs:
+// the lifetime of a verifier's cached copy of the JWKS (our responses say
+// Cache-Control: max-age=60), so that a verifier that refetches the JWKS on
+// an unknown kid always finds it.
+const DefaultPublishDelay = 60 * time.Second
 
-	mu     sync.RWMutex
-	keys   []*signingKey // oldest first; the last one signs
-	signer jose.Signer
+// Keys holds the signing keys, persisted one file per key (0600 in a 0700
+// directory). A new key is published at once and signs from its SignsFrom
+// time on (after the publish delay); the key it replaces signs until then,
+// and both stay published until every token they signed has expired.
+type Keys struct {
+	dir   string
+	alg   jose.SignatureAlgorithm
+	delay time.Duration
+	now   func() time.Time
+
+	mu   sync.RWMutex
+	keys []*signingKey // oldest first
 }
 
 type signingKey struct {
-	Created time.Time       `json:"created"`
+	Created time.Time `json:"created"`
+	// SignsFrom is when the key starts signing; Created if absent (keys
+	// written before keys were published ahead of use).
+	SignsFrom *time.Time `json:"signs_from,omitempty"`
+	// Retired is when the key stops signing: when a newer key starts, which
+	// may be in the future while that key is being published.
 	Retired *time.Time      `json:"retired,omitempty"`
 	Key     jose.JSONWebKey `json:"key"`
 	file    string
+	signer  jose.Signer
 }
 
-// OpenKeys loads the keys in dir, creating a first one (or a new one, if the
-// configured algorithm changed) with alg. Key files that others can read are
-// refused.
-func OpenKeys(dir, alg string, now func() time.Time) (*Keys, error) {
-	if now == nil {
-		now = time.Now
+func (sk *signingKey) signsFrom() time.Time {
+	if sk.SignsFrom != nil {
+		return *sk.SignsFrom
 	}
-	switch alg {
+	return sk.Created
+}
+
+// signsAt reports whether sk is the key that signs at t (given that no
+// newer key signs at t).
+func (sk *signingKey) signsAt(t time.Time) bool {
+	return !sk.signsFrom().After(t) && (sk.Retired == nil || sk.Retired.After(t))
+}
+
+// expired reports whether every token sk can have signed has expired at t.
+func (sk *signingKey) expired(t time.Time) bool {
+	return sk.Retired != nil && t.After(sk.Retired.Add(MaxTTL+clockSkew))
+}
+
+// KeysConfig configures [LoadKeys].
+type KeysConfig struct {
+	// Dir holds the key files (0700, created if missing).
+	Dir string
+	// Alg is the signing algorithm: RS256, ES256 or EdDSA.
+	Alg string
+	// PublishDelay is how long [Keys.Rotate] publishes a new key before it
+	// signs (see DefaultPublishDelay); 0 makes it sign at once.
+	PublishDelay time.Duration
+	Now          func() time.Time
+}
+
+// OpenKeys loads the keys in dir with no publish delay; see [LoadKeys].
+func OpenKeys(dir, alg string, now func() time.Time) (*Keys, error) {
+	return LoadKeys(KeysConfig{Dir: dir, Alg: alg, Now: now})
+}
+
+// LoadKeys loads the keys in cfg.Dir, creating a first one (signing at
+// once) if there is none, or a new one with cfg.Alg (published for the
+// publish delay before it signs) if the configured algorithm changed. Key
+// files that others can read are refused.
+func LoadKeys(cfg KeysConfig) (*Keys, error) {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	switch cfg.Alg {
 	case RS256, ES256, EdDSA:
 	default:
-		return nil, fmt.Errorf("unsupported signing algorithm %q (want %s, %s or %s)", alg, RS256, ES256, EdDSA)
+		return nil, fmt.Errorf("unsupported signing algorithm %q (want %s, %s or %s)", cfg.Alg, RS256, ES256, EdDSA)
 	}
-	if err := atomicfile.MkdirPrivate(dir); err != nil {
+	if cfg.PublishDelay < 0 {
+		return nil, fmt.Errorf("negative key publish delay %s", cfg.PublishDelay)
+	}
+	if err := atomicfile.MkdirPrivate(cfg.Dir); err != nil {
 		return nil, fmt.Errorf("open signing keys: %w", err)
 	}
-	if err := atomicfile.RemoveTemps(dir); err != nil {
+	if err := atomicfile.RemoveTemps(cfg.Dir); err != nil {
 		return nil, fmt.Errorf("open signing keys: %w", err)
 	}
-	k := &Keys{dir: dir, alg: jose.SignatureAlgorithm(alg), now: now}
+	k := &Keys{dir: cfg.Dir, alg: jose.SignatureAlgorithm(cfg.Alg), delay: cfg.PublishDelay, now: cfg.Now}
 	if err := k.load(); err != nil {
 		return nil, err
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if cur := k.current(); cur == nil || cur.Key.Algorithm != alg {
-		if err := k.rotateLocked(); err != nil {
-			return nil, err
-		}
-	} else if err := k.useLocked(cur); err != nil {
+	if err := k.pruneLocked(); err != nil {
 		return nil, err
 	}
-	return k, k.pruneLocked()
+	if n := len(k.keys); n == 0 || k.keys[n-1].Retired != nil || k.keys[n-1].Key.Algorithm != cfg.Alg || k.signerLocked(k.now()) == nil {
+		if err := k.rotateLocked(false); err != nil {
+			return nil, err
+		}
+	}
+	return k, nil
 }
 
 func (k *Keys) load() error {
@@ -124,32 +179,53 @@ func (k *Keys) load() error {
 			return fmt.Errorf("signing key %s holds no valid private key", p)
 		}
 		sk.file = p
+		if sk.signer, err = newSigner(sk.Key); err != nil {
+			return fmt.Errorf("signing key %s: %w", p, err)
+		}
 		k.keys = append(k.keys, &sk)
 	}
 	slices.SortFunc(k.keys, func(a, b *signingKey) int { return a.Created.Compare(b.Created) })
 	return nil
 }
 
-// current is the newest unretired key, or nil.
-func (k *Keys) current() *signingKey {
-	if n := len(k.keys); n > 0 && k.keys[n-1].Retired == nil {
-		return k.keys[n-1]
+// signerLocked is the key that signs at t: the newest one whose time has
+// come and that is not retired; nil if there is none.
+func (k *Keys) signerLocked(t time.Time) *signingKey {
+	for i := len(k.keys) - 1; i >= 0; i-- {
+		if sk := k.keys[i]; !sk.signsFrom().After(t) {
+			if sk.signsAt(t) {
+				return sk
+			}
+			return nil
+		}
 	}
 	return nil
 }
 
-// Rotate makes a new key sign from now on. The previous key is retired but
+// Rotate makes a new key: published at once, signing after the publish
+// delay, while the current key signs until then. Every key it replaces
 // stays published until every token it signed has expired.
-func (k *Keys) Rotate() error {
+func (k *Keys) Rotate() error { return k.rotate(false) }
+
+// RotateNow makes a new key that signs at once: the emergency rotation, for
+// a key believed compromised. A verifier whose cached JWKS predates the new
+// key must refetch it to verify the new tokens (go-oidc does so on an
+// unknown kid; a verifier that does not rejects them until its cache
+// expires).
+func (k *Keys) RotateNow() error { return k.rotate(true) }
+
+func (k *Keys) rotate(now bool) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if err := k.rotateLocked(); err != nil {
+	if err := k.rotateLocked(now); err != nil {
 		return err
 	}
 	return k.pruneLocked()
 }
 
-func (k *Keys) rotateLocked() error {
+// rotateLocked adds a new key that signs after the publish delay, or at
+// once if now is set or no key signs now (nothing else could sign).
+func (k *Keys) rotateLocked(now bool) error {
 	priv, err := generate(k.alg)
 	if err != nil {
 		return fmt.Errorf("generate %s signing key: %w", k.alg, err)
@@ -161,31 +237,45 @@ func (k *Keys) rotateLocked() error {
 	}
 	// RFC 7638 thumbprint as the key id: stable, and derived from the key.
 	jwk.KeyID = base64.RawURLEncoding.EncodeToString(tp)
-	now := k.now().UTC()
-	sk := &signingKey{Created: now, Key: jwk, file: filepath.Join(k.dir, jwk.KeyID+keyFileExt)}
-	// The new key is durable before the old one is marked retired, so a
-	// crash in between leaves two active keys (the newest signs), never none.
+	t := k.now().UTC()
+	created := t
+	if n := len(k.keys); n > 0 && !created.After(k.keys[n-1].Created) {
+		// Creation orders the keys on disk: keep it strict, whatever the
+		// clock's resolution (or a clock set back).
+		created = k.keys[n-1].Created.Add(time.Nanosecond)
+	}
+	from := t
+	if !now && k.signerLocked(t) != nil {
+		from = t.Add(k.delay)
+	}
+	sk := &signingKey{Created: created, SignsFrom: &from, Key: jwk, file: filepath.Join(k.dir, jwk.KeyID+keyFileExt)}
+	if sk.signer, err = newSigner(jwk); err != nil {
+		return err
+	}
+	// The new key is durable before the older ones are told when they stop
+	// signing, so a crash in between leaves keys that LoadKeys retires when
+	// the new one starts, never no key.
 	if err := k.write(sk); err != nil {
 		return err
 	}
-	if old := k.current(); old != nil {
-		old.Retired = &now
-		if err := k.write(old); err != nil {
-			return err
+	k.keys = append(k.keys, sk)
+	var errs []error
+	for _, old := range k.keys[:len(k.keys)-1] {
+		if old.Retired == nil || old.Retired.After(from) {
+			old.Retired = &from
+			errs = append(errs, k.write(old))
 		}
 	}
-	k.keys = append(k.keys, sk)
-	return k.useLocked(sk)
+	return errors.Join(errs...)
 }
 
-func (k *Keys) useLocked(sk *signingKey) error {
-	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.SignatureAlgorithm(sk.Key.Algorithm), Key: sk.Key},
+func newSigner(jwk jose.JSONWebKey) (jose.Signer, error) {
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.SignatureAlgorithm(jwk.Algorithm), Key: jwk},
 		(&jose.SignerOptions{}).WithType("JWT"))
 	if err != nil {
-		return fmt.Errorf("signer for key %s: %w", sk.Key.KeyID, err)
+		return nil, fmt.Errorf("signer for key %s: %w", jwk.KeyID, err)
 	}
-	k.signer = signer
-	return nil
+	return signer, nil
 }
 
 func (k *Keys) write(sk *signingKey) error {
@@ -199,19 +289,27 @@ func (k *Keys) write(sk *signingKey) error {
 	return nil
 }
 
-// pruneLocked deletes retired keys whose every token has expired. Older
-// unretired keys (left by a crash during rotation) are retired now.
+// pruneLocked deletes retired keys whose every token has expired. A key
+// that a newer one replaces but that was not told so (a crash during
+// rotation) is retired when the newer one starts signing.
 func (k *Keys) pruneLocked() error {
 	now := k.now()
-	var keep []*signingKey
 	var errs []error
-	for i, sk := range k.keys {
-		if sk.Retired == nil && i != len(k.keys)-1 {
-			t := now.UTC()
+	var next *time.Time // the earliest start of a newer key
+	for i := len(k.keys) - 1; i >= 0; i-- {
+		sk := k.keys[i]
+		if next != nil && (sk.Retired == nil || sk.Retired.After(*next)) {
+			t := *next
 			sk.Retired = &t
 			errs = append(errs, k.write(sk))
 		}
-		if sk.Retired != nil && now.After(sk.Retired.Add(MaxTTL+clockSkew)) {
+		if from := sk.signsFrom(); next == nil || from.Before(*next) {
+			next = &from
+		}
+	}
+	var keep []*signingKey
+	for _, sk := range k.keys {
+		if sk.expired(now) {
 			if err := atomicfile.Remove(sk.file); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, fmt.Errorf("remove expired signing key: %w", err))
 				keep = append(keep, sk)
@@ -224,37 +322,143 @@ func (k *Keys) pruneLocked() error {
 	return errors.Join(errs...)
 }
 
-// Sign serializes claims as a compact JWS signed by the current key, with
-// kid and typ in the header.
+// Sign serializes claims as a compact JWS signed by the key that signs now,
+// with kid and typ in the header.
 func (k *Keys) Sign(claims any) (string, error) {
 	payload, err := json.Marshal(claims)
 	if err != nil {
 		return "", fmt.Errorf("encode claims: %w", err)
 	}
 	k.mu.RLock()
-	signer := k.signer
+	sk := k.signerLocked(k.now())
 	k.mu.RUnlock()
-	jws, err := signer.Sign(payload)
+	if sk == nil {
+		return "", errors.New("sign token: no signing key signs now")
+	}
+	jws, err := sk.signer.Sign(payload)
 	if err != nil {
 		return "", fmt.Errorf("sign token: %w", err)
 	}
 	return jws.CompactSerialize()
 }
 
-// JWKS returns the public keys relying parties should accept: the current
-// one and every retired one that may still have unexpired tokens.
+// farFuture is what [Keys.SignableUntil] answers: a key of this host stays
+// published as long as the daemon that serves it runs.
+var farFuture = time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// SignableUntil is how long the key that signs now is guaranteed to stay
+// published: for keys served by this host alone, for ever (a retired key
+// stays published until its tokens expire).
+func (k *Keys) SignableUntil() time.Time { return farFuture }
+
+// JWKS returns the public keys relying parties should accept: the key that
+// signs, the next one (published ahead of signing), and every retired one
+// that may still have unexpired tokens.
 func (k *Keys) JWKS() jose.JSONWebKeySet {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
 	now := k.now()
 	var set jose.JSONWebKeySet
 	for _, sk := range k.keys {
-		if sk.Retired != nil && now.After(sk.Retired.Add(MaxTTL+clockSkew)) {
-			continue
+		if !sk.expired(now) {
+			set.Keys = append(set.Keys, sk.Key.Public())
 		}
-		set.Keys = append(set.Keys, sk.Key.Public())
 	}
 	return set
+}
+
+// Key states in [KeyStatus].
+const (
+	KeySigning = "signing"
+	KeyNext    = "next"
+	KeyRetired = "retired"
+)
+
+// KeyStatus describes one published key, for operators.
+type KeyStatus struct {
+	KeyID     string     `json:"kid"`
+	Algorithm string     `json:"alg"`
+	State     string     `json:"state"` // signing, next or retired
+	Created   time.Time  `json:"created"`
+	SignsFrom time.Time  `json:"signs_from"`
+	Retired   *time.Time `json:"retired,omitempty"`
+}
+
+// Status lists the published keys, oldest first.
+func (k *Keys) Status() []KeyStatus {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	now := k.now()
+	var out []KeyStatus
+	for _, sk := range k.keys {
+		if sk.expired(now) {
+			continue
+		}
+		st := KeyStatus{KeyID: sk.Key.KeyID, Algorithm: sk.Key.Algorithm, State: KeyRetired,
+			Created: sk.Created, SignsFrom: sk.signsFrom(), Retired: sk.Retired}
+		switch {
+		case sk.signsFrom().After(now) && (sk.Retired == nil || sk.Retired.After(sk.signsFrom())):
+			st.State = KeyNext
+		case sk.signsAt(now):
+			st.State = KeySigning
+		}
+		out = append(out, st)
+	}
+	return out
+}
+
+// NextRotation is when the newest key is period old, which is when
+// [Keys.RotateEvery] replaces it. It counts from the key's creation time on
+// disk, so a restart does not reset the period.
+func (k *Keys) NextRotation(period time.Duration) time.Time {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if len(k.keys) == 0 {
+		return k.now()
+	}
+	return k.keys[len(k.keys)-1].Created.Add(period)
+}
+
+// rotationRetry is how long RotateEvery waits after a failed rotation (a
+// full disk, say) before it tries again; the current key signs meanwhile.
+const rotationRetry = time.Minute
+
+// RotateEvery rotates the key (as [Keys.Rotate]) whenever the newest one is
+// period old, until ctx ends; at once if it already is (a daemon stopped
+// past the due time). It also deletes the files of keys whose tokens have
+// all expired. A failed rotation is logged and retried; it never stops
+// the keys from signing.
+func (k *Keys) RotateEvery(ctx context.Context, period time.Duration, log *slog.Logger) {
+	if period <= 0 {
+		return
+	}
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		}
+		wait := k.NextRotation(period).Sub(k.now())
+		if wait <= 0 {
+			wait = period
+			if err := k.Rotate(); err != nil {
+				log.Error("rotate signing key", "error", err, "retry_in", rotationRetry)
+				wait = min(rotationRetry, period)
+			} else {
+				log.Info("signing key rotated on schedule", "period", period, "keys", k.Status())
+			}
+		} else {
+			k.mu.Lock()
+			if err := k.pruneLocked(); err != nil {
+				log.Error("delete expired signing keys", "error", err)
+			}
+			k.mu.Unlock()
+		}
+		// Wake at least hourly: the wall clock may jump, timers do not.
+		timer.Reset(min(wait, time.Hour))
+	}
 }
 
 // Algorithms lists the algorithms of the published keys.

@@ -13,6 +13,7 @@ type Metrics struct {
 	requests     *prometheus.CounterVec
 	issuedByAlg  *prometheus.CounterVec
 	refusals     *prometheus.CounterVec
+	failures     *prometheus.CounterVec
 	latency      prometheus.Histogram
 	connRefusals *prometheus.CounterVec
 }
@@ -34,6 +35,10 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 			Name: "identityd_token_refusals_total",
 			Help: "Refused token requests by reason.",
 		}, []string{"reason"}),
+		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "identityd_token_failures_total",
+			Help: "Token requests answered 500 by reason: secret_store, sign, key_publication_expiring (the signing key is not guaranteed to stay published for the minimum token lifetime).",
+		}, []string{"reason"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "identityd_token_request_duration_seconds",
 			Help:    "Time to answer a token request.",
@@ -47,7 +52,7 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 	if reg == nil {
 		return m, nil
 	}
-	cs := []prometheus.Collector{m.requests, m.issuedByAlg, m.refusals, m.latency, m.connRefusals}
+	cs := []prometheus.Collector{m.requests, m.issuedByAlg, m.refusals, m.failures, m.latency, m.connRefusals}
 	if liveSandboxes != nil {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "identityd_live_sandboxes",
@@ -70,5 +75,7 @@ func (m *Metrics) observe(outcome string, d time.Duration) {
 func (m *Metrics) issued(alg string) { m.issuedByAlg.WithLabelValues(alg).Inc() }
 
 func (m *Metrics) refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }
+
+func (m *Metrics) failed(reason string) { m.failures.WithLabelValues(reason).Inc() }
 
 func (m *Metrics) connRefused(reason string) { m.connRefusals.WithLabelValues(reason).Inc() }

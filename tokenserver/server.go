@@ -53,6 +53,10 @@ type KeySet interface {
 	Sign(claims any) (string, error)
 	JWKS() jose.JSONWebKeySet
 	Algorithms() []string
+	// SignableUntil is until when the key that signs now is guaranteed to
+	// stay published (in a fleet, as long as its lease in the shared store
+	// is sure to last). No token is issued with an exp past it.
+	SignableUntil() time.Time
 }
 
 // Defaults for Config.
@@ -211,17 +215,29 @@ func (s *Server) attest(c net.Conn) *attestation {
 // redirects, no prefix matches; anything else is a JSON 404.
 func (s *Server) Handler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/v1/token":
+		if r.URL.Path == "/v1/token" {
 			s.serveToken(w, r)
-		case "/.well-known/openid-configuration":
-			s.serveDiscovery(w, r)
-		case "/.well-known/miren/jwks", "/.well-known/jwks.json":
-			s.serveJWKS(w, r)
-		default:
-			writeError(w, http.StatusNotFound, "not found")
+			return
 		}
+		s.servePublic(w, r)
 	})
+}
+
+// DiscoveryHandler serves OIDC discovery and the JWKS only, for a listener
+// of its own behind the issuer URL (a load balancer's backend); anything
+// else, the token endpoint included, is a JSON 404.
+func (s *Server) DiscoveryHandler() http.Handler { return http.HandlerFunc(s.servePublic) }
+
+// servePublic serves what anyone may read: discovery and the JWKS.
+func (s *Server) servePublic(w http.ResponseWriter, r *http.Request) {
+	switch r.URL.Path {
+	case "/.well-known/openid-configuration":
+		s.serveDiscovery(w, r)
+	case "/.well-known/miren/jwks", "/.well-known/jwks.json":
+		s.serveJWKS(w, r)
+	default:
+		writeError(w, http.StatusNotFound, "not found")
+	}
 }
 
 // Refusal reasons, as counted in metrics and logged.
@@ -235,6 +251,14 @@ const (
 	reasonBadSecret     = "bad_secret"
 	reasonBadTTL        = "bad_ttl"
 	reasonBadAudience   = "bad_audience"
+)
+
+// Failure reasons: a valid request the server could not serve (500), as
+// counted in identityd_token_failures_total and logged.
+const (
+	failSecretStore    = "secret_store"
+	failSign           = "sign"
+	failKeyPublication = "key_publication_expiring"
 )
 
 // Messages of the contract; sandboxes' clients may match on them.
@@ -301,7 +325,8 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		refuse(http.StatusForbidden, msgInvalidToken, reasonBadSecret, sb.ID, err)
 		return
 	case err != nil:
-		s.log.Error("verify secret", "sandbox", sb.ID, "caller", att.rec, "error", err)
+		s.cfg.Metrics.failed(failSecretStore)
+		s.log.Error("verify secret", "reason", failSecretStore, "sandbox", sb.ID, "caller", att.rec, "error", err)
 		writeError(w, http.StatusInternalServerError, msgIssueFailed)
 		return
 	case !valid:
@@ -324,7 +349,12 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	}
 	token, c, err := s.issue(sb, aud, ttl)
 	if err != nil {
-		s.log.Error("issue token", "sandbox", sb.ID, "caller", att.rec, "error", err)
+		reason := failSign
+		if errors.Is(err, errKeyPublicationExpiring) {
+			reason = failKeyPublication
+		}
+		s.cfg.Metrics.failed(reason)
+		s.log.Error("issue token", "reason", reason, "sandbox", sb.ID, "caller", att.rec, "error", err)
 		writeError(w, http.StatusInternalServerError, msgIssueFailed)
 		return
 	}
@@ -425,21 +455,36 @@ func Subject(org, app, sandboxID string) (string, error) {
 	return b.String(), nil
 }
 
+// errKeyPublicationExpiring: the signing key's publication is not
+// guaranteed for the contract's minimum token lifetime.
+var errKeyPublicationExpiring = errors.New("the signing key is not guaranteed to stay published for the minimum token lifetime")
+
 // issue signs a token for sb and returns it with its claims, which the
-// audit line reports.
+// audit line reports. exp never outlives the signing key's guaranteed
+// publication, so that no verifier rejects a token before it expires; when
+// that leaves less than MinTTL, no token is issued
+// (errKeyPublicationExpiring).
 func (s *Server) issue(sb registry.Sandbox, aud []string, ttl time.Duration) (string, Claims, error) {
 	sub, err := Subject(sb.Org, sb.App, sb.ID)
 	if err != nil {
 		return "", Claims{}, err
 	}
 	now := s.cfg.Now().Unix()
+	exp := now + int64(ttl/time.Second)
+	if until := s.cfg.Keys.SignableUntil().Unix(); exp > until {
+		if until-now < int64(MinTTL/time.Second) {
+			return "", Claims{}, fmt.Errorf("%w: published until %s, %ds from now",
+				errKeyPublicationExpiring, time.Unix(until, 0).UTC().Format(time.RFC3339), until-now)
+		}
+		exp = until
+	}
 	c := Claims{
 		Issuer:         s.cfg.Issuer,
 		Subject:        sub,
 		Audience:       aud,
 		IssuedAt:       now,
 		NotBefore:      now,
-		Expiry:         now + int64(ttl/time.Second),
+		Expiry:         exp,
 		ID:             uuid.NewString(),
 		App:            sb.App,
 		SandboxID:      sb.ID,
@@ -500,9 +545,13 @@ func (s *Server) serveJWKS(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusMethodNotAllowed, msgMethod)
 		return
 	}
-	w.Header().Set("Cache-Control", "max-age=60")
+	w.Header().Set("Cache-Control", jwksCacheControl)
 	writeJSON(w, http.StatusOK, s.cfg.Keys.JWKS())
 }
+
+// jwksCacheControl lets verifiers cache the JWKS for DefaultPublishDelay,
+// the time a new key is published before it signs.
+var jwksCacheControl = "max-age=" + strconv.Itoa(int(DefaultPublishDelay/time.Second))
 
 func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, map[string]string{"error": msg})
