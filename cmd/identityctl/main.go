@@ -25,7 +25,7 @@ type cli struct {
 	Token tokenCmd `cmd:"" help:"Fetch an identity token from inside a sandbox (reads MIREN_IDENTITY_TOKEN_*)."`
 
 	Fsck      fsckCmd      `cmd:"" help:"Check that records, secrets, cgroups and netns agree (run while identityd is stopped or idle)."`
-	RotateKey rotateKeyCmd `cmd:"" name:"rotate-key" help:"Make a new signing key sign from now on; the old one stays published until its tokens expire."`
+	RotateKey rotateKeyCmd `cmd:"" name:"rotate-key" help:"Make a new signing key: published at once, signing after identityd's --key-publish-delay (--now: at once); the keys it replaces stay published until their tokens expire."`
 	Exec      execCmd      `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run --privileged)."`
 	Init      initCmd      `cmd:"" name:"__init" hidden:"" help:"Confine and start a command as its pid namespace's init (used by run)."`
 }

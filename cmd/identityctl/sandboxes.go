@@ -10,9 +10,11 @@ import (
 	"os/signal"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
+	"time"
 
 	"github.com/vishvananda/netns"
 
@@ -233,21 +235,34 @@ func (a *adoptCmd) Run(ctx context.Context, c *cli) error {
 	return nil
 }
 
-type rotateKeyCmd struct{}
+type rotateKeyCmd struct {
+	Now bool `help:"Emergency rotation (a key believed compromised): the new key signs at once instead of after the publish delay. Verifiers that cached the JWKS and do not refetch it on an unknown kid reject the new tokens until their cache expires."`
+}
 
-func (rotateKeyCmd) Run(ctx context.Context, c *cli) error {
-	var jwks struct {
+func (r rotateKeyCmd) Run(ctx context.Context, c *cli) error {
+	// The fields of tokenserver.KeyStatus the CLI shows.
+	var status struct {
 		Keys []struct {
-			KeyID string `json:"kid"`
-			Alg   string `json:"alg"`
+			KeyID     string     `json:"kid"`
+			Algorithm string     `json:"alg"`
+			State     string     `json:"state"`
+			SignsFrom time.Time  `json:"signs_from"`
+			Retired   *time.Time `json:"retired"`
 		} `json:"keys"`
 	}
-	if err := c.admin().Do(ctx, "POST", "/v1/keys/rotate", nil, &jwks); err != nil {
+	if err := c.admin().Do(ctx, "POST", "/v1/keys/rotate?now="+strconv.FormatBool(r.Now), nil, &status); err != nil {
 		return err
 	}
-	fmt.Println("published keys (the last one signs):")
-	for _, k := range jwks.Keys {
-		fmt.Printf("  %s %s\n", k.Alg, k.KeyID)
+	fmt.Println("published keys:")
+	for _, k := range status.Keys {
+		line := fmt.Sprintf("  %-7s %s %s", k.State, k.Algorithm, k.KeyID)
+		switch {
+		case k.State == "next":
+			line += " signs from " + k.SignsFrom.Local().Format(time.RFC3339)
+		case k.Retired != nil:
+			line += " retired " + k.Retired.Local().Format(time.RFC3339)
+		}
+		fmt.Println(line)
 	}
 	return nil
 }

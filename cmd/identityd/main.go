@@ -53,6 +53,10 @@ type serveCmd struct {
 	MaxOtherConns   int           `default:"256" env:"IDENTITYD_MAX_OTHER_CONNS" help:"Open token endpoint connections of all callers that are not a live sandbox (host processes, unattested) together."`
 	IdleTimeout     time.Duration `default:"5s" env:"IDENTITYD_IDLE_TIMEOUT" help:"Close token endpoint keep-alive connections idle this long."`
 	CheckInterval   time.Duration `default:"2s" env:"IDENTITYD_CHECK_INTERVAL" help:"How often the readiness probe proves attribution end to end and the attribution programs are checked (and put back if removed)."`
+	NodeName        string        `env:"IDENTITYD_NODE_NAME" help:"This node's name in the log and among a fleet's nodes (default: the host name)."`
+	KeyRotation     time.Duration `name:"key-rotation-period" default:"720h" env:"IDENTITYD_KEY_ROTATION_PERIOD" help:"Replace the signing key when it is this old, counted from its creation on disk (0: only identityctl rotate-key)."`
+	KeyPublishDelay time.Duration `default:"60s" env:"IDENTITYD_KEY_PUBLISH_DELAY" help:"How long a new signing key is published in the JWKS before it signs: at least the verifiers' JWKS cache lifetime (our JWKS says max-age=60)."`
+	DiscoveryListen string        `env:"IDENTITYD_DISCOVERY_LISTEN" help:"Address serving only OIDC discovery and the JWKS, for a load balancer behind the issuer URL (empty: off)."`
 	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
 	LogFormat       string        `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
 }
@@ -81,6 +85,7 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		Bridge: s.Bridge, Subnet: s.Subnet, RateLimit: s.RateLimit, Burst: s.Burst, Logger: log,
 		Conns:       tokenserver.ConnLimits{Total: s.MaxConns, PerSandbox: s.MaxSandboxConns, Others: s.MaxOtherConns},
 		IdleTimeout: s.IdleTimeout, CheckInterval: s.CheckInterval,
+		Node: s.NodeName, KeyRotationPeriod: s.KeyRotation, KeyPublishDelay: s.KeyPublishDelay, DiscoveryListen: s.DiscoveryListen,
 	})
 }
 

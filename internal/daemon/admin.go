@@ -1,8 +1,10 @@
 package daemon
 
 import (
+	"cmp"
 	"log/slog"
 	"net/http"
+	"strconv"
 
 	"github.com/identityd/identityd/controllers"
 	"github.com/identityd/identityd/tokenserver"
@@ -14,14 +16,26 @@ import (
 func adminHandler(ctrl *controllers.Controller, keys *tokenserver.Keys, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/", controllers.AdminHandler(ctrl))
+	// ?now=1 is the emergency rotation: the new key signs at once, without
+	// being published first (see tokenserver.Keys.RotateNow).
 	mux.HandleFunc("POST /v1/keys/rotate", func(w http.ResponseWriter, r *http.Request) {
-		if err := keys.Rotate(); err != nil {
-			log.Error("rotate signing key", "error", err)
+		now, err := strconv.ParseBool(cmp.Or(r.URL.Query().Get("now"), "false"))
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "now must be true or false"})
+			return
+		}
+		rotate := keys.Rotate
+		if now {
+			rotate = keys.RotateNow
+		}
+		if err := rotate(); err != nil {
+			log.Error("rotate signing key", "now", now, "error", err)
 			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "rotate signing key failed"})
 			return
 		}
-		log.Info("signing key rotated; the previous key stays published until its tokens expire")
-		writeJSON(w, http.StatusOK, keys.JWKS())
+		st := keys.Status()
+		log.Info("signing key rotated; the keys it replaces stay published until their tokens expire", "now", now, "keys", st)
+		writeJSON(w, http.StatusOK, map[string]any{"keys": st})
 	})
 	return mux
 }

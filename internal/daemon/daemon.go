@@ -61,7 +61,18 @@ type Config struct {
 	// CheckInterval paces the readiness probe and the check of the
 	// attribution programs; DefaultCheckInterval if zero.
 	CheckInterval time.Duration
-	Logger        *slog.Logger
+	// Node names this host in the log and, in a fleet, among the nodes;
+	// the host name if empty.
+	Node string
+	// KeyRotationPeriod replaces the signing key when it is this old (0:
+	// never on a schedule); KeyPublishDelay is how long a new key is
+	// published before it signs (0: at once).
+	KeyRotationPeriod time.Duration
+	KeyPublishDelay   time.Duration
+	// DiscoveryListen, if set, serves OIDC discovery and the JWKS alone on
+	// a listener of their own, for a load balancer behind the issuer URL.
+	DiscoveryListen string
+	Logger          *slog.Logger
 }
 
 // shutdownGrace bounds how long in-flight requests may take to finish once
@@ -77,6 +88,16 @@ func Run(ctx context.Context, cfg Config) error {
 	log := cfg.Logger
 	if err := checkHost(cfg); err != nil {
 		return err
+	}
+	if err := checkKeyTiming(cfg); err != nil {
+		return err
+	}
+	if cfg.Node == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return fmt.Errorf("node name: %w", err)
+		}
+		cfg.Node = host
 	}
 	metrics, err := newMetricsRegistry()
 	if err != nil {
@@ -98,7 +119,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// says "not yet" while sandboxes are rebuilt.
 	var ready readiness
 	if cfg.OperatorListen != "" {
-		ln, err := listenOperator(cfg.OperatorListen)
+		ln, err := listenService("operator endpoint", cfg.OperatorListen)
 		if err != nil {
 			return fail(err)
 		}
@@ -136,7 +157,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer ctrl.Close()
 
-	keys, err := tokenserver.OpenKeys(filepath.Join(cfg.StateDir, "keys"), cfg.SigningAlg, nil)
+	keys, err := openKeys(cfg)
 	if err != nil {
 		return fail(err)
 	}
@@ -153,6 +174,14 @@ func Run(ctx context.Context, cfg Config) error {
 		return fail(err)
 	}
 	servers.serve(g, "token", srv.Listener(ep.ln), srv.HTTPServer())
+	if cfg.DiscoveryListen != "" {
+		ln, err := listenService("discovery endpoint", cfg.DiscoveryListen)
+		if err != nil {
+			return fail(err)
+		}
+		log.Info("discovery endpoint listening", "addr", ln.Addr().String())
+		servers.serve(g, "discovery", ln, discoveryServer(srv))
+	}
 
 	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
 	if err != nil {
@@ -170,6 +199,7 @@ func Run(ctx context.Context, cfg Config) error {
 		interval = DefaultCheckInterval
 	}
 	g.Go(func() error { ctrl.Run(gctx); return nil })
+	g.Go(func() error { keys.RotateEvery(gctx, cfg.KeyRotationPeriod, log); return nil })
 	// Ready means a connection was attributed end to end, once, before the
 	// first "ready"; then every interval.
 	watch.runProbe(ctx)
@@ -215,15 +245,42 @@ func newMetricsRegistry() (*prometheus.Registry, error) {
 	return reg, nil
 }
 
-// listenOperator opens the operator endpoint. Any host user can connect
-// there: past the cap, new connections wait in the kernel's backlog,
-// holding none of the daemon's descriptors.
-func listenOperator(addr string) (net.Listener, error) {
+// listenService opens the operator or the discovery endpoint. Anyone who
+// can reach it can connect there: past the cap, new connections wait in the
+// kernel's backlog, holding none of the daemon's descriptors.
+func listenService(what, addr string) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, fmt.Errorf("operator endpoint: %w", err)
+		return nil, fmt.Errorf("%s: %w", what, err)
 	}
 	return netutil.LimitListener(ln, serviceConns), nil
+}
+
+// discoveryServer serves discovery and the JWKS only: nothing there is
+// secret or attributed, so it needs timeouts but no connection accounting.
+func discoveryServer(srv *tokenserver.Server) *http.Server {
+	return &http.Server{Handler: srv.DiscoveryHandler(), ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second, IdleTimeout: 30 * time.Second,
+		MaxHeaderBytes: 8 << 10}
+}
+
+// checkKeyTiming refuses a rotation period no longer than the publish
+// delay, which would replace every key before it ever signed.
+func checkKeyTiming(cfg Config) error {
+	if cfg.KeyPublishDelay < 0 {
+		return fmt.Errorf("key publish delay %s: want 0 or more", cfg.KeyPublishDelay)
+	}
+	if cfg.KeyRotationPeriod < 0 || cfg.KeyRotationPeriod > 0 && cfg.KeyRotationPeriod <= cfg.KeyPublishDelay {
+		return fmt.Errorf("key rotation period %s: want 0 (off) or longer than the key publish delay (%s)",
+			cfg.KeyRotationPeriod, cfg.KeyPublishDelay)
+	}
+	return nil
+}
+
+// openKeys loads the signing keys.
+func openKeys(cfg Config) (*tokenserver.Keys, error) {
+	return tokenserver.LoadKeys(tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"),
+		Alg: cfg.SigningAlg, PublishDelay: cfg.KeyPublishDelay})
 }
 
 // tokenEndpoint is the token listener and what sandboxes are told about it.
@@ -331,7 +388,7 @@ func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stor
 		Issuer: ep.issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: st.reg,
 		Secrets: st.secrets, Keys: keys, Logger: cfg.Logger, Metrics: metrics,
 		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
-		Probe: probe,
+		Probe: probe, Node: cfg.Node,
 	})
 }
 
