@@ -20,6 +20,14 @@ import (
 	"github.com/identityd/identityd/internal/netnsutil"
 )
 
+// The demo is an instance of its own: its network namespaces are named
+// apart from those of an identityd that runs on the host (prefix
+// identityd-), whose fsck and start never see them.
+const (
+	demoHostNetns   = "identityd.demo"
+	demoNetnsPrefix = "identityd.demo-"
+)
+
 type demoCmd struct {
 	Keep bool `help:"Leave the demo's namespaces, cgroups, pins and state behind for inspection."`
 }
@@ -44,7 +52,7 @@ func (d *demoCmd) Run(ctx context.Context) error {
 	}
 	dm := &demo{
 		self: self, ctl: ctl, start: time.Now(),
-		hostNetns: filepath.Join(netnsutil.Dir, "identityd-demo"),
+		hostNetns: filepath.Join(netnsutil.Dir, demoHostNetns),
 		cgroups:   filepath.Join(root, "identityd-demo"),
 		pins:      filepath.Join(bpf.DefaultBPFFS, "identityd-demo"),
 		state:     "/var/tmp/identityd-demo",
@@ -204,7 +212,7 @@ func (d *demo) startDaemon(ctx context.Context) (time.Duration, error) {
 	defer logf.Close()
 	d.daemon = exec.Command(d.self, "serve",
 		"--state-dir", d.state, "--cgroup-parent", d.cgroups, "--bpf-dir", d.pins,
-		"--admin-socket", d.admin, "--host-netns", d.hostNetns, "--subnet", "10.77.0.0/24",
+		"--admin-socket", d.admin, "--host-netns", d.hostNetns, "--netns-prefix", demoNetnsPrefix, "--subnet", "10.77.0.0/24",
 		"--operator-listen", "", "--signing-alg", "EdDSA", "--issuer", "http://10.77.0.1:7123")
 	d.daemon.Stdout, d.daemon.Stderr = logf, logf
 	start := time.Now()
@@ -353,20 +361,17 @@ func (d *demo) cleanup() {
 		d.daemon.Process.Kill()
 		d.daemon.Wait()
 	}
-	if entries, err := os.ReadDir(d.cgroups); err == nil {
-		for _, e := range entries {
-			if e.IsDir() {
-				dir := filepath.Join(d.cgroups, e.Name())
-				os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
-				for i := 0; i < 100 && os.Remove(dir) != nil; i++ {
-					time.Sleep(10 * time.Millisecond)
-				}
-			}
-		}
-		os.Remove(d.cgroups)
+	if err := errors.Join(cgroup2.Kill(d.cgroups), cgroup2.Remove(d.cgroups)); err != nil {
+		d.say("cleanup: %v", err)
 	}
-	for _, id := range []string{"demo-a", "demo-b"} {
-		netnsutil.DeleteNamed("identityd-" + id)
+	names, err := controllers.ListNetns(demoNetnsPrefix)
+	if err != nil {
+		d.say("cleanup: %v", err)
+	}
+	for _, name := range names {
+		if err := netnsutil.DeleteNamed(name); err != nil {
+			d.say("cleanup: %v", err)
+		}
 	}
 	netnsutil.DeleteNamed(filepath.Base(d.hostNetns))
 	bpf.Uninstall(context.Background(), bpf.Options{PinDir: d.pins})

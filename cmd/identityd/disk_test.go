@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/identityd/identityd/controllers"
+	"github.com/identityd/identityd/internal/atomicfile"
 	"github.com/identityd/identityd/internal/sandboxtest"
 )
 
@@ -51,7 +52,7 @@ func TestFullAndReadOnlyStateDir(t *testing.T) {
 			if err != nil || info.IsDir() {
 				return nil
 			}
-			assert.False(t, strings.HasPrefix(info.Name(), ".tmp-"), "temporary file left: %s", p)
+			assert.False(t, atomicfile.IsTemp(info.Name()), "temporary file left: %s", p)
 			if strings.HasSuffix(p, ".json") {
 				b, err := os.ReadFile(p)
 				require.NoError(t, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -32,11 +33,42 @@ import (
 
 func TestMain(m *testing.M) {
 	sandboxtest.RunChildIfRequested()
-	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
+	os.Exit(runTests(m))
+}
+
+// runTests runs the package's tests beside an identityd with the default
+// netns prefix (see neighbour), and removes what they built.
+func runTests(m *testing.M) int {
+	defer func() {
+		if binDir != "" {
+			os.RemoveAll(binDir)
+		}
+	}()
+	if os.Geteuid() != 0 {
+		return m.Run()
 	}
-	os.Exit(code)
+	sweepNeighbours()
+	bin, err := buildBinaries()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	n, err := startNeighbour(bin)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "start the neighbour identityd: %v\n", err)
+		return 1
+	}
+	code := m.Run()
+	// Whatever the tests did, the neighbour's sandbox is served as before.
+	if err := n.check(); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: the neighbour identityd (default netns prefix) was disturbed by the tests: %v\n", err)
+		code = 1
+	}
+	if err := n.stop(); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: clean up the neighbour identityd: %v\n", err)
+		code = 1
+	}
+	return code
 }
 
 var (
@@ -49,6 +81,12 @@ var (
 // directory any user can read (the not-root test runs the daemon as nobody).
 func binaries(t *testing.T) string {
 	t.Helper()
+	dir, err := buildBinaries()
+	require.NoError(t, err)
+	return dir
+}
+
+func buildBinaries() (string, error) {
 	buildOnce.Do(func() {
 		if binDir, buildErr = os.MkdirTemp("", "identityd-e2e-"); buildErr != nil {
 			return
@@ -59,8 +97,7 @@ func binaries(t *testing.T) string {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
 	})
-	require.NoError(t, buildErr)
-	return binDir
+	return binDir, buildErr
 }
 
 // world is a closed network world with one identityd configuration in it.
@@ -73,8 +110,17 @@ type world struct {
 	admin    string
 	pins     string
 	operator string
-	daemon   *exec.Cmd
-	stderr   *sandboxtest.LogBuffer
+	// cgroups is the daemon's --cgroup-parent, netnsPrefix its
+	// --netns-prefix: unique to the world, so that its daemon, its fsck
+	// and its cleanup see nothing of other tests' daemons or of an
+	// identityd running on the host.
+	cgroups     string
+	netnsPrefix string
+	// made holds the netns of the sandboxes create made, which the
+	// cleanup removes even when the prefix is not the world's own.
+	made   []string
+	daemon *exec.Cmd
+	stderr *sandboxtest.LogBuffer
 }
 
 func newWorld(t *testing.T) *world {
@@ -87,44 +133,66 @@ func newWorld(t *testing.T) *world {
 	rand.Read(r[:])
 	tmp := t.TempDir()
 	ow := &world{t: t, w: w, bin: binaries(t), state: filepath.Join(tmp, "state"), admin: filepath.Join(tmp, "run", "admin.sock"),
-		pins: filepath.Join(bpf.DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "-")))}
+		// One pin directory per world: two daemons sharing one would share
+		// their maps and endpoints.
+		pins: filepath.Join(bpf.DefaultBPFFS, fmt.Sprintf("identityd-test-%d-%s-%s", os.Getpid(), strings.ReplaceAll(t.Name(), "/", "-"), suffix()))}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	ow.operator = ln.Addr().String()
 	ln.Close()
+	ow.cgroups = filepath.Join(w.CgroupDir, "sandboxes")
+	ow.netnsPrefix = testNetnsPrefix()
 	ow.args = []string{"serve",
-		"--state-dir", ow.state, "--cgroup-parent", filepath.Join(w.CgroupDir, "sandboxes"), "--bpf-dir", ow.pins,
-		"--admin-socket", ow.admin, "--host-netns", w.HostNetns, "--bridge", "idtest0",
+		"--state-dir", ow.state, "--cgroup-parent", ow.cgroups, "--bpf-dir", ow.pins,
+		"--admin-socket", ow.admin, "--host-netns", w.HostNetns, "--netns-prefix", ow.netnsPrefix, "--bridge", "idtest0",
 		"--subnet", netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 150 + r[0]%50, r[1], 0}), 24).String(),
 		"--operator-listen", ow.operator, "--log-level", "debug", "--log-format", "json",
 		"--rate-limit", "1000", "--burst", "1000", "--signing-alg", "EdDSA"}
-	t.Cleanup(func() {
-		ow.kill(syscall.SIGKILL)
-		ow.removeOwnNetns()
-		bpf.Uninstall(context.Background(), bpf.Options{PinDir: ow.pins})
-	})
+	t.Cleanup(ow.cleanup)
 	return ow
 }
 
-func must[T any](v T, _ error) T { return v }
-
-// removeOwnNetns deletes the named network namespaces that this world's
-// daemon made, as its records and pending markers name them, and nothing
-// else: other test processes, and a real identityd, may have theirs.
-func (ow *world) removeOwnNetns() {
-	for _, dir := range []string{"sandboxes", "pending"} {
-		files, _ := filepath.Glob(filepath.Join(ow.state, dir, "*.json"))
-		for _, f := range files {
-			var r controllers.Record
-			if b, err := os.ReadFile(f); err != nil || json.Unmarshal(b, &r) != nil {
-				continue
-			}
-			if r.Owned && filepath.Dir(r.NetnsPath) == netnsutil.Dir {
-				netnsutil.DeleteNamed(filepath.Base(r.NetnsPath))
-			}
+// cleanup stops the daemon and removes its netns and pins.
+func (ow *world) cleanup() {
+	ow.kill(syscall.SIGKILL)
+	for _, p := range ow.made {
+		if err := netnsutil.DeleteNamed(filepath.Base(p)); err != nil {
+			ow.t.Errorf("remove the world's netns: %v", err)
 		}
 	}
+	if ow.netnsPrefix != controllers.DefaultNetnsPrefix { // the host's, not the world's
+		if err := removeNetns(ow.netnsPrefix); err != nil {
+			ow.t.Errorf("remove the world's netns: %v", err)
+		}
+	}
+	bpf.Uninstall(context.Background(), bpf.Options{PinDir: ow.pins})
 }
+
+
+// testNetnsPrefix is a netns prefix for one daemon of this test process.
+// It has the form of the test worlds' names, idt<pid>-..., so that a later
+// test process sweeps what a killed one left; the "d" keeps it apart from
+// the worlds' own names, which go on with a number.
+func testNetnsPrefix() string { return fmt.Sprintf("idt%d-d%s-", os.Getpid(), suffix()) }
+
+// removeNetns deletes every netns a daemon with prefix may have made.
+func removeNetns(prefix string) error {
+	names, err := controllers.ListNetns(prefix)
+	for _, name := range names {
+		err = errors.Join(err, netnsutil.DeleteNamed(name))
+	}
+	return err
+}
+
+// fsck runs identityctl fsck on the world's daemon's state, cgroups and
+// netns, and returns its output; an error means it found problems.
+func (ow *world) fsck() (string, error) {
+	out, err := exec.Command(filepath.Join(ow.bin, "identityctl"), "fsck", "--state-dir", ow.state,
+		"--cgroup-parent", ow.cgroups, "--netns-prefix", ow.netnsPrefix).CombinedOutput()
+	return string(out), err
+}
+
+func must[T any](v T, _ error) T { return v }
 
 // start runs identityd and waits until its admin API answers, which it
 // does only after the rebuild, with the token endpoint already serving.
@@ -159,6 +227,7 @@ func (ow *world) create(id, app string) controllers.Created {
 	var c controllers.Created
 	require.NoError(ow.t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "POST", "/v1/sandboxes",
 		controllers.CreateRequest{ID: id, App: app}, &c))
+	ow.made = append(ow.made, c.Sandbox.NetnsPath)
 	return c
 }
 
@@ -495,5 +564,8 @@ func TestDemo(t *testing.T) {
 	} {
 		assert.Contains(t, s, want)
 	}
-	assert.NoFileExists(t, "/run/netns/identityd-demo", "the demo cleans up")
+	assert.NoFileExists(t, filepath.Join(netnsutil.Dir, demoHostNetns), "the demo cleans up")
+	names, err := controllers.ListNetns(demoNetnsPrefix)
+	require.NoError(t, err)
+	assert.Empty(t, names, "the demo cleans up")
 }

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -124,12 +122,6 @@ func TestRestartUnderLoad(t *testing.T) {
 // Delete returned is gone and its secret refused.
 func TestKillDuringLifecycleLoop(t *testing.T) {
 	ow := newWorld(t)
-	cgroupParent := ""
-	for i, a := range ow.args {
-		if a == "--cgroup-parent" {
-			cgroupParent = ow.args[i+1]
-		}
-	}
 	tag := suffix()
 	created := map[string]string{} // id -> secret, Create returned
 	deleted := map[string]string{} // Delete returned
@@ -181,10 +173,9 @@ func TestKillDuringLifecycleLoop(t *testing.T) {
 		// The restart repairs what the kill interrupted.
 		ow.start()
 		ow.kill(syscall.SIGTERM)
-		out, err := exec.Command(filepath.Join(ow.bin, "identityctl"), "fsck", "--state-dir", ow.state,
-			"--cgroup-parent", cgroupParent).CombinedOutput()
+		out, err := ow.fsck()
 		assert.NoError(t, err, "cycle %d: fsck:\n%s", cycle, out)
-		store, err := secretstore.Open(filepath.Join(ow.state, "secrets"))
+		store, err := secretstore.Open(secretstore.Dir(ow.state))
 		require.NoError(t, err)
 		for id, secret := range created {
 			ok, err := store.Verify(id, secret)

@@ -41,13 +41,11 @@ func linesWithMsg(stderr fmt.Stringer, msg string) []map[string]any {
 	return out
 }
 
-// createKept creates a sandbox whose netns name is not one of the
-// "identityd-e2e" names that every world's cleanup sweeps, so that other
-// tests ending meanwhile cannot remove it underneath this one; it is
-// removed when the test ends.
+// createKept creates a sandbox of app web. (Its netns has the world's
+// prefix: no other test's cleanup can remove it, and the world's removes
+// it when the test ends.)
 func (ow *world) createKept(id string) controllers.Created {
 	ow.t.Helper()
-	ow.t.Cleanup(func() { netnsutil.DeleteNamed("identityd-" + id) })
 	return ow.create(id, "web")
 }
 
