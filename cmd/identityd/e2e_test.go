@@ -168,7 +168,6 @@ func (ow *world) cleanup() {
 	bpf.Uninstall(context.Background(), bpf.Options{PinDir: ow.pins})
 }
 
-
 // testNetnsPrefix is a netns prefix for one daemon of this test process.
 // It has the form of the test worlds' names, idt<pid>-..., so that a later
 // test process sweeps what a killed one left; the "d" keeps it apart from

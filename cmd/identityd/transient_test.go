@@ -23,6 +23,7 @@ import (
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
 	"github.com/identityd/identityd/internal/sandboxtest"
+	"github.com/identityd/identityd/internal/secretstore"
 )
 
 // resyncInterval is the daemon's (controllers.Config's default).
@@ -58,14 +59,19 @@ type snapshot struct {
 	veths   []string
 }
 
+// stateDirs are the directories of the world's records and secrets.
+func stateDirs(ow *world) []string {
+	return []string{filepath.Join(ow.state, "sandboxes"), secretstore.Dir(ow.state)}
+}
+
 func takeSnapshot(t *testing.T, ow *world, sbs []controllers.Created) snapshot {
 	t.Helper()
 	s := snapshot{files: map[string][32]byte{}, cgroups: map[string]uint64{}, netns: map[string]uint64{}}
-	for _, dir := range []string{"sandboxes", "secrets"} {
-		for _, e := range must(os.ReadDir(filepath.Join(ow.state, dir))) {
-			b, err := os.ReadFile(filepath.Join(ow.state, dir, e.Name()))
+	for _, dir := range stateDirs(ow) {
+		for _, e := range must(os.ReadDir(dir)) {
+			b, err := os.ReadFile(filepath.Join(dir, e.Name()))
 			require.NoError(t, err)
-			s.files[dir+"/"+e.Name()] = sha256.Sum256(b)
+			s.files[filepath.Join(dir, e.Name())] = sha256.Sum256(b)
 		}
 	}
 	for _, sb := range sbs {
@@ -83,13 +89,13 @@ func takeSnapshot(t *testing.T, ow *world, sbs []controllers.Created) snapshot {
 func assertSnapshot(t *testing.T, ow *world, want snapshot, tag string) {
 	t.Helper()
 	got := snapshot{files: map[string][32]byte{}}
-	for _, dir := range []string{"sandboxes", "secrets"} {
-		entries, err := os.ReadDir(filepath.Join(ow.state, dir))
+	for _, dir := range stateDirs(ow) {
+		entries, err := os.ReadDir(dir)
 		require.NoError(t, err)
 		for _, e := range entries {
-			b, err := os.ReadFile(filepath.Join(ow.state, dir, e.Name()))
+			b, err := os.ReadFile(filepath.Join(dir, e.Name()))
 			require.NoError(t, err)
-			got.files[dir+"/"+e.Name()] = sha256.Sum256(b)
+			got.files[filepath.Join(dir, e.Name())] = sha256.Sum256(b)
 		}
 	}
 	assert.Equal(t, want.files, got.files, "%s: records and secrets are untouched", tag)
