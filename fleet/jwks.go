@@ -1,0 +1,188 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-jose/go-jose/v4"
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+const (
+	watchBackoffMin = 200 * time.Millisecond
+	watchBackoffMax = 5 * time.Second
+)
+
+// jwksState is the fleet's JWKS as the watch has built it.
+type jwksState struct {
+	mu      sync.Mutex
+	byKey   map[string]jose.JSONWebKey // etcd key -> public key
+	set     jose.JSONWebKeySet         // built from byKey; never modified once published
+	rev     int64                      // etcd revision set reflects
+	changed chan struct{}              // closed at the next change
+}
+
+// JWKS is the union of every node's published public keys, as of Revision.
+// It is maintained by a watch, never read from etcd per call; while etcd is
+// unreachable it is the last state seen. The caller must not modify it.
+func (s *Store) JWKS() jose.JSONWebKeySet {
+	s.jwks.mu.Lock()
+	defer s.jwks.mu.Unlock()
+	return s.jwks.set
+}
+
+// Revision is the etcd revision up to which JWKS reflects the fleet's keys.
+// A key published at revision r is in JWKS once Revision() >= r.
+func (s *Store) Revision() int64 {
+	s.jwks.mu.Lock()
+	defer s.jwks.mu.Unlock()
+	return s.jwks.rev
+}
+
+// Changed returns a channel closed at the next change of JWKS or Revision.
+func (s *Store) Changed() <-chan struct{} {
+	s.jwks.mu.Lock()
+	defer s.jwks.mu.Unlock()
+	if s.jwks.changed == nil {
+		s.jwks.changed = make(chan struct{})
+	}
+	return s.jwks.changed
+}
+
+// loadJWKS replaces the JWKS with a fresh read of every published key.
+func (s *Store) loadJWKS(ctx context.Context) error {
+	octx, cancel := s.opCtx(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(octx, s.keysPrefix(), clientv3.WithPrefix())
+	if err != nil {
+		return s.unavailable("read the fleet's keys", err)
+	}
+	byKey := make(map[string]jose.JSONWebKey, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if jwk, ok := s.parseKey(string(kv.Key), kv.Value); ok {
+			byKey[string(kv.Key)] = jwk
+		}
+	}
+	s.jwks.mu.Lock()
+	s.jwks.byKey = byKey
+	s.publishLocked(resp.Header.Revision)
+	s.jwks.mu.Unlock()
+	return nil
+}
+
+// parseKey decodes keys/<node>/<kid>, refusing (with a warning) anything
+// that is not a public key whose kid is its thumbprint and its key name.
+func (s *Store) parseKey(key string, value []byte) (jose.JSONWebKey, bool) {
+	var jwk jose.JSONWebKey
+	node, kid, ok := strings.Cut(strings.TrimPrefix(key, s.keysPrefix()), "/")
+	err := ValidName(node)
+	if !ok || err != nil || kid == "" || strings.Contains(kid, "/") {
+		err = errors.New("key name is not keys/<node>/<kid>")
+	} else if err = json.Unmarshal(value, &jwk); err != nil {
+		err = fmt.Errorf("decode JWK: %w", err)
+	} else if err = checkPublicKey(jwk); err == nil && jwk.KeyID != kid {
+		err = fmt.Errorf("kid %q does not match the key name", jwk.KeyID)
+	}
+	if err != nil {
+		s.log.Warn("ignoring a published key that is not a valid public key", "key", key, "err", err)
+		return jose.JSONWebKey{}, false
+	}
+	return jwk, true
+}
+
+// publishLocked rebuilds the set from byKey, in etcd key order, one key per
+// kid, and wakes Changed's waiters. Called with jwks.mu held.
+func (s *Store) publishLocked(rev int64) {
+	names := make([]string, 0, len(s.jwks.byKey))
+	for k := range s.jwks.byKey {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	set := jose.JSONWebKeySet{Keys: make([]jose.JSONWebKey, 0, len(names))}
+	seen := make(map[string]bool, len(names))
+	for _, n := range names {
+		jwk := s.jwks.byKey[n]
+		// The kid is the key's thumbprint, so a repeat is the same key
+		// published by two nodes: serve it once.
+		if !seen[jwk.KeyID] {
+			seen[jwk.KeyID] = true
+			set.Keys = append(set.Keys, jwk)
+		}
+	}
+	s.jwks.set = set
+	s.jwks.rev = rev
+	if s.jwks.changed != nil {
+		close(s.jwks.changed)
+		s.jwks.changed = nil
+	}
+	s.m.jwksKeys.Set(float64(len(set.Keys)))
+}
+
+// watchLoop keeps the JWKS current until ctx ends: it watches keys/ from the
+// revision of the last read, and after any interruption (no quorum,
+// compaction, a closed stream) reads everything again and resumes.
+func (s *Store) watchLoop(ctx context.Context) {
+	backoff := watchBackoffMin
+	for {
+		err := s.watchFrom(ctx)
+		for {
+			if ctx.Err() != nil {
+				return
+			}
+			s.log.Warn("JWKS watch interrupted: reading the fleet's keys again", "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, watchBackoffMax)
+			if err = s.loadJWKS(ctx); err == nil {
+				s.log.Info("JWKS watch resumed", "revision", s.Revision(), "keys", len(s.JWKS().Keys))
+				backoff = watchBackoffMin
+				break
+			}
+		}
+	}
+}
+
+// watchFrom applies changes after the current revision until the watch
+// fails or ctx ends.
+func (s *Store) watchFrom(ctx context.Context) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := s.cli.Watch(wctx, s.keysPrefix(), clientv3.WithPrefix(), clientv3.WithRev(s.Revision()+1))
+	for wr := range wch {
+		if wr.CompactRevision != 0 {
+			return fmt.Errorf("watch fell behind a compaction (revision %d)", wr.CompactRevision)
+		}
+		if err := wr.Err(); err != nil {
+			return err
+		}
+		if wr.IsProgressNotify() || len(wr.Events) == 0 {
+			continue
+		}
+		s.jwks.mu.Lock()
+		for _, ev := range wr.Events {
+			key := string(ev.Kv.Key)
+			delete(s.jwks.byKey, key)
+			if ev.Type == mvccpb.PUT {
+				if jwk, ok := s.parseKey(key, ev.Kv.Value); ok {
+					s.jwks.byKey[key] = jwk
+				}
+			}
+		}
+		s.publishLocked(wr.Header.Revision)
+		s.jwks.mu.Unlock()
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return errors.New("watch channel closed")
+}
