@@ -472,3 +472,35 @@ func TestNodes(t *testing.T) {
 		}
 	}
 }
+
+// An eviction recorded without the node's leases being revoked (Evict's
+// revocations are best effort) still stops the node at once.
+func TestEvictionMarkerAloneStopsTheNode(t *testing.T) {
+	f := newTestFleet(t)
+	a := f.open(t, "a")
+	pa, _ := newKey(t)
+	publish(t, a, pa)
+	if _, err := f.c.Client(t).Put(context.Background(), f.prefix+"evicted/a", `{"by":"test"}`); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a notices its eviction", func() bool { return a.PublishedUntil(pa.KeyID).IsZero() })
+	if err := a.Healthy(); !errors.Is(err, ErrEvicted) {
+		t.Fatalf("healthy after eviction: %v", err)
+	}
+}
+
+func TestOpenFailsFastWithoutEtcd(t *testing.T) {
+	f := &testFleet{c: nil, prefix: "/t/"}
+	o := Options{
+		Endpoints:   []string{"http://127.0.0.1:1"},
+		Node:        "a",
+		Issuer:      "https://issuer.test",
+		KeyLifetime: testKeyLifetime,
+	}
+	start := time.Now()
+	_, err := f.openErr(t, o)
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("open without etcd: got %v, want ErrUnavailable", err)
+	}
+	t.Logf("open without etcd failed after %s: %v", time.Since(start).Round(time.Millisecond), err)
+}

@@ -154,3 +154,55 @@ func (s *Store) Readmit(ctx context.Context, node string) error {
 	s.log.Info("readmitted node", "readmitted", node)
 	return nil
 }
+
+// evictionWatch marks this node evicted as soon as evicted/<node> appears,
+// whether or not Evict managed to revoke the node's leases. Watch errors
+// (no quorum, compaction) are followed by a fresh read and a new watch.
+func (s *Store) evictionWatch(ctx context.Context) {
+	backoff := watchBackoffMin
+	for ctx.Err() == nil {
+		octx, cancel := s.opCtx(ctx)
+		resp, err := s.cli.Get(octx, s.evictedKey(s.node))
+		cancel()
+		if err == nil {
+			if len(resp.Kvs) > 0 {
+				s.markEvicted()
+				return
+			}
+			backoff = watchBackoffMin
+			err = s.watchEviction(ctx, resp.Header.Revision+1)
+			if err == nil {
+				return
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.log.Debug("eviction watch interrupted", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, watchBackoffMax)
+	}
+}
+
+// watchEviction watches evicted/<node> from rev; it returns nil once the
+// node is marked evicted, else the error that ended the watch.
+func (s *Store) watchEviction(ctx context.Context, rev int64) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	for wr := range s.cli.Watch(wctx, s.evictedKey(s.node), clientv3.WithRev(rev)) {
+		if err := wr.Err(); err != nil {
+			return err
+		}
+		for _, ev := range wr.Events {
+			if ev.Type == clientv3.EventTypePut {
+				s.markEvicted()
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("eviction watch closed: %w", ctx.Err())
+}

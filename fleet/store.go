@@ -52,6 +52,13 @@ func (e *TakenError) Error() string {
 // Is makes errors.Is(err, ErrTaken) true.
 func (e *TakenError) Is(target error) bool { return target == ErrTaken }
 
+// KeyLifetimeFor is the KeyLifetime that lets a node sign tokens of up to
+// maxTokenLifetime while it renews normally: a renewal may be up to one
+// renewal period and one request timeout old when a token is signed.
+func KeyLifetimeFor(maxTokenLifetime, clockSkew time.Duration) time.Duration {
+	return maxTokenLifetime + clockSkew + maxRenewInterval + DefaultOpTimeout
+}
+
 // Options configure Open.
 type Options struct {
 	// Endpoints are etcd client URLs. Required.
@@ -65,9 +72,9 @@ type Options struct {
 	Node string
 	// Issuer is the issuer URL every node of the fleet must share. Required.
 	Issuer string
-	// KeyLifetime is how long a key stays published after its last renewal:
-	// the longest token lifetime plus clock skew plus RenewInterval. At least
-	// 2 s (etcd's minimum lease TTL); rounded up to whole seconds.
+	// KeyLifetime is how long a key stays published after its last renewal
+	// (see KeyLifetimeFor). At least 2 s (etcd's minimum lease TTL); rounded
+	// up to whole seconds.
 	KeyLifetime time.Duration
 	// RenewInterval is the lease renewal period; default KeyLifetime/4,
 	// at most 2 s.
@@ -205,9 +212,10 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 	s.setUp(true, nil)
 	loopCtx, cancel := context.WithCancel(context.Background())
 	s.cancel = cancel
-	s.wg.Add(2)
+	s.wg.Add(3)
 	go func() { defer s.wg.Done(); s.renewLoop(loopCtx) }()
 	go func() { defer s.wg.Done(); s.watchLoop(loopCtx) }()
+	go func() { defer s.wg.Done(); s.evictionWatch(loopCtx) }()
 	s.log.Info("joined the fleet", "issuer", s.issuer, "prefix", s.prefix, "key_lifetime", time.Duration(s.ttl)*time.Second, "renew_interval", s.interval)
 	return s, nil
 }
@@ -317,6 +325,7 @@ func (s *Store) markEvicted() {
 	s.evicted = true
 	n := len(s.keys)
 	s.mu.Unlock()
+	s.m.keysPublished.Set(0)
 	if !was {
 		s.log.Error("this node was evicted from the fleet: its keys are no longer published and it must not sign; restart it after `readmit` if that was a mistake", "keys", n)
 	}
