@@ -54,10 +54,11 @@ const DefaultPublishDelay = 60 * time.Second
 // time on (after the publish delay); the key it replaces signs until then,
 // and both stay published until every token they signed has expired.
 type Keys struct {
-	dir   string
-	alg   jose.SignatureAlgorithm
-	delay time.Duration
-	now   func() time.Time
+	dir     string
+	alg     jose.SignatureAlgorithm
+	delay   time.Duration
+	publish func(context.Context, jose.JSONWebKey) error
+	now     func() time.Time
 
 	mu   sync.RWMutex
 	keys []*signingKey // oldest first
@@ -103,19 +104,25 @@ type KeysConfig struct {
 	// PublishDelay is how long [Keys.Rotate] publishes a new key before it
 	// signs (see DefaultPublishDelay); 0 makes it sign at once.
 	PublishDelay time.Duration
-	Now          func() time.Time
+	// Publish, if set, is called with the public half of every new key
+	// before the key is used at all: a key whose Publish fails is dropped
+	// and the rotation (or the start) fails with its error. A fleet's
+	// shared store hooks in here, so that the publish delay runs from the
+	// moment every node can serve the key.
+	Publish func(ctx context.Context, key jose.JSONWebKey) error
+	Now     func() time.Time
 }
 
 // OpenKeys loads the keys in dir with no publish delay; see [LoadKeys].
 func OpenKeys(dir, alg string, now func() time.Time) (*Keys, error) {
-	return LoadKeys(KeysConfig{Dir: dir, Alg: alg, Now: now})
+	return LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: alg, Now: now})
 }
 
 // LoadKeys loads the keys in cfg.Dir, creating a first one (signing at
 // once) if there is none, or a new one with cfg.Alg (published for the
 // publish delay before it signs) if the configured algorithm changed. Key
 // files that others can read are refused.
-func LoadKeys(cfg KeysConfig) (*Keys, error) {
+func LoadKeys(ctx context.Context, cfg KeysConfig) (*Keys, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -133,17 +140,20 @@ func LoadKeys(cfg KeysConfig) (*Keys, error) {
 	if err := atomicfile.RemoveTemps(cfg.Dir); err != nil {
 		return nil, fmt.Errorf("open signing keys: %w", err)
 	}
-	k := &Keys{dir: cfg.Dir, alg: jose.SignatureAlgorithm(cfg.Alg), delay: cfg.PublishDelay, now: cfg.Now}
+	k := &Keys{dir: cfg.Dir, alg: jose.SignatureAlgorithm(cfg.Alg), delay: cfg.PublishDelay, publish: cfg.Publish, now: cfg.Now}
 	if err := k.load(); err != nil {
 		return nil, err
 	}
 	k.mu.Lock()
-	defer k.mu.Unlock()
-	if err := k.pruneLocked(); err != nil {
+	err := k.pruneLocked()
+	n := len(k.keys)
+	need := n == 0 || k.keys[n-1].Retired != nil || k.keys[n-1].Key.Algorithm != cfg.Alg || k.signerLocked(k.now()) == nil
+	k.mu.Unlock()
+	if err != nil {
 		return nil, err
 	}
-	if n := len(k.keys); n == 0 || k.keys[n-1].Retired != nil || k.keys[n-1].Key.Algorithm != cfg.Alg || k.signerLocked(k.now()) == nil {
-		if err := k.rotateLocked(false); err != nil {
+	if need {
+		if err := k.rotate(ctx, false); err != nil {
 			return nil, err
 		}
 	}
@@ -205,27 +215,18 @@ func (k *Keys) signerLocked(t time.Time) *signingKey {
 // Rotate makes a new key: published at once, signing after the publish
 // delay, while the current key signs until then. Every key it replaces
 // stays published until every token it signed has expired.
-func (k *Keys) Rotate() error { return k.rotate(false) }
+func (k *Keys) Rotate(ctx context.Context) error { return k.rotate(ctx, false) }
 
 // RotateNow makes a new key that signs at once: the emergency rotation, for
 // a key believed compromised. A verifier whose cached JWKS predates the new
 // key must refetch it to verify the new tokens (go-oidc does so on an
 // unknown kid; a verifier that does not rejects them until its cache
 // expires).
-func (k *Keys) RotateNow() error { return k.rotate(true) }
+func (k *Keys) RotateNow(ctx context.Context) error { return k.rotate(ctx, true) }
 
-func (k *Keys) rotate(now bool) error {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if err := k.rotateLocked(now); err != nil {
-		return err
-	}
-	return k.pruneLocked()
-}
-
-// rotateLocked adds a new key that signs after the publish delay, or at
-// once if now is set or no key signs now (nothing else could sign).
-func (k *Keys) rotateLocked(now bool) error {
+// rotate makes a new key, has it published (Publish), then adds it. The
+// slow parts, generating and publishing, hold no lock: Sign goes on.
+func (k *Keys) rotate(ctx context.Context, now bool) error {
 	priv, err := generate(k.alg)
 	if err != nil {
 		return fmt.Errorf("generate %s signing key: %w", k.alg, err)
@@ -237,6 +238,22 @@ func (k *Keys) rotateLocked(now bool) error {
 	}
 	// RFC 7638 thumbprint as the key id: stable, and derived from the key.
 	jwk.KeyID = base64.RawURLEncoding.EncodeToString(tp)
+	if k.publish != nil {
+		if err := k.publish(ctx, jwk.Public()); err != nil {
+			return fmt.Errorf("publish signing key %s: %w", jwk.KeyID, err)
+		}
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.addLocked(jwk, now); err != nil {
+		return err
+	}
+	return k.pruneLocked()
+}
+
+// addLocked adds a new key that signs after the publish delay, or at once
+// if now is set or no key signs now (nothing else could sign).
+func (k *Keys) addLocked(jwk jose.JSONWebKey, now bool) error {
 	t := k.now().UTC()
 	created := t
 	if n := len(k.keys); n > 0 && !created.After(k.keys[n-1].Created) {
@@ -249,6 +266,7 @@ func (k *Keys) rotateLocked(now bool) error {
 		from = t.Add(k.delay)
 	}
 	sk := &signingKey{Created: created, SignsFrom: &from, Key: jwk, file: filepath.Join(k.dir, jwk.KeyID+keyFileExt)}
+	var err error
 	if sk.signer, err = newSigner(jwk); err != nil {
 		return err
 	}
@@ -386,10 +404,27 @@ type KeyStatus struct {
 
 // Status lists the published keys, oldest first.
 func (k *Keys) Status() []KeyStatus {
+	var out []KeyStatus
+	for _, p := range k.Published() {
+		out = append(out, p.KeyStatus)
+	}
+	return out
+}
+
+// PublishedKey is a published key's public half and schedule, as a
+// fleet's shared store holds it.
+type PublishedKey struct {
+	KeyStatus
+	Public jose.JSONWebKey
+}
+
+// Published lists the published keys with their public halves, oldest
+// first: what a fleet node puts in the shared store when it starts.
+func (k *Keys) Published() []PublishedKey {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
 	now := k.now()
-	var out []KeyStatus
+	var out []PublishedKey
 	for _, sk := range k.keys {
 		if sk.expired(now) {
 			continue
@@ -402,7 +437,7 @@ func (k *Keys) Status() []KeyStatus {
 		case sk.signsAt(now):
 			st.State = KeySigning
 		}
-		out = append(out, st)
+		out = append(out, PublishedKey{KeyStatus: st, Public: sk.Key.Public()})
 	}
 	return out
 }
@@ -440,16 +475,18 @@ func (k *Keys) RotateEvery(ctx context.Context, period time.Duration, log *slog.
 			return
 		case <-timer.C:
 		}
-		wait := k.NextRotation(period).Sub(k.now())
+		due := k.NextRotation(period)
+		wait := due.Sub(k.now())
 		if wait <= 0 {
 			wait = period
-			if err := k.Rotate(); err != nil {
+			if err := k.Rotate(ctx); err != nil {
 				log.Error("rotate signing key", "error", err, "retry_in", rotationRetry)
 				wait = min(rotationRetry, period)
 			} else {
 				log.Info("signing key rotated on schedule", "period", period, "keys", k.Status())
 			}
 		} else {
+			log.Debug("signing key rotation scheduled", "at", due.UTC())
 			k.mu.Lock()
 			if err := k.pruneLocked(); err != nil {
 				log.Error("delete expired signing keys", "error", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -73,12 +74,12 @@ func TestRotatePublishesBeforeSigning(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "keys")
 	clk := newClock()
 	cfg := KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: time.Minute, Now: clk.now}
-	k, err := LoadKeys(cfg)
+	k, err := LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	old := kidOf(t, sign(t, k))
 	require.Equal(t, []string{old}, kids(k.JWKS()), "a first key signs at once")
 
-	require.NoError(t, k.Rotate())
+	require.NoError(t, k.Rotate(context.Background()))
 	published := kids(k.JWKS())
 	require.Len(t, published, 2)
 	next := published[1]
@@ -87,7 +88,7 @@ func TestRotatePublishesBeforeSigning(t *testing.T) {
 
 	// A restart half way through the delay keeps it.
 	clk.advance(30 * time.Second)
-	k, err = LoadKeys(cfg)
+	k, err = LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	assert.Equal(t, []string{old, next}, kids(k.JWKS()))
 	assert.Equal(t, old, kidOf(t, sign(t, k)))
@@ -103,7 +104,7 @@ func TestRotatePublishesBeforeSigning(t *testing.T) {
 	clk.advance(time.Second)
 	assert.Equal(t, []string{next}, kids(k.JWKS()))
 
-	require.NoError(t, k.RotateNow())
+	require.NoError(t, k.RotateNow(context.Background()))
 	now := kids(k.JWKS())
 	require.Len(t, now, 2)
 	assert.Equal(t, now[1], kidOf(t, sign(t, k)), "an emergency rotation signs at once")
@@ -122,12 +123,12 @@ func states(st []KeyStatus) []string {
 // newest one's delay has passed, and an emergency rotation retires both.
 func TestRotationDuringPublication(t *testing.T) {
 	clk := newClock()
-	k, err := LoadKeys(KeysConfig{Dir: filepath.Join(t.TempDir(), "keys"), Alg: ES256, PublishDelay: time.Minute, Now: clk.now})
+	k, err := LoadKeys(context.Background(), KeysConfig{Dir: filepath.Join(t.TempDir(), "keys"), Alg: ES256, PublishDelay: time.Minute, Now: clk.now})
 	require.NoError(t, err)
 	first := kidOf(t, sign(t, k))
-	require.NoError(t, k.Rotate())
+	require.NoError(t, k.Rotate(context.Background()))
 	clk.advance(10 * time.Second)
-	require.NoError(t, k.Rotate())
+	require.NoError(t, k.Rotate(context.Background()))
 	ks := kids(k.JWKS())
 	require.Len(t, ks, 3)
 	clk.advance(55 * time.Second)
@@ -137,8 +138,8 @@ func TestRotationDuringPublication(t *testing.T) {
 	assert.Equal(t, []string{KeyRetired, KeyRetired, KeySigning}, states(k.Status()))
 	assert.NotEqual(t, first, ks[2])
 
-	require.NoError(t, k.Rotate())
-	require.NoError(t, k.RotateNow())
+	require.NoError(t, k.Rotate(context.Background()))
+	require.NoError(t, k.RotateNow(context.Background()))
 	ks = kids(k.JWKS())
 	require.Len(t, ks, 5)
 	assert.Equal(t, ks[4], kidOf(t, sign(t, k)))
@@ -153,10 +154,10 @@ func TestCrashDuringRotationLeavesASigner(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "keys")
 	clk := newClock()
 	cfg := KeysConfig{Dir: dir, Alg: RS256, PublishDelay: time.Minute, Now: clk.now}
-	k, err := LoadKeys(cfg)
+	k, err := LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	old := kidOf(t, sign(t, k))
-	require.NoError(t, k.Rotate())
+	require.NoError(t, k.Rotate(context.Background()))
 	next := kids(k.JWKS())[1]
 
 	// Undo the old key's retirement on disk, as if the daemon died first.
@@ -167,7 +168,7 @@ func TestCrashDuringRotationLeavesASigner(t *testing.T) {
 	delete(sk, "retired")
 	require.NoError(t, os.WriteFile(p, must(json.Marshal(sk)), 0o600))
 
-	k, err = LoadKeys(cfg)
+	k, err = LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	assert.Equal(t, old, kidOf(t, sign(t, k)))
 	clk.advance(time.Minute)
@@ -189,7 +190,7 @@ func TestKeysWithoutSignsFromLoad(t *testing.T) {
 	require.NoError(t, json.Unmarshal(must(os.ReadFile(p)), &sk))
 	delete(sk, "signs_from")
 	require.NoError(t, os.WriteFile(p, must(json.Marshal(sk)), 0o600))
-	k, err = LoadKeys(KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: time.Minute})
+	k, err = LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: time.Minute})
 	require.NoError(t, err)
 	assert.Equal(t, kid, kidOf(t, sign(t, k)))
 }
@@ -199,16 +200,16 @@ func TestKeysWithoutSignsFromLoad(t *testing.T) {
 func TestAlgorithmChangeIsPublishedFirst(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "keys")
 	clk := newClock()
-	_, err := LoadKeys(KeysConfig{Dir: dir, Alg: RS256, PublishDelay: time.Minute, Now: clk.now})
+	_, err := LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: RS256, PublishDelay: time.Minute, Now: clk.now})
 	require.NoError(t, err)
-	k, err := LoadKeys(KeysConfig{Dir: dir, Alg: ES256, PublishDelay: time.Minute, Now: clk.now})
+	k, err := LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: ES256, PublishDelay: time.Minute, Now: clk.now})
 	require.NoError(t, err)
 	assert.ElementsMatch(t, []string{RS256, ES256}, k.Algorithms())
 	assert.Equal(t, RS256, alg(sign(t, k)))
 	clk.advance(time.Minute)
 	assert.Equal(t, ES256, alg(sign(t, k)))
 	// A third start with ES256 does not rotate again.
-	k, err = LoadKeys(KeysConfig{Dir: dir, Alg: ES256, PublishDelay: time.Minute, Now: clk.now})
+	k, err = LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: ES256, PublishDelay: time.Minute, Now: clk.now})
 	require.NoError(t, err)
 	assert.Len(t, k.JWKS().Keys, 2)
 }
@@ -222,20 +223,20 @@ func TestRotationDueCountsFromTheKeyOnDisk(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "keys")
 	clk := newClock()
 	cfg := KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: time.Minute, Now: clk.now}
-	k, err := LoadKeys(cfg)
+	k, err := LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	created := clk.now()
 	const period = 30 * 24 * time.Hour
 	assert.Equal(t, created.Add(period), k.NextRotation(period))
 
 	clk.advance(period - time.Hour)
-	k, err = LoadKeys(cfg)
+	k, err = LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	assert.Equal(t, created.Add(period), k.NextRotation(period), "a restart does not reset the period")
 
 	// Down past the due time: the rotation happens at start.
 	clk.advance(2 * time.Hour)
-	k, err = LoadKeys(cfg)
+	k, err = LoadKeys(context.Background(), cfg)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -255,7 +256,7 @@ func TestRotationDueCountsFromTheKeyOnDisk(t *testing.T) {
 func TestRotateEveryWithAShortPeriod(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "keys")
 	const period, delay = 400 * time.Millisecond, 100 * time.Millisecond
-	k, err := LoadKeys(KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: delay})
+	k, err := LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: delay})
 	require.NoError(t, err)
 	first := kidOf(t, sign(t, k))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -279,7 +280,7 @@ func TestRotateEveryWithAShortPeriod(t *testing.T) {
 		assert.Equal(t, os.FileMode(0o600), info.Mode().Perm())
 	}
 	// Reloaded, the same keys.
-	k2, err := LoadKeys(KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: delay})
+	k2, err := LoadKeys(context.Background(), KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: delay})
 	require.NoError(t, err)
 	assert.Equal(t, ks, kids(k2.JWKS()))
 }
@@ -313,7 +314,7 @@ func TestVerifierWithCachedJWKSFindsTheNewKey(t *testing.T) {
 	e := newEnv(t, envOptions{alg: ES256})
 	clk := &offsetClock{}
 	var err error
-	e.keys, err = LoadKeys(KeysConfig{Dir: filepath.Join(e.state, "keys"), Alg: ES256, PublishDelay: DefaultPublishDelay, Now: clk.now})
+	e.keys, err = LoadKeys(context.Background(), KeysConfig{Dir: filepath.Join(e.state, "keys"), Alg: ES256, PublishDelay: DefaultPublishDelay, Now: clk.now})
 	require.NoError(t, err)
 	e.stop()
 	e.serve(envOptions{})
@@ -326,7 +327,7 @@ func TestVerifierWithCachedJWKSFindsTheNewKey(t *testing.T) {
 	require.NoError(t, err, "fills the verifier's JWKS cache")
 	oldKid := kidOf(t, before)
 
-	require.NoError(t, e.keys.Rotate())
+	require.NoError(t, e.keys.Rotate(ctx))
 	during := tokenOf(t, e.get(a, "GET", "", bearer(secretA)))
 	assert.Equal(t, oldKid, kidOf(t, during), "the old key signs during the publish delay")
 	frozen := e.fetchJWKS(t)
@@ -474,4 +475,49 @@ func TestDiscoveryHandlerServesOnlyDiscovery(t *testing.T) {
 		assert.Equal(t, "application/json", hdr.Get("Content-Type"))
 		assert.JSONEq(t, `{"error":"not found"}`, body)
 	}
+}
+
+// TestPublishHookComesFirst: a new key's public half goes to the Publish
+// hook before the key is served or signs here; a key whose publication
+// fails is dropped, and the rotation (or the start) fails with why.
+func TestPublishHookComesFirst(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "keys")
+	ctx := context.Background()
+	var k *Keys
+	var published []string
+	var fail error
+	cfg := KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: time.Minute, Publish: func(_ context.Context, key jose.JSONWebKey) error {
+		require.True(t, key.IsPublic(), "only the public half is published")
+		if k != nil {
+			assert.NotContains(t, kids(k.JWKS()), key.KeyID, "published elsewhere before here")
+		}
+		if fail != nil {
+			return fail
+		}
+		published = append(published, key.KeyID)
+		return nil
+	}}
+	fail = errors.New("etcd: no leader")
+	_, err := LoadKeys(ctx, cfg)
+	require.ErrorContains(t, err, "etcd: no leader", "no first key without its publication")
+	fail = nil
+	k, err = LoadKeys(ctx, cfg)
+	require.NoError(t, err)
+	require.Equal(t, kids(k.JWKS()), published)
+
+	require.NoError(t, k.Rotate(ctx))
+	require.Equal(t, kids(k.JWKS()), published)
+	p := k.Published()
+	require.Len(t, p, 2)
+	assert.Equal(t, KeyNext, p[1].State)
+	assert.True(t, p[1].Public.IsPublic())
+	assert.Equal(t, p[1].KeyID, p[1].Public.KeyID)
+
+	fail = errors.New("etcd: no leader")
+	require.ErrorContains(t, k.Rotate(ctx), "etcd: no leader")
+	require.ErrorContains(t, k.RotateNow(ctx), "etcd: no leader")
+	assert.Equal(t, kids(k.JWKS()), published, "an unpublished key is not used")
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	assert.Len(t, entries, 2, "nor kept")
 }

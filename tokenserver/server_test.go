@@ -485,7 +485,7 @@ func TestKeysSurviveRestartAndRotation(t *testing.T) {
 	_, err = e.verifier(t, "miren").Verify(ctx, before)
 	require.NoError(t, err, "a token issued before the restart still verifies")
 
-	require.NoError(t, e.keys.Rotate())
+	require.NoError(t, e.keys.Rotate(ctx))
 	after := tokenOf(t, e.get(a, "GET", "", bearer(secretA)))
 	v := e.verifier(t, "miren")
 	_, err = v.Verify(ctx, before)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -228,5 +229,59 @@ func TestKeyRotationPeriod(t *testing.T) {
 	assert.Equal(t, first, set.kids()[0], "the replaced key stays published")
 	_, kid := header(t, tokenFrom(t, client, sb.Env, ""))
 	assert.NotEqual(t, first, kid)
+	assert.Contains(t, ow.stderr.String(), "signing key rotated on schedule")
+}
+
+// ageKey sets the creation (and signing start) of the world's only key
+// file back by age, as if the key had been made that long ago.
+func (ow *world) ageKey(age time.Duration) {
+	ow.t.Helper()
+	files, err := filepath.Glob(filepath.Join(ow.state, "keys", "*.jwk.json"))
+	require.NoError(ow.t, err)
+	require.Len(ow.t, files, 1)
+	b, err := os.ReadFile(files[0])
+	require.NoError(ow.t, err)
+	var k map[string]any
+	require.NoError(ow.t, json.Unmarshal(b, &k))
+	then := time.Now().Add(-age).UTC().Format(time.RFC3339Nano)
+	k["created"], k["signs_from"] = then, then
+	b, err = json.Marshal(k)
+	require.NoError(ow.t, err)
+	require.NoError(ow.t, os.WriteFile(files[0], b, 0o600))
+}
+
+// TestKeyRotationDueAtStart: the rotation period counts from the key's
+// creation on disk: a restart before it is due does not rotate nor reset
+// it, and a daemon that was down past the due time rotates as it starts
+// (publishing the new key first, the old one signing meanwhile).
+func TestKeyRotationDueAtStart(t *testing.T) {
+	ow := newWorld(t)
+	disc := freeLoopback(t)
+	issuer := "http://" + disc
+	ow.args = append(ow.args, "--discovery-listen", disc, "--issuer", issuer, "--key-rotation-period", "720h")
+	ow.start()
+	sb := ow.create("e2e-"+suffix(), "web")
+	client := sandboxtest.StartClient(t, sb.Sandbox.CgroupPath, sb.Sandbox.NetnsPath)
+	_, first := header(t, tokenFrom(t, client, sb.Env, ""))
+
+	require.Equal(t, 0, ow.kill(syscall.SIGTERM))
+	ow.ageKey(29 * 24 * time.Hour)
+	ow.start()
+	require.Eventually(t, func() bool { return strings.Contains(ow.stderr.String(), "signing key rotation scheduled") },
+		10*time.Second, 20*time.Millisecond, "the rotation loop ran")
+	var set jwks
+	getJSON(t, issuer+"/.well-known/jwks.json", &set)
+	assert.Equal(t, []string{first}, set.kids(), "29 days old: not due")
+
+	require.Equal(t, 0, ow.kill(syscall.SIGTERM))
+	ow.ageKey(31 * 24 * time.Hour)
+	ow.start()
+	require.Eventually(t, func() bool {
+		getJSON(t, issuer+"/.well-known/jwks.json", &set)
+		return len(set.Keys) == 2
+	}, 30*time.Second, 50*time.Millisecond, "31 days old: rotated at start")
+	assert.Equal(t, first, set.kids()[0])
+	_, kid := header(t, tokenFrom(t, client, sb.Env, ""))
+	assert.Equal(t, first, kid, "the old key signs while the new one is published")
 	assert.Contains(t, ow.stderr.String(), "signing key rotated on schedule")
 }

@@ -28,7 +28,7 @@ func adminHandler(ctrl *controllers.Controller, keys *tokenserver.Keys, log *slo
 		if now {
 			rotate = keys.RotateNow
 		}
-		if err := rotate(); err != nil {
+		if err := rotate(r.Context()); err != nil {
 			log.Error("rotate signing key", "now", now, "error", err)
 			writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "rotate signing key failed"})
 			return

@@ -157,7 +157,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer ctrl.Close()
 
-	keys, err := openKeys(cfg)
+	keys, err := openKeys(ctx, cfg)
 	if err != nil {
 		return fail(err)
 	}
@@ -278,8 +278,8 @@ func checkKeyTiming(cfg Config) error {
 }
 
 // openKeys loads the signing keys.
-func openKeys(cfg Config) (*tokenserver.Keys, error) {
-	return tokenserver.LoadKeys(tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"),
+func openKeys(ctx context.Context, cfg Config) (*tokenserver.Keys, error) {
+	return tokenserver.LoadKeys(ctx, tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"),
 		Alg: cfg.SigningAlg, PublishDelay: cfg.KeyPublishDelay})
 }
 
