@@ -521,3 +521,23 @@ func TestPublishHookComesFirst(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, entries, 2, "nor kept")
 }
+
+// BenchmarkKeysSign signs with the key chosen at the time of signing, while
+// a replaced key and a key being published are also held.
+func BenchmarkKeysSign(b *testing.B) {
+	for _, alg := range []string{EdDSA, ES256, RS256} {
+		b.Run(alg, func(b *testing.B) {
+			ctx := context.Background()
+			k, err := LoadKeys(ctx, KeysConfig{Dir: filepath.Join(b.TempDir(), "keys"), Alg: alg, PublishDelay: time.Hour})
+			require.NoError(b, err)
+			require.NoError(b, k.RotateNow(ctx))
+			require.NoError(b, k.Rotate(ctx))
+			c := Claims{Subject: "org:o:app:a:sandbox:s", Audience: []string{"miren"}, ID: "x"}
+			for b.Loop() {
+				if _, err := k.Sign(c); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
