@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -47,6 +48,9 @@ func runTests(m *testing.M) int {
 	if os.Geteuid() != 0 {
 		return m.Run()
 	}
+	// The neighbour's daemon is killed when the thread that started it
+	// ends (Pdeathsig): this one, kept until the process exits.
+	runtime.LockOSThread()
 	sweepNeighbours()
 	bin, err := buildBinaries()
 	if err != nil {

@@ -86,6 +86,10 @@ func startNeighbour(bin string) (n *neighbour, err error) {
 	}
 	n.stderr = &sandboxtest.LogBuffer{}
 	n.daemon.Stderr = n.stderr
+	// Dies with the test process, should a test panic before stop: the
+	// forking thread is TestMain's, locked (see runTests), which lives as
+	// long as the process.
+	n.daemon.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := n.daemon.Start(); err != nil {
 		return n, fmt.Errorf("start identityd: %w", err)
 	}
@@ -201,21 +205,26 @@ func (n *neighbour) stop() error {
 	return errors.Join(errs...)
 }
 
-// sweepNeighbours removes the sandbox netns of neighbours whose test
-// process died before it could: their ids name the process. (Their host
-// netns and cgroups have the worlds' form, which sandboxtest sweeps.)
+// sweepNeighbours removes the sandbox netns and the pins of neighbours
+// whose test process died before it could stop them: their names hold the
+// process's pid. (Their host netns and cgroups have the worlds' form,
+// which sandboxtest sweeps.)
 func sweepNeighbours() {
-	names, err := controllers.ListNetns(controllers.DefaultNetnsPrefix)
-	if err != nil {
-		return
+	dead := func(pid string) bool {
+		n, err := strconv.Atoi(pid)
+		return err == nil && n != os.Getpid() && unix.Kill(n, 0) == unix.ESRCH
 	}
+	names, _ := controllers.ListNetns(controllers.DefaultNetnsPrefix)
 	for _, name := range names {
-		m := neighbourID.FindStringSubmatch(strings.TrimPrefix(name, controllers.DefaultNetnsPrefix))
-		if m == nil {
-			continue
-		}
-		if pid, err := strconv.Atoi(m[1]); err == nil && pid != os.Getpid() && unix.Kill(pid, 0) == unix.ESRCH {
+		if m := neighbourID.FindStringSubmatch(strings.TrimPrefix(name, controllers.DefaultNetnsPrefix)); m != nil && dead(m[1]) {
 			netnsutil.DeleteNamed(name)
+		}
+	}
+	pins, _ := filepath.Glob(filepath.Join(bpf.DefaultBPFFS, "identityd-test-*-neighbour"))
+	for _, p := range pins {
+		pid := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(p), "identityd-test-"), "-neighbour")
+		if dead(pid) {
+			bpf.Uninstall(context.Background(), bpf.Options{PinDir: p})
 		}
 	}
 }
