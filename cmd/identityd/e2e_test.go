@@ -328,10 +328,15 @@ func TestRepairsProgramsRemovedWhileRunning(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	assert.Contains(t, string(body), `identityd_attribution_repairs_total{result="ok"} 1`)
-	resp, err = http.Get("http://" + ow.operator + "/readyz")
-	require.NoError(t, err)
-	resp.Body.Close()
-	assert.Equal(t, 200, resp.StatusCode)
+	// Ready again once a probe after the repair passed (the next round).
+	assert.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + ow.operator + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}, 10*time.Second, 50*time.Millisecond)
 }
 
 // TestOriginalBugRepro: a sandbox that uses workload identity keeps getting
