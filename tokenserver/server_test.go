@@ -93,7 +93,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	e.reg, err = registry.New(root)
 	require.NoError(t, err)
 	t.Cleanup(func() { e.reg.Close() })
-	e.secrets, err = secretstore.Open(filepath.Join(e.state, "secrets"))
+	e.secrets, err = secretstore.Open(secretstore.Dir(e.state))
 	require.NoError(t, err)
 	e.keys, err = OpenKeys(filepath.Join(e.state, "keys"), o.alg, nil)
 	require.NoError(t, err)

@@ -17,6 +17,7 @@ import (
 	"github.com/alecthomas/kong"
 
 	"github.com/identityd/identityd/bpf"
+	"github.com/identityd/identityd/controllers"
 	"github.com/identityd/identityd/internal/daemon"
 	"github.com/identityd/identityd/tokenserver"
 )
@@ -43,7 +44,7 @@ type serveCmd struct {
 	OperatorListen  string        `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
 	AdminSocket     string        `default:"/run/identityd/admin.sock" env:"IDENTITYD_ADMIN_SOCKET" help:"Unix socket of the admin API (0600)."`
 	HostNetns       string        `env:"IDENTITYD_HOST_NETNS" help:"Network namespace (path) holding the sandboxes' host-side veths, the router address and the token endpoint (default: the daemon's own)."`
-	NetnsPrefix     string        `default:"identityd-" env:"IDENTITYD_NETNS_PREFIX" help:"Prefix of the named network namespaces (/run/netns) of the sandboxes this instance creates; only names with it are scanned or cleaned up. Give each instance on a host its own."`
+	NetnsPrefix     string        `default:"${default_netns_prefix}" env:"IDENTITYD_NETNS_PREFIX" help:"Prefix of the named network namespaces (/run/netns) of the sandboxes this instance creates; only names with it are scanned or cleaned up. Give each instance on a host its own, none a prefix of another's (the default also matches identityd-x-...)."`
 	Bridge          string        `default:"identityd0" env:"IDENTITYD_BRIDGE" help:"Device in the host netns that carries the router address (a bridge with no ports; sandboxes get routed /32 veths, and only sandboxes made by earlier versions sit on it)."`
 	Subnet          netip.Prefix  `default:"10.88.0.0/16" env:"IDENTITYD_SUBNET" help:"Sandbox address pool; its first address is the router."`
 	RateLimit       float64       `default:"10" env:"IDENTITYD_RATE_LIMIT" help:"Token requests per second per sandbox."`
@@ -123,6 +124,7 @@ func main() {
 		kong.Description("Workload-identity token server: kernel-attested callers, secrets that survive restarts."),
 		kong.BindTo(ctx, (*context.Context)(nil)),
 		kong.UsageOnError(),
+		kong.Vars{"default_netns_prefix": controllers.DefaultNetnsPrefix},
 	)
 	if err := k.Run(); err != nil {
 		fmt.Fprintf(os.Stderr, "identityd: %v\n", err)

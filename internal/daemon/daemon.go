@@ -232,6 +232,11 @@ func checkHost(cfg Config) error {
 	if err := atomicfile.MkdirPrivate(filepath.Dir(cfg.AdminSocket)); err != nil {
 		return fmt.Errorf("admin socket directory: %w", err)
 	}
+	if cfg.NetnsPrefix != "" {
+		if err := controllers.CheckNetnsPrefix(cfg.NetnsPrefix); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -345,7 +350,7 @@ func openStores(cfg Config) (*stores, error) {
 	if err != nil {
 		return nil, err
 	}
-	secrets, err := secretstore.Open(filepath.Join(cfg.StateDir, "secrets"))
+	secrets, err := secretstore.Open(secretstore.Dir(cfg.StateDir))
 	if err != nil {
 		reg.Close()
 		return nil, err

@@ -14,7 +14,7 @@ func TestNamedLifecycle(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	name := fmt.Sprintf("identityd-netnsutil-test-%d", os.Getpid())
+	name := fmt.Sprintf("idt%d-netnsutil-test", os.Getpid())
 	require.NoError(t, NewNamed(name))
 	p := filepath.Join(Dir, name)
 	assert.True(t, IsNetns(p))

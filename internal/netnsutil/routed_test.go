@@ -17,7 +17,7 @@ import (
 // in t.Cleanup.
 func testNetns(t *testing.T, name string) string {
 	t.Helper()
-	n := fmt.Sprintf("identityd-netnsutil-%d-%s", os.Getpid(), name)
+	n := fmt.Sprintf("idt%d-netnsutil-%s", os.Getpid(), name)
 	require.NoError(t, NewNamed(n))
 	t.Cleanup(func() { DeleteNamed(n) })
 	return filepath.Join(Dir, n)
