@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"strings"
@@ -173,9 +174,19 @@ func TestKeysUnionAcrossNodes(t *testing.T) {
 	}
 	pc, _ := newKey(t)
 	publish(t, c, pc)
-	eventually(t, "a sees c's key", func() bool { return hasKid(a, pc.KeyID) })
+	for _, s := range []*Store{a, b, c} {
+		eventually(t, s.Node()+" sees c's key", func() bool { return hasKid(s, pc.KeyID) })
+	}
 	if hasKid(a, bad.KeyID) || len(a.JWKS().Keys) != 3 {
 		t.Fatalf("JWKS holds a forged entry: %v", a.JWKS().Keys)
+	}
+	body, err := a.JWKSJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served jose.JSONWebKeySet
+	if err := json.Unmarshal(body, &served); err != nil || len(served.Keys) != 3 || served.Keys[0].IsPublic() != true {
+		t.Fatalf("JWKSJSON: %s (%v)", body, err)
 	}
 	for _, s := range []*Store{a, b, c} {
 		if got := testutil.ToFloat64(s.m.jwksKeys); got != 3 {

@@ -20,12 +20,16 @@ const (
 	watchBackoffMax = 5 * time.Second
 )
 
-// jwksState is the fleet's JWKS as the watch has built it.
+// jwksState is the fleet's JWKS as the watch keeps it. Applying a change
+// costs O(1); the sorted set is built on the first read after a change, so
+// a burst of publications costs one build, not one per event.
 type jwksState struct {
 	mu      sync.Mutex
 	byKey   map[string]jose.JSONWebKey // etcd key -> public key
-	set     jose.JSONWebKeySet         // built from byKey; never modified once published
-	rev     int64                      // etcd revision set reflects
+	kids    map[string]int             // kid -> how many etcd keys hold it
+	set     *jose.JSONWebKeySet        // built from byKey; nil until read after a change
+	json    []byte                     // set's JSON; nil until read after a change
+	rev     int64                      // etcd revision byKey reflects
 	changed chan struct{}              // closed at the next change
 }
 
@@ -35,7 +39,36 @@ type jwksState struct {
 func (s *Store) JWKS() jose.JSONWebKeySet {
 	s.jwks.mu.Lock()
 	defer s.jwks.mu.Unlock()
-	return s.jwks.set
+	if s.jwks.set == nil {
+		s.jwks.set = s.buildLocked()
+	}
+	return *s.jwks.set
+}
+
+// JWKSJSON is JWKS encoded as served at the jwks_uri, cached until the next
+// change (encoding a few hundred keys takes about a millisecond). The caller
+// must not modify it.
+func (s *Store) JWKSJSON() ([]byte, error) {
+	s.jwks.mu.Lock()
+	defer s.jwks.mu.Unlock()
+	if s.jwks.json == nil {
+		if s.jwks.set == nil {
+			s.jwks.set = s.buildLocked()
+		}
+		b, err := json.Marshal(s.jwks.set)
+		if err != nil {
+			return nil, fmt.Errorf("encode the fleet's JWKS: %w", err)
+		}
+		s.jwks.json = b
+	}
+	return s.jwks.json, nil
+}
+
+// HasKey reports whether kid is in the JWKS.
+func (s *Store) HasKey(kid string) bool {
+	s.jwks.mu.Lock()
+	defer s.jwks.mu.Unlock()
+	return s.jwks.kids[kid] > 0
 }
 
 // Revision is the etcd revision up to which JWKS reflects the fleet's keys.
@@ -64,17 +97,32 @@ func (s *Store) loadJWKS(ctx context.Context) error {
 	if err != nil {
 		return s.unavailable("read the fleet's keys", err)
 	}
-	byKey := make(map[string]jose.JSONWebKey, len(resp.Kvs))
+	s.jwks.mu.Lock()
+	defer s.jwks.mu.Unlock()
+	s.jwks.byKey = make(map[string]jose.JSONWebKey, len(resp.Kvs))
+	s.jwks.kids = make(map[string]int, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		if jwk, ok := s.parseKey(string(kv.Key), kv.Value); ok {
-			byKey[string(kv.Key)] = jwk
+		s.putLocked(string(kv.Key), kv.Value)
+	}
+	s.changedLocked(resp.Header.Revision)
+	return nil
+}
+
+// putLocked sets (value non-nil) or deletes an etcd key's entry.
+func (s *Store) putLocked(key string, value []byte) {
+	if old, ok := s.jwks.byKey[key]; ok {
+		delete(s.jwks.byKey, key)
+		if s.jwks.kids[old.KeyID]--; s.jwks.kids[old.KeyID] <= 0 {
+			delete(s.jwks.kids, old.KeyID)
 		}
 	}
-	s.jwks.mu.Lock()
-	s.jwks.byKey = byKey
-	s.publishLocked(resp.Header.Revision)
-	s.jwks.mu.Unlock()
-	return nil
+	if value == nil {
+		return
+	}
+	if jwk, ok := s.parseKey(key, value); ok {
+		s.jwks.byKey[key] = jwk
+		s.jwks.kids[jwk.KeyID]++
+	}
 }
 
 // parseKey decodes keys/<node>/<kid>, refusing (with a warning) anything
@@ -97,9 +145,21 @@ func (s *Store) parseKey(key string, value []byte) (jose.JSONWebKey, bool) {
 	return jwk, true
 }
 
-// publishLocked rebuilds the set from byKey, in etcd key order, one key per
-// kid, and wakes Changed's waiters. Called with jwks.mu held.
-func (s *Store) publishLocked(rev int64) {
+// changedLocked records that byKey reflects revision rev, drops the built
+// set and wakes Changed's waiters. Called with jwks.mu held.
+func (s *Store) changedLocked(rev int64) {
+	s.jwks.set, s.jwks.json = nil, nil
+	s.jwks.rev = rev
+	if s.jwks.changed != nil {
+		close(s.jwks.changed)
+		s.jwks.changed = nil
+	}
+	s.m.jwksKeys.Set(float64(len(s.jwks.kids)))
+}
+
+// buildLocked builds the set from byKey, in etcd key order, one key per kid.
+// Called with jwks.mu held.
+func (s *Store) buildLocked() *jose.JSONWebKeySet {
 	names := make([]string, 0, len(s.jwks.byKey))
 	for k := range s.jwks.byKey {
 		names = append(names, k)
@@ -116,13 +176,7 @@ func (s *Store) publishLocked(rev int64) {
 			set.Keys = append(set.Keys, jwk)
 		}
 	}
-	s.jwks.set = set
-	s.jwks.rev = rev
-	if s.jwks.changed != nil {
-		close(s.jwks.changed)
-		s.jwks.changed = nil
-	}
-	s.m.jwksKeys.Set(float64(len(set.Keys)))
+	return &set
 }
 
 // watchLoop keeps the JWKS current until ctx ends: it watches keys/ from the
@@ -170,15 +224,16 @@ func (s *Store) watchFrom(ctx context.Context) error {
 		}
 		s.jwks.mu.Lock()
 		for _, ev := range wr.Events {
-			key := string(ev.Kv.Key)
-			delete(s.jwks.byKey, key)
+			var value []byte
 			if ev.Type == mvccpb.PUT {
-				if jwk, ok := s.parseKey(key, ev.Kv.Value); ok {
-					s.jwks.byKey[key] = jwk
+				value = ev.Kv.Value
+				if value == nil {
+					value = []byte{} // an empty value is a bad key, not a delete
 				}
 			}
+			s.putLocked(string(ev.Kv.Key), value)
 		}
-		s.publishLocked(wr.Header.Revision)
+		s.changedLocked(wr.Header.Revision)
 		s.jwks.mu.Unlock()
 	}
 	if ctx.Err() != nil {
