@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -42,6 +43,8 @@ func BenchmarkFleetScale(b *testing.B) {
 	)
 	f := newTestFleet(b)
 	ctx := context.Background()
+	cli := f.c.Client(b)
+	b.ReportMetric(putRate(b, cli, f.prefix+"baseline/", waveConcurrency, 3*time.Second), "raw_puts/s")
 	stores := make([]*Store, scaleNodes)
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
@@ -65,7 +68,6 @@ func BenchmarkFleetScale(b *testing.B) {
 	waitAll(b, stores, func(s *Store) bool { return s.jwksKeys() == scaleNodes })
 
 	// The idle fleet: raft writes (revisions) and renewals per second.
-	cli := f.c.Client(b)
 	rev0 := revision(b, cli)
 	ren0 := renewals(stores)
 	time.Sleep(idleWindow)
@@ -95,6 +97,7 @@ func BenchmarkFleetScale(b *testing.B) {
 	// A rotation wave: every node publishes a new key at once.
 	want := len(stores[0].JWKS().Keys) + scaleNodes
 	rev0 = revision(b, cli)
+	cpu0 := cpuTime(b)
 	start := time.Now()
 	g, gctx = errgroup.WithContext(ctx)
 	g.SetLimit(waveConcurrency)
@@ -111,6 +114,9 @@ func BenchmarkFleetScale(b *testing.B) {
 	b.ReportMetric(float64(revision(b, cli)-rev0)/took.Seconds(), "wave_writes/s")
 	waitAll(b, stores, func(s *Store) bool { return s.jwksKeys() >= want })
 	b.ReportMetric(ms(time.Since(start)), "wave_reach_all_ms")
+	// CPU the simulating process spent in the wave (300 nodes' clients
+	// and watches share this machine's cores with etcd).
+	b.ReportMetric((cpuTime(b) - cpu0).Seconds(), "wave_sim_cpu_s")
 
 	set := stores[0].JWKS()
 	body, err := json.Marshal(set)
@@ -121,8 +127,9 @@ func BenchmarkFleetScale(b *testing.B) {
 	b.ReportMetric(float64(len(body)), "jwks_bytes")
 }
 
-// BenchmarkJWKSBuild measures one rebuild of the JWKS (done on every watch
-// response) and its JSON encoding, for fleets of several sizes.
+// BenchmarkJWKSBuild measures, for fleets of several sizes, applying one
+// watch event, building the JWKS (once per change, on the first read) and
+// encoding it (JWKSJSON, cached likewise).
 func BenchmarkJWKSBuild(b *testing.B) {
 	for _, n := range []int{100, 300, 1000, 3000} {
 		b.Run(fmt.Sprintf("keys=%d", n), func(b *testing.B) {
@@ -141,6 +148,19 @@ func BenchmarkJWKSBuild(b *testing.B) {
 				}
 				s.putLocked(s.keyKey(fmt.Sprintf("node-%04d", i), pub.KeyID), value)
 			}
+			// One watch event: every node pays this for every key published
+			// anywhere in the fleet.
+			b.Run("apply", func(b *testing.B) {
+				pub, _ := newKey(b)
+				value, err := json.Marshal(pub)
+				if err != nil {
+					b.Fatal(err)
+				}
+				key := s.keyKey("node-x", pub.KeyID)
+				for b.Loop() {
+					s.putLocked(key, value)
+				}
+			})
 			b.Run("build", func(b *testing.B) {
 				for b.Loop() {
 					s.buildLocked()
@@ -160,6 +180,40 @@ func BenchmarkJWKSBuild(b *testing.B) {
 			})
 		})
 	}
+}
+
+// putRate is how many plain puts per second etcd takes from conc writers,
+// the baseline for the fleet's figures on this machine.
+func putRate(b *testing.B, cli *clientv3.Client, prefix string, conc int, d time.Duration) float64 {
+	b.Helper()
+	var mu sync.Mutex
+	n := 0
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	var wg sync.WaitGroup
+	for w := 0; w < conc; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ctx.Err() == nil; i++ {
+				if _, err := cli.Put(ctx, fmt.Sprintf("%s%d/%d", prefix, w, i), "x"); err == nil {
+					mu.Lock()
+					n++
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return float64(n) / d.Seconds()
+}
+
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func revision(b *testing.B, cli *clientv3.Client) int64 {
