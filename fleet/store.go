@@ -246,6 +246,7 @@ func (s *Store) join(ctx context.Context) error {
 	} else if ev != nil {
 		return fmt.Errorf("open fleet store: node %q: %w at %s by %q (readmit it first)", s.node, ErrEvicted, ev.At.Format(time.RFC3339), ev.By)
 	}
+	s.warnIfNameInUse(ctx)
 	l, err := s.grantAndPut(ctx, s.nodeKey(s.node), s.record)
 	if err != nil {
 		return fmt.Errorf("register node %q: %w", s.node, err)
@@ -254,6 +255,26 @@ func (s *Store) join(ctx context.Context) error {
 	s.nodeLease = l
 	s.mu.Unlock()
 	return nil
+}
+
+// warnIfNameInUse warns when this node's record was renewed within the last
+// two renewal periods: another live process may be using the same node name
+// (or this node restarted at once after dying; the two look alike, so this
+// only warns).
+func (s *Store) warnIfNameInUse(ctx context.Context) {
+	octx, cancel := s.opCtx(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(octx, s.nodeKey(s.node))
+	if err != nil || len(resp.Kvs) == 0 || resp.Kvs[0].Lease == 0 {
+		return
+	}
+	ttl, err := s.cli.TimeToLive(octx, clientv3.LeaseID(resp.Kvs[0].Lease))
+	if err != nil || ttl.TTL <= 0 {
+		return
+	}
+	if ago := time.Duration(ttl.GrantedTTL-ttl.TTL) * time.Second; ago <= 2*s.interval {
+		s.log.Warn("node name may be in use by another live process: its record was renewed moments ago; every node needs its own --node-name", "renewed_ago", ago)
+	}
 }
 
 // evictionOf reads a node's eviction record; nil if it is not evicted.
@@ -361,7 +382,9 @@ func (s *Store) setUp(up bool, err error) {
 }
 
 // Healthy returns nil if etcd was reached (with a quorum) within the last few
-// renewal periods and the node is not evicted.
+// renewal periods and the node is not evicted. It is for health reports and
+// metrics, not for gating tokens: signing is bounded by PublishedUntil, which
+// stays valid for a while without etcd.
 func (s *Store) Healthy() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
