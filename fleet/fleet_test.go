@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"bufio"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -9,9 +10,14 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"log/slog"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,17 +50,19 @@ func newKey(t testing.TB) (pub, priv jose.JSONWebKey) {
 }
 
 type testFleet struct {
-	c      *etcdtest.Cluster
-	prefix string
+	c         *etcdtest.Cluster // nil in a child node process
+	endpoints []string
+	prefix    string
 }
 
 func newTestFleet(t testing.TB) *testFleet {
-	return &testFleet{c: etcdtest.Start(t, 3), prefix: "/t-" + uuid.NewString()[:8] + "/"}
+	c := etcdtest.Start(t, 3)
+	return &testFleet{c: c, endpoints: c.Endpoints(), prefix: "/t-" + uuid.NewString()[:8] + "/"}
 }
 
 func (f *testFleet) options(t testing.TB, node string) Options {
 	return Options{
-		Endpoints:   f.c.Endpoints(),
+		Endpoints:   f.endpoints,
 		Prefix:      f.prefix,
 		Node:        node,
 		Issuer:      "https://issuer.test",
@@ -501,7 +509,7 @@ func TestEvictionMarkerAloneStopsTheNode(t *testing.T) {
 }
 
 func TestOpenFailsFastWithoutEtcd(t *testing.T) {
-	f := &testFleet{c: nil, prefix: "/t/"}
+	f := &testFleet{prefix: "/t/"}
 	o := Options{
 		Endpoints:   []string{"http://127.0.0.1:1"},
 		Node:        "a",
@@ -514,4 +522,65 @@ func TestOpenFailsFastWithoutEtcd(t *testing.T) {
 		t.Fatalf("open without etcd: got %v, want ErrUnavailable", err)
 	}
 	t.Logf("open without etcd failed after %s: %v", time.Since(start).Round(time.Millisecond), err)
+}
+
+// childEnv carries the child node's settings in TestSIGKILLedNodeKeysExpire.
+const childEnv = "FLEET_TEST_CHILD_NODE"
+
+// TestChildNode is the body of the node process TestSIGKILLedNodeKeysExpire
+// kills; it does nothing in a normal run.
+func TestChildNode(t *testing.T) {
+	spec := os.Getenv(childEnv)
+	if spec == "" {
+		t.Skip("helper process for TestSIGKILLedNodeKeysExpire")
+	}
+	endpoints, prefix, _ := strings.Cut(spec, " ")
+	f := &testFleet{endpoints: strings.Split(endpoints, ","), prefix: prefix}
+	o := f.options(t, "child")
+	s, err := f.openErr(t, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := newKey(t)
+	publish(t, s, pub)
+	fmt.Printf("KID %s\n", pub.KeyID)
+	time.Sleep(time.Minute) // until SIGKILLed
+}
+
+// A node process killed with SIGKILL: its key stays published until the
+// guarantee it gave and leaves within the key lifetime after that.
+func TestSIGKILLedNodeKeysExpire(t *testing.T) {
+	f := newTestFleet(t)
+	b := f.open(t, "b")
+	cmd := exec.Command(os.Args[0], "-test.run=^TestChildNode$", "-test.v")
+	cmd.Env = append(os.Environ(), childEnv+"="+strings.Join(f.c.Endpoints(), ",")+" "+f.prefix)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = t.Output()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	kid := ""
+	sc := bufio.NewScanner(out)
+	for kid == "" && sc.Scan() {
+		if k, ok := strings.CutPrefix(sc.Text(), "KID "); ok {
+			kid = k
+		}
+	}
+	if kid == "" {
+		t.Fatal("child node printed no kid")
+	}
+	go io.Copy(io.Discard, out)
+	eventually(t, "b sees the child's key", func() bool { return hasKid(b, kid) })
+	// The child renews every RenewInterval; its guarantee is at most the key
+	// lifetime from the kill.
+	killed := time.Now()
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+	waitGone(t, b, kid, killed.Add(testKeyLifetime-time.Second))
 }
