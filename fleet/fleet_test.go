@@ -584,3 +584,40 @@ func TestSIGKILLedNodeKeysExpire(t *testing.T) {
 	cmd.Wait()
 	waitGone(t, b, kid, killed.Add(testKeyLifetime-time.Second))
 }
+
+// The --etcd-ca/--etcd-cert/--etcd-key path against members that require
+// client certificates.
+func TestTLS(t *testing.T) {
+	c := etcdtest.StartTLS(t, 3)
+	f := &testFleet{c: c, endpoints: c.Endpoints(), prefix: "/tls/"}
+	tc, err := TLSConfig(c.TLS.CA, c.TLS.ClientCert, c.TLS.ClientKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := f.options(t, "a")
+	o.TLS = tc
+	s, err := f.openErr(t, o)
+	if err != nil {
+		t.Fatalf("open over TLS: %v", err)
+	}
+	pub, _ := newKey(t)
+	publish(t, s, pub)
+	eventually(t, "own key in the JWKS over TLS", func() bool { return hasKid(s, pub.KeyID) })
+
+	// Without a client certificate the members refuse the node.
+	tc, err = TLSConfig(c.TLS.CA, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o = f.options(t, "b")
+	o.TLS = tc
+	if _, err := f.openErr(t, o); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("open without a client certificate: got %v", err)
+	}
+	if _, err := TLSConfig("", c.TLS.ClientCert, ""); err == nil {
+		t.Fatal("a certificate without its key was accepted")
+	}
+	if tc, err := TLSConfig("", "", ""); tc != nil || err != nil {
+		t.Fatalf("no TLS files: got %v, %v", tc, err)
+	}
+}

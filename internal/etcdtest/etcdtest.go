@@ -8,6 +8,7 @@ package etcdtest
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -41,7 +42,10 @@ const (
 
 // Cluster is a running etcd cluster owned by one test.
 type Cluster struct {
-	t       testing.TB
+	t testing.TB
+	// TLS is set for a cluster started with StartTLS: its clients must
+	// present a certificate the CA signed.
+	TLS     *TLSFiles
 	token   string
 	initial string // the --initial-cluster flag: every member's name=peerURL
 	members []*member
@@ -64,6 +68,18 @@ type member struct {
 // binary is missing the test fails, naming the script that installs it.
 func Start(t testing.TB, n int) *Cluster {
 	t.Helper()
+	return startCluster(t, n, false)
+}
+
+// StartTLS is Start with client TLS: the members serve https and require a
+// client certificate signed by the cluster's CA (Cluster.TLS).
+func StartTLS(t testing.TB, n int) *Cluster {
+	t.Helper()
+	return startCluster(t, n, true)
+}
+
+func startCluster(t testing.TB, n int, withTLS bool) *Cluster {
+	t.Helper()
 	if n < 1 {
 		t.Fatalf("etcdtest.Start: %d members", n)
 	}
@@ -72,7 +88,7 @@ func Start(t testing.TB, n int) *Cluster {
 	}
 	var lastErr error
 	for attempt := 0; attempt < startAttempts; attempt++ {
-		c, err := start(t, n)
+		c, err := start(t, n, withTLS)
 		if err == nil {
 			t.Cleanup(c.killAll)
 			return c
@@ -85,10 +101,18 @@ func Start(t testing.TB, n int) *Cluster {
 	return nil
 }
 
-func start(t testing.TB, n int) (*Cluster, error) {
+func start(t testing.TB, n int, withTLS bool) (*Cluster, error) {
 	root := t.TempDir()
 	id := uuid.NewString()[:8]
 	c := &Cluster{t: t, token: "etcdtest-" + id}
+	scheme := "http"
+	if withTLS {
+		f, err := newTLSFiles(root)
+		if err != nil {
+			return c, err
+		}
+		c.TLS, scheme = f, "https"
+	}
 	ports, err := freePorts(2 * n)
 	if err != nil {
 		return c, err
@@ -98,7 +122,7 @@ func start(t testing.TB, n int) (*Cluster, error) {
 		m := &member{
 			name:      fmt.Sprintf("m%d-%s", i, id),
 			dir:       filepath.Join(root, fmt.Sprintf("m%d", i)),
-			clientURL: fmt.Sprintf("http://127.0.0.1:%d", ports[2*i]),
+			clientURL: fmt.Sprintf("%s://127.0.0.1:%d", scheme, ports[2*i]),
 			peerURL:   fmt.Sprintf("http://127.0.0.1:%d", ports[2*i+1]),
 			logPath:   filepath.Join(root, fmt.Sprintf("m%d.log", i)),
 		}
@@ -154,7 +178,7 @@ func (c *Cluster) launch(m *member) error {
 		return fmt.Errorf("open etcd log %s: %w", m.logPath, err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(Binary,
+	args := []string{
 		"--name", m.name,
 		"--data-dir", m.dir,
 		"--listen-client-urls", m.clientURL,
@@ -166,7 +190,12 @@ func (c *Cluster) launch(m *member) error {
 		"--initial-cluster-token", c.token,
 		"--logger", "zap",
 		"--log-outputs", "stderr",
-	)
+	}
+	if c.TLS != nil {
+		args = append(args, "--cert-file", c.TLS.serverCert, "--key-file", c.TLS.serverKey,
+			"--trusted-ca-file", c.TLS.CA, "--client-cert-auth")
+	}
+	cmd := exec.Command(Binary, args...)
 	cmd.Env = cleanEnv()
 	cmd.Stdout = logf
 	cmd.Stderr = logf
@@ -201,7 +230,7 @@ func cleanEnv() []string {
 // waitMember waits until member i answers and knows a leader.
 func (c *Cluster) waitMember(ctx context.Context, i int) error {
 	m := c.members[i]
-	cli, err := newClient([]string{m.clientURL})
+	cli, err := c.newClient([]string{m.clientURL})
 	if err != nil {
 		return err
 	}
@@ -234,9 +263,17 @@ func (c *Cluster) waitMember(ctx context.Context, i int) error {
 	}
 }
 
-func newClient(endpoints []string) (*clientv3.Client, error) {
+func (c *Cluster) newClient(endpoints []string) (*clientv3.Client, error) {
+	var tc *tls.Config
+	if c.TLS != nil {
+		var err error
+		if tc, err = c.TLS.clientTLS(); err != nil {
+			return nil, err
+		}
+	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   endpoints,
+		TLS:         tc,
 		DialTimeout: 2 * time.Second,
 		Logger:      zap.NewNop(),
 	})
@@ -273,7 +310,7 @@ func (c *Cluster) Endpoint(i int) string { return c.members[i].clientURL }
 // Client returns a client for the whole cluster, closed when the test ends.
 func (c *Cluster) Client(t testing.TB) *clientv3.Client {
 	t.Helper()
-	cli, err := newClient(c.Endpoints())
+	cli, err := c.newClient(c.Endpoints())
 	if err != nil {
 		t.Fatal(err)
 	}
