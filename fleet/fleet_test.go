@@ -553,7 +553,13 @@ func TestSIGKILLedNodeKeysExpire(t *testing.T) {
 	f := newTestFleet(t)
 	b := f.open(t, "b")
 	cmd := exec.Command(os.Args[0], "-test.run=^TestChildNode$", "-test.v")
-	cmd.Env = append(os.Environ(), childEnv+"="+strings.Join(f.c.Endpoints(), ",")+" "+f.prefix)
+	// The child reaches etcd over the members' unix sockets, as daemons in
+	// their own network namespaces do.
+	eps := f.c.UnixEndpoints()
+	if eps == nil {
+		t.Fatal("the cluster has no unix socket endpoints")
+	}
+	cmd.Env = append(os.Environ(), childEnv+"="+strings.Join(eps, ",")+" "+f.prefix)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

@@ -55,6 +55,7 @@ type member struct {
 	name      string
 	dir       string
 	clientURL string
+	unixURL   string // "" when the cluster serves TLS
 	peerURL   string
 	logPath   string
 
@@ -119,12 +120,17 @@ func start(t testing.TB, n int, withTLS bool) (*Cluster, error) {
 	}
 	var initial []string
 	for i := 0; i < n; i++ {
+		// etcd wants host:port even for a socket; it names the file so.
+		sock := filepath.Join(root, fmt.Sprintf("m%d.sock:1", i))
 		m := &member{
 			name:      fmt.Sprintf("m%d-%s", i, id),
 			dir:       filepath.Join(root, fmt.Sprintf("m%d", i)),
 			clientURL: fmt.Sprintf("%s://127.0.0.1:%d", scheme, ports[2*i]),
 			peerURL:   fmt.Sprintf("http://127.0.0.1:%d", ports[2*i+1]),
 			logPath:   filepath.Join(root, fmt.Sprintf("m%d.log", i)),
+		}
+		if !withTLS && len(sock) < maxUnixPath {
+			m.unixURL = "unix://" + sock
 		}
 		c.members = append(c.members, m)
 		initial = append(initial, m.name+"="+m.peerURL)
@@ -181,7 +187,7 @@ func (c *Cluster) launch(m *member) error {
 	args := []string{
 		"--name", m.name,
 		"--data-dir", m.dir,
-		"--listen-client-urls", m.clientURL,
+		"--listen-client-urls", listenURLs(m),
 		"--advertise-client-urls", m.clientURL,
 		"--listen-peer-urls", m.peerURL,
 		"--initial-advertise-peer-urls", m.peerURL,
@@ -195,8 +201,16 @@ func (c *Cluster) launch(m *member) error {
 		args = append(args, "--cert-file", c.TLS.serverCert, "--key-file", c.TLS.serverKey,
 			"--trusted-ca-file", c.TLS.CA, "--client-cert-auth")
 	}
+	if m.unixURL != "" {
+		// A killed member leaves its socket behind, and etcd will not bind
+		// over it.
+		if err := os.Remove(strings.TrimPrefix(m.unixURL, "unix://")); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove stale socket of etcd member %s: %w", m.name, err)
+		}
+	}
 	cmd := exec.Command(Binary, args...)
 	cmd.Env = cleanEnv()
+	cmd.Dir = filepath.Dir(m.dir)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	// The member must not outlive a test binary that dies without cleanup.
@@ -213,6 +227,19 @@ func (c *Cluster) launch(m *member) error {
 	m.cmd, m.done = cmd, done
 	m.mu.Unlock()
 	return nil
+}
+
+// maxUnixPath is under the kernel's 108-byte limit for a socket path.
+const maxUnixPath = 100
+
+// listenURLs is the member's TCP client URL and, if it has one, its unix
+// socket, which etcd names after the URL's host part, relative to its
+// working directory (the cluster's directory).
+func listenURLs(m *member) string {
+	if m.unixURL == "" {
+		return m.clientURL
+	}
+	return m.clientURL + ",unix://" + filepath.Base(strings.TrimPrefix(m.unixURL, "unix://"))
 }
 
 // cleanEnv drops ETCD* variables: etcd reads its flags from them too, and a
@@ -300,6 +327,20 @@ func (c *Cluster) Endpoints() []string {
 	var eps []string
 	for _, m := range c.members {
 		eps = append(eps, m.clientURL)
+	}
+	return eps
+}
+
+// UnixEndpoints are the members' unix socket client URLs (unix:///path),
+// which reach the cluster from any network namespace, in member order; nil
+// for a TLS cluster or when the test's directory is too deep for a socket.
+func (c *Cluster) UnixEndpoints() []string {
+	var eps []string
+	for _, m := range c.members {
+		if m.unixURL == "" {
+			return nil
+		}
+		eps = append(eps, m.unixURL)
 	}
 	return eps
 }

@@ -54,3 +54,23 @@ func TestClusterSurvivesMemberLoss(t *testing.T) {
 		t.Fatal("members not running after restart")
 	}
 }
+
+// The unix socket endpoints reach the cluster without any network: they are
+// what daemons in other network namespaces use.
+func TestUnixEndpoints(t *testing.T) {
+	c := Start(t, 1)
+	eps := c.UnixEndpoints()
+	if len(eps) != 1 {
+		t.Fatalf("unix endpoints: %v", eps)
+	}
+	cli, err := c.newClient(eps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := cli.Put(ctx, "/etcdtest/unix", "x"); err != nil {
+		t.Fatalf("put over %v: %v", eps, err)
+	}
+}
