@@ -133,6 +133,16 @@ func TestIssuerRecordedAndRefused(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), `"https://issuer.test"`) || !strings.Contains(err.Error(), `"https://other.test"`) {
 		t.Fatalf("open with another issuer: got %v, want an error naming both issuers", err)
 	}
+	// A failed Open leaves its registry free for the retry.
+	o.Issuer = "https://issuer.test"
+	if _, err := f.openErr(t, o); err != nil {
+		t.Fatalf("retry with the fleet's issuer on the same registry: %v", err)
+	}
+	o = f.options(t, "e")
+	o.RenewInterval = testKeyLifetime
+	if _, err := f.openErr(t, o); err == nil {
+		t.Fatal("open with a renew interval as long as the key lifetime succeeded")
+	}
 	o = f.options(t, "d")
 	o.Issuer = ""
 	if _, err := f.openErr(t, o); err == nil {

@@ -20,9 +20,8 @@ type metrics struct {
 	renewals      *prometheus.CounterVec
 }
 
-// newMetrics creates the metrics and registers them with reg (nothing is
-// registered if reg is nil).
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+// newMetrics creates the metrics; register registers them.
+func newMetrics() *metrics {
 	m := &metrics{
 		etcdUp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "identityd_fleet_etcd_up",
@@ -44,13 +43,19 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{renewOK, renewFailed, renewLost} {
 		m.renewals.WithLabelValues(r)
 	}
+	return m
+}
+
+// register registers the metrics with reg (nothing if reg is nil). Open
+// calls it last, so that a failed Open can be retried on the same registry.
+func (m *metrics) register(reg prometheus.Registerer) error {
 	if reg == nil {
-		return m, nil
+		return nil
 	}
 	for _, c := range []prometheus.Collector{m.etcdUp, m.keysPublished, m.jwksKeys, m.renewals} {
 		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("register fleet metrics: %w", err)
+			return fmt.Errorf("register fleet metrics: %w", err)
 		}
 	}
-	return m, nil
+	return nil
 }

@@ -133,11 +133,7 @@ func BenchmarkFleetScale(b *testing.B) {
 func BenchmarkJWKSBuild(b *testing.B) {
 	for _, n := range []int{100, 300, 1000, 3000} {
 		b.Run(fmt.Sprintf("keys=%d", n), func(b *testing.B) {
-			m, err := newMetrics(nil)
-			if err != nil {
-				b.Fatal(err)
-			}
-			s := &Store{m: m, prefix: DefaultPrefix, log: slog.New(slog.DiscardHandler)}
+			s := &Store{m: newMetrics(), prefix: DefaultPrefix, log: slog.New(slog.DiscardHandler)}
 			s.jwks.byKey = make(map[string]jose.JSONWebKey, n)
 			s.jwks.kids = make(map[string]int, n)
 			for i := 0; i < n; i++ {

@@ -181,10 +181,11 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 	if s.interval <= 0 {
 		s.interval = min(o.KeyLifetime/4, maxRenewInterval)
 	}
-	var err error
-	if s.m, err = newMetrics(o.Registry); err != nil {
-		return nil, err
+	if s.interval > o.KeyLifetime/2 {
+		return nil, fmt.Errorf("open fleet store: renew interval %s is over half the key lifetime %s", s.interval, o.KeyLifetime)
 	}
+	s.m = newMetrics()
+	var err error
 	s.record, err = json.Marshal(nodeRecord{Node: o.Node, Started: time.Now().UTC(), Version: o.Version})
 	if err != nil {
 		return nil, fmt.Errorf("encode node record: %w", err)
@@ -203,9 +204,13 @@ func Open(ctx context.Context, o Options) (*Store, error) {
 	}
 	if err := s.join(ctx); err != nil {
 		s.cli.Close()
-		return nil, err
+		return nil, fmt.Errorf("open fleet store: %w", err)
 	}
 	if err := s.loadJWKS(ctx); err != nil {
+		s.cli.Close()
+		return nil, err
+	}
+	if err := s.m.register(o.Registry); err != nil {
 		s.cli.Close()
 		return nil, err
 	}
@@ -236,7 +241,7 @@ func (s *Store) join(ctx context.Context) error {
 	if !resp.Succeeded {
 		kvs := resp.Responses[0].GetResponseRange().Kvs
 		if len(kvs) == 1 && string(kvs[0].Value) != s.issuer {
-			return fmt.Errorf("open fleet store: etcd (%s) records issuer %q for this fleet; this node was started with issuer %q", s.issuerKey(), kvs[0].Value, s.issuer)
+			return fmt.Errorf("etcd (%s) records issuer %q for this fleet; this node was started with issuer %q", s.issuerKey(), kvs[0].Value, s.issuer)
 		}
 	} else {
 		s.log.Info("recorded the fleet's issuer", "issuer", s.issuer, "key", s.issuerKey())
@@ -244,7 +249,7 @@ func (s *Store) join(ctx context.Context) error {
 	if ev, err := s.evictionOf(ctx, s.node); err != nil {
 		return err
 	} else if ev != nil {
-		return fmt.Errorf("open fleet store: node %q: %w at %s by %q (readmit it first)", s.node, ErrEvicted, ev.At.Format(time.RFC3339), ev.By)
+		return fmt.Errorf("node %q: %w at %s by %q (readmit it first)", s.node, ErrEvicted, ev.At.Format(time.RFC3339), ev.By)
 	}
 	s.warnIfNameInUse(ctx)
 	l, err := s.grantAndPut(ctx, s.nodeKey(s.node), s.record)
