@@ -55,6 +55,10 @@ func (s *Store) PublishKey(ctx context.Context, jwk jose.JSONWebKey) error {
 	if err != nil {
 		return fmt.Errorf("publish key %s: encode: %w", jwk.KeyID, err)
 	}
+	// One publication at a time: two concurrent ones of a key would each put
+	// it under their own lease, and only the last put's lease holds it.
+	s.publishMu.Lock()
+	defer s.publishMu.Unlock()
 	s.mu.Lock()
 	evicted, have := s.evicted, s.keys[jwk.KeyID] != nil
 	s.mu.Unlock()
@@ -69,12 +73,7 @@ func (s *Store) PublishKey(ctx context.Context, jwk jose.JSONWebKey) error {
 		return fmt.Errorf("publish key %s: %w", jwk.KeyID, err)
 	}
 	s.mu.Lock()
-	if old := s.keys[jwk.KeyID]; old != nil {
-		// A concurrent PublishKey of the same key won; either lease holds it.
-		l = old.lease
-	} else {
-		s.keys[jwk.KeyID] = &pubKey{jwk: jwk, value: value, lease: l}
-	}
+	s.keys[jwk.KeyID] = &pubKey{jwk: jwk, value: value, lease: l}
 	n := len(s.keys)
 	s.mu.Unlock()
 	s.m.keysPublished.Set(float64(n))

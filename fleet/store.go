@@ -106,6 +106,8 @@ type Store struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	publishMu sync.Mutex // serializes PublishKey
+
 	mu        sync.Mutex
 	nodeLease lease
 	keys      map[string]*pubKey // kid -> key this node renews
