@@ -348,6 +348,13 @@ func TestQuorumLoss(t *testing.T) {
 		t.Fatal("the JWKS lost keys while etcd is down")
 	}
 
+	// Past the guarantee the node has nothing to sign with (the token
+	// server clamps exp to PublishedUntil and refuses below the minimum).
+	eventually(t, "a's guarantee runs out", func() bool { return time.Now().After(frozen) })
+	if got := a.PublishedUntil(pa.KeyID); got.After(time.Now()) {
+		t.Fatalf("PublishedUntil %v is in the future with etcd down for a key lifetime", got)
+	}
+
 	f.c.Restart(0)
 	f.c.Restart(1)
 	eventually(t, "a healthy again", func() bool { return a.Healthy() == nil })

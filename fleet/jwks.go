@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -186,11 +187,15 @@ func (s *Store) watchLoop(ctx context.Context) {
 	backoff := watchBackoffMin
 	for {
 		err := s.watchFrom(ctx)
+		// The first failure is a warning; retries during a long outage are
+		// debug lines (the renewals already report etcd as down).
+		level := slog.LevelWarn
 		for {
 			if ctx.Err() != nil {
 				return
 			}
-			s.log.Warn("JWKS watch interrupted: reading the fleet's keys again", "err", err, "retry_in", backoff)
+			s.log.Log(ctx, level, "JWKS watch interrupted: reading the fleet's keys again", "err", err, "retry_in", backoff)
+			level = slog.LevelDebug
 			select {
 			case <-ctx.Done():
 				return
