@@ -644,3 +644,28 @@ func TestTLS(t *testing.T) {
 		t.Fatalf("no TLS files: got %v, %v", tc, err)
 	}
 }
+
+// A watch that fell behind a compaction says so, and the loop's fresh read
+// brings the JWKS back.
+func TestWatchBehindCompaction(t *testing.T) {
+	f := newTestFleet(t)
+	a, b := f.open(t, "a"), f.open(t, "b")
+	pb, _ := newKey(t)
+	publish(t, b, pb)
+	eventually(t, "a sees b's key", func() bool { return hasKid(a, pb.KeyID) })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cli := f.c.Client(t)
+	if _, err := cli.Compact(ctx, a.Revision()); err != nil {
+		t.Fatal(err)
+	}
+	a.jwks.mu.Lock()
+	a.jwks.rev = 1
+	a.jwks.mu.Unlock()
+	if err := a.watchFrom(ctx); err == nil || !strings.Contains(err.Error(), "compaction") {
+		t.Fatalf("watch from a compacted revision: got %v", err)
+	}
+	if err := a.loadJWKS(ctx); err != nil || !hasKid(a, pb.KeyID) || a.Revision() < 2 {
+		t.Fatalf("reload after compaction: %v, revision %d", err, a.Revision())
+	}
+}
