@@ -77,6 +77,11 @@ type Config struct {
 	Registry        Registry
 	Secrets         Secrets
 	Keys            KeySet
+	// MaxTTL is the longest token lifetime served: requests asking more
+	// (or a default longer than it) are clamped to it. [MaxTTL] if zero;
+	// at least [MinTTL] and at most [MaxTTL]. A fleet's key lifetime is
+	// derived from it, so a small one makes a dead node's keys leave soon.
+	MaxTTL time.Duration
 	// RateLimit and Burst bound each sandbox's requests (token bucket);
 	// DefaultRateLimit and DefaultBurst if zero.
 	RateLimit rate.Limit
@@ -125,6 +130,12 @@ func New(cfg Config) (*Server, error) {
 		return nil, errors.New("token server: attester, registry, secrets and keys are all required")
 	}
 	cfg.Issuer = strings.TrimRight(cfg.Issuer, "/")
+	if cfg.MaxTTL == 0 {
+		cfg.MaxTTL = MaxTTL
+	}
+	if cfg.MaxTTL < MinTTL || cfg.MaxTTL > MaxTTL {
+		return nil, fmt.Errorf("token server: max TTL %s: want %s to %s", cfg.MaxTTL, MinTTL, MaxTTL)
+	}
 	if cfg.DefaultAudience == nil {
 		cfg.DefaultAudience = []string{"miren"}
 	}
@@ -334,7 +345,7 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	q := r.URL.Query()
-	ttl, ok := parseTTL(q)
+	ttl, ok := parseTTL(q, s.cfg.MaxTTL)
 	if !ok {
 		refuse(http.StatusBadRequest, msgBadTTL, reasonBadTTL, sb.ID, nil)
 		return
@@ -399,22 +410,22 @@ func attestationReason(err error) string {
 }
 
 // parseTTL reads the ttl parameter: absent means the default; otherwise a
-// positive decimal integer, clamped into [MinTTL, MaxTTL].
-func parseTTL(q map[string][]string) (time.Duration, bool) {
+// positive decimal integer, clamped into [MinTTL, maxTTL].
+func parseTTL(q map[string][]string, maxTTL time.Duration) (time.Duration, bool) {
 	v, present := q["ttl"]
 	if !present || len(v) == 0 {
-		return DefaultTTL, true
+		return min(DefaultTTL, maxTTL), true
 	}
 	s := v[0]
 	if s == "" || strings.TrimLeft(s, "0123456789") != "" || strings.TrimLeft(s, "0") == "" {
 		return 0, false
 	}
 	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n > int64(MaxTTL/time.Second) {
+	if err != nil || n > int64(maxTTL/time.Second) {
 		// Digits only, so the only error is overflow: clamp.
-		return MaxTTL, true
+		return maxTTL, true
 	}
-	return min(max(time.Duration(n)*time.Second, MinTTL), MaxTTL), true
+	return min(max(time.Duration(n)*time.Second, MinTTL), maxTTL), true
 }
 
 // Claims is the token's payload, as the contract lists it. aud is always an
