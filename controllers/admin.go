@@ -29,7 +29,8 @@ const DefaultAdminSocket = "/run/identityd/admin.sock"
 //	DELETE /v1/sandboxes/{id}[?kill=true]         -> 204
 //
 // Errors are {"error": "..."} with 400 (bad input), 404 (no such sandbox),
-// 409 (exists, or still has tasks without kill) or 500.
+// 409 (exists, held by another node of the fleet, or still has tasks
+// without kill), 503 (the fleet's store is unreachable) or 500.
 func AdminHandler(c *Controller) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/sandboxes", func(w http.ResponseWriter, r *http.Request) {
@@ -84,8 +85,10 @@ func reply(w http.ResponseWriter, status int, v any, err error) {
 		status = http.StatusBadRequest
 	case errors.Is(err, ErrNotFound):
 		status = http.StatusNotFound
-	case errors.Is(err, ErrExists), errors.Is(err, ErrBusy):
+	case errors.Is(err, ErrExists), errors.Is(err, ErrBusy), errors.Is(err, ErrHeld):
 		status = http.StatusConflict
+	case errors.Is(err, ErrIDsUnavailable):
+		status = http.StatusServiceUnavailable
 	default:
 		status = http.StatusInternalServerError
 	}

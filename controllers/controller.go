@@ -32,7 +32,21 @@ var (
 	ErrExists   = errors.New("sandbox already exists")
 	ErrNotFound = errors.New("no such sandbox")
 	ErrBusy     = errors.New("sandbox still has running tasks")
+	// ErrHeld is the error of an IDs.Reserve whose id another node of the
+	// fleet holds (the admin API answers 409); ErrIDsUnavailable of one
+	// that could not reach the fleet's store (503).
+	ErrHeld           = errors.New("sandbox id held by another node")
+	ErrIDsUnavailable = errors.New("fleet store unreachable")
 )
+
+// IDs makes sandbox ids unique across a fleet of hosts: Reserve claims an
+// id for this node before a sandbox is made under it (failing with an error
+// matching ErrHeld or ErrIDsUnavailable), Release gives it back once the
+// sandbox is gone. Reserving an id this node already holds succeeds.
+type IDs interface {
+	Reserve(ctx context.Context, id string) error
+	Release(ctx context.Context, id string) error
+}
 
 // Config says where the controller keeps its state and builds sandboxes.
 type Config struct {
@@ -73,7 +87,11 @@ type Config struct {
 	// kernel; one removed underneath the controller is retired at the
 	// second check that finds it gone, so within two intervals. Default 2s.
 	ResyncInterval time.Duration
-	Logger         *slog.Logger `json:"-"`
+	// IDs, if set, reserves every sandbox id in the fleet before the
+	// sandbox is made or adopted, and releases it once it is gone; nil on
+	// a single host.
+	IDs    IDs          `json:"-"`
+	Logger *slog.Logger `json:"-"`
 }
 
 // Controller owns the sandboxes' lifecycle and is the token server's
@@ -307,6 +325,16 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	if err := c.unused(req.ID); err != nil {
 		return nil, err
 	}
+	if err := c.reserve(ctx, req.ID, "create"); err != nil {
+		return nil, fmt.Errorf("create %s: %w", req.ID, err)
+	}
+	// Until the sandbox is committed, a failure gives the id back.
+	committed := false
+	defer func() {
+		if !committed {
+			c.release(req.ID, "undo a failed create")
+		}
+	}()
 	addr, err := c.allocate()
 	if err != nil {
 		return nil, err
@@ -386,6 +414,7 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	if err := c.records.removePending(r.ID); err != nil {
 		c.log.Warn("remove pending marker", "sandbox", r.ID, "error", err)
 	}
+	committed = true
 	c.log.Info("sandbox created", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID,
 		"netns", r.NetnsPath, "address", addr)
 	// Committed: a caller that went away meanwhile does not undo it.
@@ -519,10 +548,14 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 	if err := c.unused(r.ID); err != nil {
 		return nil, err
 	}
+	if err := c.reserve(ctx, r.ID, "adopt"); err != nil {
+		return nil, fmt.Errorf("adopt %s: %w", r.ID, err)
+	}
 	// A secret without a record is swept at the next start, so the secret
 	// goes first and the record commits the adoption.
 	secret := newSecret()
 	if err := c.secrets.Put(r.ID, secret); err != nil {
+		c.release(r.ID, "undo a failed adoption")
 		return nil, err
 	}
 	undo := func(what string, err error) {
@@ -532,11 +565,13 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 	}
 	if err := c.records.put(r); err != nil {
 		undo("delete secret", c.secrets.Delete(r.ID))
+		c.release(r.ID, "undo a failed adoption")
 		return nil, err
 	}
 	if err := c.register(r); err != nil {
 		undo("delete secret", c.secrets.Delete(r.ID))
 		undo("remove record", c.records.remove(r.ID))
+		c.release(r.ID, "undo a failed adoption")
 		return nil, fmt.Errorf("%w: %v", ErrExists, err)
 	}
 	c.log.Info("sandbox adopted", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID, "netns", r.NetnsPath)
@@ -584,8 +619,63 @@ func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 	if err := c.records.remove(id); err != nil {
 		return fmt.Errorf("remove record of %s: %w", id, err)
 	}
+	c.release(id, "delete")
 	c.log.Info("sandbox deleted", "sandbox", id)
 	return nil
+}
+
+// reserve claims id in the fleet (see Config.IDs) for a create or an
+// adopt (doing); a no-op on a single host.
+func (c *Controller) reserve(ctx context.Context, id, doing string) error {
+	if c.cfg.IDs == nil {
+		return nil
+	}
+	err := c.cfg.IDs.Reserve(ctx, id)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrIDsUnavailable):
+		c.log.Warn(doing+" refused: the sandbox id cannot be reserved, fleet store unreachable (running sandboxes keep getting tokens)", "sandbox", id, "error", err)
+		return fmt.Errorf("%w: %s refused, the sandbox id cannot be reserved (sandboxes already running keep getting tokens): %v", ErrIDsUnavailable, doing, err)
+	case errors.Is(err, ErrHeld):
+		c.log.Warn(doing+" refused: sandbox id held by another node", "sandbox", id, "error", err)
+		return err
+	}
+	return fmt.Errorf("reserve the sandbox id in the fleet: %w", err)
+}
+
+// release gives id back to the fleet once no sandbox of it is left here. A
+// failure leaves the id held by this node (a later create of it here
+// succeeds; elsewhere it is refused until released), and is logged.
+func (c *Controller) release(id, doing string) {
+	if c.cfg.IDs == nil {
+		return
+	}
+	// The caller's context may be gone: the sandbox is, and so must its
+	// reservation be.
+	if err := c.cfg.IDs.Release(context.Background(), id); err != nil {
+		c.log.Warn(doing+": release the sandbox id in the fleet; it stays held by this node", "sandbox", id, "error", err)
+	}
+}
+
+// reserveLive re-reserves the ids of the sandboxes the start rebuilt, so
+// that a reservation lost (or a fleet joined after they were made) is held
+// again. One it cannot reserve is kept and logged: it runs here already.
+func (c *Controller) reserveLive(ctx context.Context) {
+	if c.cfg.IDs == nil {
+		return
+	}
+	for id := range c.live {
+		if err := c.cfg.IDs.Reserve(ctx, id); err != nil {
+			level := slog.LevelWarn
+			if errors.Is(err, ErrHeld) {
+				// Two nodes run a sandbox under one id: an operator
+				// must decide which one goes.
+				level = slog.LevelError
+			}
+			c.log.Log(ctx, level, "cannot reserve the sandbox id of a sandbox running here; kept", "sandbox", id, "error", err)
+		}
+	}
 }
 
 // List returns the live sandboxes, by id.
@@ -692,6 +782,7 @@ func (c *Controller) rebuild(ctx context.Context) error {
 		}
 	}
 	c.warnUnknown()
+	c.reserveLive(ctx)
 	c.log.Info("sandboxes rebuilt", "live", len(c.live), "retired", retired, "took", time.Since(start))
 	return nil
 }
@@ -733,6 +824,7 @@ func (c *Controller) finishPending() error {
 				c.log.Warn("clean up a create that did not finish; retried at the next start", "sandbox", p.ID, "error", err)
 				continue
 			}
+			c.release(p.ID, "clean up a create that did not finish")
 		}
 		// Either Create finished and only the marker was left, or its
 		// leftovers are gone.
@@ -839,7 +931,9 @@ func (c *Controller) retire(r *Record, why string, teardown bool) {
 	}
 	if err := c.records.remove(r.ID); err != nil {
 		c.log.Warn("retire sandbox: remove its record; the next start retires it again", "sandbox", r.ID, "error", err)
+		return
 	}
+	c.release(r.ID, "retire sandbox")
 }
 
 // Run notices sandboxes that disappear underneath the controller (a cgroup
