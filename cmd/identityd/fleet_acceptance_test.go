@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -258,6 +260,28 @@ func (n *fleetNode) keyLifetime() time.Duration {
 	return 0
 }
 
+// signable is how long the node can still sign for, from its
+// identityd_fleet_signable_seconds metric.
+func (n *fleetNode) signable() (time.Duration, error) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + n.ow.operator + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "identityd_fleet_signable_seconds "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			return time.Duration(f * float64(time.Second)), err
+		}
+	}
+	return 0, errors.New("no identityd_fleet_signable_seconds metric")
+}
+
 // kidSampler records, every 100 ms, whether kid is in a node's JWKS.
 type kidSampler struct {
 	mu          sync.Mutex
@@ -384,6 +408,16 @@ func TestFleetAcceptance(t *testing.T) {
 			t.Logf("one member down: create on %s took %s", n.name, time.Since(start).Round(time.Millisecond))
 		}
 
+		// A renewal in flight to the killed member failed: wait until every
+		// node has renewed since, so that each starts the quorum loss with
+		// a guarantee at most one renewal period old.
+		for _, n := range f.nodes {
+			require.Eventually(t, func() bool {
+				left, err := n.signable()
+				return err == nil && left > fleetMaxTTL+2*time.Second
+			}, 15*time.Second, 50*time.Millisecond, "%s renews its key's lease with one member down", n.name)
+		}
+
 		f.etcd.Kill(1)
 		lost := time.Now()
 		t.Log("etcd member 1 killed: no quorum")
@@ -394,21 +428,6 @@ func TestFleetAcceptance(t *testing.T) {
 			t.Logf("no quorum: %s issued a token %s after the loss, lifetime %s", n.name,
 				time.Since(lost).Round(time.Millisecond), expOf(claims).Sub(time.Unix(int64(claims["iat"].(float64)), 0)))
 		}
-		start = time.Now()
-		_, err = n2.create(ctx, "fleet-no-quorum-"+suffix())
-		took := time.Since(start)
-		var apiErr *controllers.APIError
-		require.ErrorAs(t, err, &apiErr, "create without quorum fails")
-		assert.Equal(t, http.StatusServiceUnavailable, apiErr.Status)
-		assert.Contains(t, apiErr.Message, "etcd unavailable")
-		t.Logf("no quorum: create on node2 refused in %s: %s", took.Round(time.Millisecond), apiErr)
-		start = time.Now()
-		out, err = n3.ctl("rotate-key")
-		took = time.Since(start)
-		require.Error(t, err, "rotation without quorum fails: %s", out)
-		assert.Contains(t, out, "etcd unavailable")
-		t.Logf("no quorum: rotate-key on node3 refused in %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
-
 		// Issuing goes on while the key's publication covers the minimum
 		// lifetime, then stops with a 500 that the log explains.
 		var stopped time.Duration
@@ -424,12 +443,27 @@ func TestFleetAcceptance(t *testing.T) {
 				stopped, lastStatus, lastBody = time.Since(lost), status, body
 				break
 			}
-			time.Sleep(200 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 		}
 		require.NotZero(t, stopped, "node1 kept issuing for %s without quorum", bound)
 		assert.Equal(t, http.StatusInternalServerError, lastStatus, lastBody)
 		assert.Contains(t, n1.ow.stderr.String(), "not guaranteed to stay published")
 		t.Logf("no quorum: node1 issued for %s after the loss, then %d %s", stopped.Round(100*time.Millisecond), lastStatus, strings.TrimSpace(lastBody))
+
+		start = time.Now()
+		_, err = n2.create(ctx, "fleet-no-quorum-"+suffix())
+		took := time.Since(start)
+		var apiErr *controllers.APIError
+		require.ErrorAs(t, err, &apiErr, "create without quorum fails")
+		assert.Equal(t, http.StatusServiceUnavailable, apiErr.Status)
+		assert.Contains(t, apiErr.Message, "etcd unavailable")
+		t.Logf("no quorum: create on node2 refused in %s: %s", took.Round(time.Millisecond), apiErr)
+		start = time.Now()
+		out, err = n3.ctl("rotate-key")
+		took = time.Since(start)
+		require.Error(t, err, "rotation without quorum fails: %s", out)
+		assert.Contains(t, out, "etcd unavailable")
+		t.Logf("no quorum: rotate-key on node3 refused in %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
 
 		down := time.Since(lost)
 		f.etcd.Restart(0)
