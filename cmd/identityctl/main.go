@@ -24,10 +24,13 @@ type cli struct {
 	Adopt adoptCmd `cmd:"" help:"Register a sandbox another runtime made; prints the environment to inject."`
 	Token tokenCmd `cmd:"" help:"Fetch an identity token from inside a sandbox (reads MIREN_IDENTITY_TOKEN_*)."`
 
-	Fsck      fsckCmd      `cmd:"" help:"Check that records, secrets, cgroups and netns agree (run while identityd is stopped or idle)."`
-	RotateKey rotateKeyCmd `cmd:"" name:"rotate-key" help:"Make a new signing key: published at once, signing after identityd's --key-publish-delay (--now: at once); the keys it replaces stay published until their tokens expire."`
-	Exec      execCmd      `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run --privileged)."`
-	Init      initCmd      `cmd:"" name:"__init" hidden:"" help:"Confine and start a command as its pid namespace's init (used by run)."`
+	Fsck        fsckCmd        `cmd:"" help:"Check that records, secrets, cgroups and netns agree (run while identityd is stopped or idle)."`
+	Nodes       nodesCmd       `cmd:"" help:"List the fleet's nodes (identityd with --etcd-endpoints): their published keys, when last seen, eviction."`
+	EvictNode   evictNodeCmd   `cmd:"" name:"evict-node" help:"Remove a node's keys from the fleet's JWKS at once and bar it from publishing until readmitted: the response to a compromised host."`
+	ReadmitNode readmitNodeCmd `cmd:"" name:"readmit-node" help:"Lift a node's eviction; it publishes again once restarted."`
+	RotateKey   rotateKeyCmd   `cmd:"" name:"rotate-key" help:"Make a new signing key: published at once, signing after identityd's --key-publish-delay (--now: at once); the keys it replaces stay published until their tokens expire."`
+	Exec        execCmd        `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run --privileged)."`
+	Init        initCmd        `cmd:"" name:"__init" hidden:"" help:"Confine and start a command as its pid namespace's init (used by run)."`
 }
 
 func (c *cli) admin() *controllers.AdminClient { return controllers.NewAdminClient(c.AdminSocket) }

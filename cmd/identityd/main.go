@@ -18,6 +18,7 @@ import (
 
 	"github.com/identityd/identityd/bpf"
 	"github.com/identityd/identityd/controllers"
+	fleetstore "github.com/identityd/identityd/fleet"
 	"github.com/identityd/identityd/internal/daemon"
 	"github.com/identityd/identityd/tokenserver"
 )
@@ -38,7 +39,7 @@ type serveCmd struct {
 	CgroupParent    string        `env:"IDENTITYD_CGROUP_PARENT" help:"Parent of sandbox cgroups (default <cgroup2 root>/identityd)."`
 	BPFDir          string        `name:"bpf-dir" default:"/sys/fs/bpf/identityd" env:"IDENTITYD_BPF_DIR" help:"bpffs directory for the pinned programs and maps."`
 	Listen          string        `env:"IDENTITYD_LISTEN" help:"Token endpoint address (default <router address>:7123)."`
-	Issuer          string        `env:"IDENTITYD_ISSUER" help:"Issuer URL: the iss claim and the base of OIDC discovery (default http://<listen>)."`
+	Issuer          string        `env:"IDENTITYD_ISSUER" help:"Issuer URL: the iss claim and the base of OIDC discovery (default http://<listen>; required with --etcd-endpoints, the same on every node)."`
 	SigningAlg      string        `default:"RS256" enum:"RS256,ES256,EdDSA" env:"IDENTITYD_SIGNING_ALG" help:"Token signing algorithm (RS256, ES256, EdDSA)."`
 	DefaultAudience []string      `default:"miren" env:"IDENTITYD_DEFAULT_AUDIENCE" help:"Audience when a request names none."`
 	OperatorListen  string        `default:"127.0.0.1:9123" env:"IDENTITYD_OPERATOR_LISTEN" help:"Address for /metrics, /healthz and /readyz (empty: off)."`
@@ -58,6 +59,12 @@ type serveCmd struct {
 	KeyRotation     time.Duration `name:"key-rotation-period" default:"720h" env:"IDENTITYD_KEY_ROTATION_PERIOD" help:"Replace the signing key when it is this old, counted from its creation on disk (0: only identityctl rotate-key)."`
 	KeyPublishDelay time.Duration `default:"60s" env:"IDENTITYD_KEY_PUBLISH_DELAY" help:"How long a new signing key is published in the JWKS before it signs: at least the verifiers' JWKS cache lifetime (our JWKS says max-age=60)."`
 	DiscoveryListen string        `env:"IDENTITYD_DISCOVERY_LISTEN" help:"Address serving only OIDC discovery and the JWKS, for a load balancer behind the issuer URL (empty: off)."`
+	MaxTTL          time.Duration `name:"max-ttl" default:"86400s" env:"IDENTITYD_MAX_TTL" help:"Longest token lifetime served (60s to 86400s); longer requests are clamped to it. In a fleet, a dead node's keys leave the JWKS this long (plus a few seconds) after its last renewal."`
+	EtcdEndpoints   []string      `env:"IDENTITYD_ETCD_ENDPOINTS" help:"Comma-separated etcd client URLs: join the fleet whose state is there (one issuer, the union JWKS, fleet-unique sandbox ids). Empty: a single host, no etcd."`
+	EtcdPrefix      string        `default:"${default_etcd_prefix}" env:"IDENTITYD_ETCD_PREFIX" help:"Root of the fleet's keys in etcd: one prefix per fleet (issuer)."`
+	EtcdCA          string        `name:"etcd-ca" env:"IDENTITYD_ETCD_CA" help:"CA certificate (PEM) verifying the etcd members."`
+	EtcdCert        string        `env:"IDENTITYD_ETCD_CERT" help:"Client certificate (PEM) for etcd; with --etcd-key."`
+	EtcdKey         string        `env:"IDENTITYD_ETCD_KEY" help:"Client key (PEM) for etcd; with --etcd-cert."`
 	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
 	LogFormat       string        `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
 }
@@ -87,6 +94,8 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		Conns:       tokenserver.ConnLimits{Total: s.MaxConns, PerSandbox: s.MaxSandboxConns, Others: s.MaxOtherConns},
 		IdleTimeout: s.IdleTimeout, CheckInterval: s.CheckInterval,
 		Node: s.NodeName, KeyRotationPeriod: s.KeyRotation, KeyPublishDelay: s.KeyPublishDelay, DiscoveryListen: s.DiscoveryListen,
+		MaxTTL: s.MaxTTL, EtcdEndpoints: s.EtcdEndpoints, EtcdPrefix: s.EtcdPrefix, EtcdCA: s.EtcdCA, EtcdCert: s.EtcdCert,
+		EtcdKey: s.EtcdKey, Version: version,
 	})
 }
 
@@ -124,7 +133,7 @@ func main() {
 		kong.Description("Workload-identity token server: kernel-attested callers, secrets that survive restarts."),
 		kong.BindTo(ctx, (*context.Context)(nil)),
 		kong.UsageOnError(),
-		kong.Vars{"default_netns_prefix": controllers.DefaultNetnsPrefix},
+		kong.Vars{"default_netns_prefix": controllers.DefaultNetnsPrefix, "default_etcd_prefix": fleetstore.DefaultPrefix},
 	)
 	if err := k.Run(); err != nil {
 		fmt.Fprintf(os.Stderr, "identityd: %v\n", err)

@@ -29,6 +29,7 @@ import (
 
 	"github.com/identityd/identityd/bpf"
 	"github.com/identityd/identityd/controllers"
+	"github.com/identityd/identityd/fleet"
 	"github.com/identityd/identityd/internal/atomicfile"
 	"github.com/identityd/identityd/internal/cgroup2"
 	"github.com/identityd/identityd/internal/netnsutil"
@@ -72,7 +73,22 @@ type Config struct {
 	// DiscoveryListen, if set, serves OIDC discovery and the JWKS alone on
 	// a listener of their own, for a load balancer behind the issuer URL.
 	DiscoveryListen string
-	Logger          *slog.Logger
+	// MaxTTL is the longest token lifetime served (longer requests are
+	// clamped); tokenserver.MaxTTL if zero. In a fleet it sets how long a
+	// dead node's keys stay published.
+	MaxTTL time.Duration
+	// EtcdEndpoints, if set, make this daemon a node of the fleet whose
+	// state is in etcd under EtcdPrefix (fleet.DefaultPrefix if empty),
+	// reached with TLS from EtcdCA, EtcdCert and EtcdKey if set. Issuer is
+	// required then. Empty: a single host, with no etcd.
+	EtcdEndpoints []string
+	EtcdPrefix    string
+	EtcdCA        string
+	EtcdCert      string
+	EtcdKey       string
+	// Version is recorded in the fleet's node record.
+	Version string
+	Logger  *slog.Logger
 }
 
 // shutdownGrace bounds how long in-flight requests may take to finish once
@@ -99,6 +115,9 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		cfg.Node = host
 	}
+	if err := checkFleet(cfg); err != nil {
+		return err
+	}
 	metrics, err := newMetricsRegistry()
 	if err != nil {
 		return err
@@ -124,7 +143,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return fail(err)
 		}
 		log.Info("operator endpoint listening", "addr", ln.Addr().String())
-		servers.serve(g, "operator", ln, &http.Server{Handler: operatorHandler(metrics, ready.err),
+		servers.serve(g, "operator", ln, &http.Server{Handler: operatorHandler(metrics, ready.err, ready.degraded),
 			ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 	}
 
@@ -135,6 +154,16 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer ep.ln.Close()
 	log.Info("token endpoint", "addr", ep.addr.String(), "url", ep.tokenURL, "issuer", ep.issuer)
+
+	// A fleet whose etcd is unreachable, or that records another issuer,
+	// stops the start before anything is installed.
+	fl, err := openFleet(ctx, cfg, ep.issuer, metrics)
+	if err != nil {
+		return fail(err)
+	}
+	if fl != nil {
+		defer fl.Close()
+	}
 
 	in, err := bpf.Install(ctx, bpf.Options{PinDir: cfg.BPFDir, Logger: log})
 	if err != nil {
@@ -151,14 +180,18 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer st.close()
 
-	ctrl, err := controllers.New(ctx, controllerConfig(cfg, ep, st))
+	ctrl, err := controllers.New(ctx, controllerConfig(cfg, ep, st, fl))
 	if err != nil {
 		return fail(err)
 	}
 	defer ctrl.Close()
 
-	keys, err := openKeys(ctx, cfg)
+	keys, err := openKeys(ctx, cfg, fl)
 	if err != nil {
+		return fail(err)
+	}
+	keySet := signingKeys(keys, fl)
+	if err := registerFleetMetrics(metrics, keySet, fl); err != nil {
 		return fail(err)
 	}
 	if err := registerControllerMetrics(metrics, ctrl); err != nil {
@@ -169,7 +202,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return fail(err)
 	}
 	defer probe.close()
-	srv, err := newTokenServer(cfg, ep, in, st, keys, metrics, probe.observe)
+	srv, err := newTokenServer(cfg, ep, in, st, keySet, metrics, probe.observe)
 	if err != nil {
 		return fail(err)
 	}
@@ -188,7 +221,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return fail(err)
 	}
 	servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), &http.Server{
-		Handler: adminHandler(ctrl, keys, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
+		Handler: adminHandler(ctrl, keys, fl, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 
 	watch, err := newAttributionWatch(in, probe.probe, log, metrics)
 	if err != nil {
@@ -200,12 +233,15 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	g.Go(func() error { ctrl.Run(gctx); return nil })
 	g.Go(func() error { keys.RotateEvery(gctx, cfg.KeyRotationPeriod, log); return nil })
+	if fl != nil {
+		g.Go(func() error { retireLoop(gctx, keys, fl); return nil })
+	}
 	// Ready means a connection was attributed end to end, once, before the
 	// first "ready"; then every interval.
 	watch.runProbe(ctx)
 	g.Go(func() error { watch.Run(gctx, interval); return nil })
 
-	ready.set(watch)
+	ready.set(watch, func() (error, error) { return fleetReadiness(keySet, fl) })
 	log.Info("identityd ready", "token_endpoint", ep.addr.String(), "issuer", ep.issuer, "sandboxes", st.reg.Len(),
 		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond))
 	err = g.Wait()
@@ -282,10 +318,24 @@ func checkKeyTiming(cfg Config) error {
 	return nil
 }
 
-// openKeys loads the signing keys.
-func openKeys(ctx context.Context, cfg Config) (*tokenserver.Keys, error) {
-	return tokenserver.LoadKeys(ctx, tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"),
-		Alg: cfg.SigningAlg, PublishDelay: cfg.KeyPublishDelay})
+// openKeys loads the signing keys. In a fleet, every key is published to
+// etcd before it is served or signs: new ones through the Publish hook,
+// those loaded from disk here.
+func openKeys(ctx context.Context, cfg Config, fl *fleet.Store) (*tokenserver.Keys, error) {
+	kc := tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"), Alg: cfg.SigningAlg, PublishDelay: cfg.KeyPublishDelay}
+	if fl != nil {
+		kc.Publish = fl.PublishKey
+	}
+	keys, err := tokenserver.LoadKeys(ctx, kc)
+	if err != nil {
+		return nil, err
+	}
+	if fl != nil {
+		if err := publishLoaded(ctx, keys, fl, keyLifetime(cfg)); err != nil {
+			return nil, err
+		}
+	}
+	return keys, nil
 }
 
 // tokenEndpoint is the token listener and what sandboxes are told about it.
@@ -360,11 +410,11 @@ func openStores(cfg Config) (*stores, error) {
 
 func (s *stores) close() { s.reg.Close() }
 
-func controllerConfig(cfg Config, ep tokenEndpoint, st *stores) controllers.Config {
+func controllerConfig(cfg Config, ep tokenEndpoint, st *stores, fl *fleet.Store) controllers.Config {
 	return controllers.Config{
 		StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, HostNetns: cfg.HostNetns, NetnsPrefix: cfg.NetnsPrefix,
 		Bridge: cfg.Bridge, Subnet: cfg.Subnet, TokenURL: ep.tokenURL, Issuer: ep.issuer,
-		Registry: st.reg, Secrets: st.secrets, Logger: cfg.Logger,
+		Registry: st.reg, Secrets: st.secrets, IDs: controllerIDs(fl), Logger: cfg.Logger,
 	}
 }
 
@@ -379,7 +429,7 @@ func registerControllerMetrics(reg prometheus.Registerer, ctrl *controllers.Cont
 	return nil
 }
 
-func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stores, keys *tokenserver.Keys,
+func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stores, keys tokenserver.KeySet,
 	reg prometheus.Registerer, probe func(netip.AddrPort, bpf.Record, error) bool) (*tokenserver.Server, error) {
 	metrics, err := tokenserver.NewMetrics(reg, func() float64 { return float64(st.reg.Len()) })
 	if err != nil {
@@ -393,24 +443,44 @@ func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stor
 		Issuer: ep.issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: st.reg,
 		Secrets: st.secrets, Keys: keys, Logger: cfg.Logger, Metrics: metrics,
 		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
-		Probe: probe, Node: cfg.Node,
+		Probe: probe, Node: cfg.Node, MaxTTL: cfg.MaxTTL,
 	})
 }
 
 // readiness is what /readyz reports: not ready until the daemon serves,
-// then whatever the attribution watch says.
+// then whatever the attribution watch and, in a fleet, the signing key's
+// guaranteed publication say.
 type readiness struct {
 	watch atomic.Pointer[attributionWatch]
+	fleet atomic.Pointer[func() (notReady, degraded error)]
 }
 
-func (r *readiness) set(w *attributionWatch) { r.watch.Store(w) }
+func (r *readiness) set(w *attributionWatch, fleet func() (error, error)) {
+	r.fleet.Store(&fleet)
+	r.watch.Store(w)
+}
 
 func (r *readiness) err() error {
 	w := r.watch.Load()
 	if w == nil {
 		return errors.New("starting: rebuilding sandboxes")
 	}
-	return w.Err()
+	if err := w.Err(); err != nil {
+		return err
+	}
+	notReady, _ := (*r.fleet.Load())()
+	return notReady
+}
+
+// degraded is what a ready daemon warns of (etcd unreachable while the
+// signing key's guarantee still covers issuing); nil if nothing.
+func (r *readiness) degraded() error {
+	f := r.fleet.Load()
+	if f == nil {
+		return nil
+	}
+	_, degraded := (*f)()
+	return degraded
 }
 
 // serverSet runs HTTP servers as tasks of one group and shuts them all down

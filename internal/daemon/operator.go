@@ -11,8 +11,9 @@ import (
 // operatorHandler serves what operators and their monitoring scrape, on an
 // address of their own, never on the sandbox-facing endpoint: /metrics from
 // g, /healthz (the process is up) and /readyz (ready reports nil while the
-// daemon serves tokens, else why not).
-func operatorHandler(g prometheus.Gatherer, ready func() error) http.Handler {
+// daemon serves tokens, else why not; degraded, what a ready daemon warns
+// of, such as a fleet's etcd out of reach).
+func operatorHandler(g prometheus.Gatherer, ready, degraded func() error) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -21,6 +22,10 @@ func operatorHandler(g prometheus.Gatherer, ready func() error) http.Handler {
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
 		if err := ready(); err != nil {
 			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready", "reason": err.Error()})
+			return
+		}
+		if err := degraded(); err != nil {
+			writeJSON(w, http.StatusOK, map[string]string{"status": "ready", "degraded": err.Error()})
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})

@@ -22,7 +22,7 @@ func TestOperatorHandler(t *testing.T) {
 	assert.Error(t, err, "registering twice is an error, not a panic")
 
 	var readyErr error = errors.New("rebuilding sandboxes")
-	srv := httptest.NewServer(operatorHandler(reg, func() error { return readyErr }))
+	srv := httptest.NewServer(operatorHandler(reg, func() error { return readyErr }, func() error { return nil }))
 	defer srv.Close()
 	get := func(path string) (int, string) {
 		resp, err := http.Get(srv.URL + path)
