@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -215,14 +216,27 @@ func (c *Cluster) launch(m *member) error {
 	cmd.Stderr = logf
 	// The member must not outlive a test binary that dies without cleanup.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start etcd member %s: %w", m.name, err)
-	}
+	// Pdeathsig follows the OS thread that forked the member, not the
+	// process: a test that locks a thread to enter a netns and ends without
+	// unlocking it takes the thread down, and would kill the member. So it
+	// is started and waited for on a locked thread that lives exactly as
+	// long as it does.
+	started := make(chan error, 1)
 	done := make(chan struct{})
 	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		_ = cmd.Wait()
 		close(done)
 	}()
+	if err := <-started; err != nil {
+		return fmt.Errorf("start etcd member %s: %w", m.name, err)
+	}
 	m.mu.Lock()
 	m.cmd, m.done = cmd, done
 	m.mu.Unlock()
