@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/go-jose/go-jose/v4"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/net/netutil"
@@ -324,7 +325,7 @@ func checkKeyTiming(cfg Config) error {
 func openKeys(ctx context.Context, cfg Config, fl *fleet.Store) (*tokenserver.Keys, error) {
 	kc := tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"), Alg: cfg.SigningAlg, PublishDelay: cfg.KeyPublishDelay}
 	if fl != nil {
-		kc.Publish = fl.PublishKey
+		kc.Publish = func(ctx context.Context, jwk jose.JSONWebKey) error { return publishKey(ctx, fl, jwk) }
 	}
 	keys, err := tokenserver.LoadKeys(ctx, kc)
 	if err != nil {

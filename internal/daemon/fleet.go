@@ -89,12 +89,40 @@ func publishLoaded(ctx context.Context, keys *tokenserver.Keys, st *fleet.Store,
 		if k.State == tokenserver.KeyRetired && k.Retired != nil && k.Retired.Add(lifetime).Before(now) {
 			continue
 		}
-		if err := st.PublishKey(ctx, k.Public); err != nil {
+		if err := publishKey(ctx, st, k.Public); err != nil {
 			return fmt.Errorf("publish signing key %s loaded from disk: %w", k.KeyID, err)
 		}
 	}
 	retireStopped(keys, st)
 	return nil
+}
+
+// keyVisibleWithin bounds the wait for a key just published to reach this
+// node's own JWKS through the watch (normally milliseconds).
+const keyVisibleWithin = 10 * time.Second
+
+// publishKey publishes a key and waits until this node's JWKS, which comes
+// from the watch, serves it: a token signed with a key this node does not
+// serve yet could fail a verifier that fetched this node's JWKS.
+func publishKey(ctx context.Context, st *fleet.Store, jwk jose.JSONWebKey) error {
+	if err := st.PublishKey(ctx, jwk); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, keyVisibleWithin)
+	defer cancel()
+	for {
+		changed := st.Changed()
+		if st.HasKey(jwk.KeyID) {
+			return nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			// Dropped: it is not renewed for a key that never signs.
+			st.RetireKey(jwk.KeyID)
+			return fmt.Errorf("key %s published but not seen by this node's watch within %s: %w", jwk.KeyID, keyVisibleWithin, fleet.ErrUnavailable)
+		}
+	}
 }
 
 // retireStopped stops renewing the leases of keys that no longer sign: each
