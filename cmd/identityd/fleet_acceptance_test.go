@@ -24,6 +24,7 @@ import (
 	"github.com/coreos/go-oidc/v3/oidc"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/identityd/identityd/controllers"
 	"github.com/identityd/identityd/internal/etcdtest"
@@ -135,6 +136,12 @@ func startFleet(t *testing.T) *fleet {
 		n.ow.args = append(n.ow.args, "--discovery-listen", n.disc, "--issuer", f.issuer, "--node-name", n.name,
 			"--etcd-endpoints", strings.Join(f.etcd.Endpoints(), ","), "--etcd-prefix", f.prefix,
 			"--max-ttl", fleetMaxTTL.String(), "--key-publish-delay", fleetPublishDelay.String())
+		t.Cleanup(func() {
+			if t.Failed() && n.ow.stderr != nil {
+				lines := strings.Split(strings.TrimSpace(n.ow.stderr.String()), "\n")
+				t.Logf("%s's log, last lines:\n%s", n.name, strings.Join(lines[max(0, len(lines)-25):], "\n"))
+			}
+		})
 		took := n.ow.start()
 		t.Logf("%s ready in %s", n.name, took.Round(time.Millisecond))
 		n.sb = n.ow.create("fleet-"+n.name+"-"+suffix(), "web")
@@ -282,6 +289,29 @@ func (n *fleetNode) signable() (time.Duration, error) {
 	return 0, errors.New("no identityd_fleet_signable_seconds metric")
 }
 
+// etcdLeader is the index, among members, of the one that leads the
+// cluster, as the members themselves report it.
+func etcdLeader(cli *clientv3.Client, c *etcdtest.Cluster, members []int) (int, error) {
+	ids := map[uint64]int{}
+	var leader uint64
+	for _, i := range members {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		st, err := cli.Status(ctx, c.Endpoint(i))
+		cancel()
+		if err != nil {
+			continue
+		}
+		ids[st.Header.MemberId] = i
+		if st.Leader != 0 {
+			leader = st.Leader
+		}
+	}
+	if i, ok := ids[leader]; ok {
+		return i, nil
+	}
+	return 0, fmt.Errorf("no leader among etcd members %v", members)
+}
+
 // kidSampler records, every 100 ms, whether kid is in a node's JWKS.
 type kidSampler struct {
 	mu          sync.Mutex
@@ -390,8 +420,19 @@ func TestFleetAcceptance(t *testing.T) {
 	t.Run("2 etcd members lost and back", func(t *testing.T) {
 		ctx := context.Background()
 		v := f.verifier(t, false)
-		f.etcd.Kill(0)
-		t.Log("etcd member 0 killed")
+		// The leader goes first: the harder loss, an election follows.
+		cli := f.etcd.Client(t)
+		first, err := etcdLeader(cli, f.etcd, []int{0, 1, 2})
+		require.NoError(t, err)
+		second := (first + 1) % 3
+		f.etcd.Kill(first)
+		killed := time.Now()
+		var leader int
+		require.Eventually(t, func() bool {
+			leader, err = etcdLeader(cli, f.etcd, []int{second, (first + 2) % 3})
+			return err == nil
+		}, 20*time.Second, 50*time.Millisecond, "a new etcd leader: %v", err)
+		t.Logf("etcd leader (member %d) killed; member %d leads %s later", first, leader, time.Since(killed).Round(time.Millisecond))
 		for _, n := range f.nodes {
 			tok, _, _ := n.mustToken(t)
 			_, err := v.Verify(ctx, tok)
@@ -418,9 +459,9 @@ func TestFleetAcceptance(t *testing.T) {
 			}, 15*time.Second, 50*time.Millisecond, "%s renews its key's lease with one member down", n.name)
 		}
 
-		f.etcd.Kill(1)
+		f.etcd.Kill(second)
 		lost := time.Now()
-		t.Log("etcd member 1 killed: no quorum")
+		t.Logf("etcd member %d killed too: no quorum", second)
 		for _, n := range f.nodes {
 			tok, _, claims := n.mustToken(t)
 			_, err := v.Verify(ctx, tok)
@@ -466,10 +507,10 @@ func TestFleetAcceptance(t *testing.T) {
 		t.Logf("no quorum: rotate-key on node3 refused in %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
 
 		down := time.Since(lost)
-		f.etcd.Restart(0)
-		f.etcd.Restart(1)
+		f.etcd.Restart(first)
+		f.etcd.Restart(second)
 		back := time.Now()
-		t.Logf("etcd members 0 and 1 restarted after %s without quorum (restart took %s)", down.Round(time.Millisecond), back.Sub(lost.Add(down)).Round(time.Millisecond))
+		t.Logf("etcd members %d and %d restarted after %s without quorum (restart took %s)", first, second, down.Round(time.Millisecond), back.Sub(lost.Add(down)).Round(time.Millisecond))
 		for _, n := range f.nodes {
 			var tok string
 			require.Eventually(t, func() bool {
@@ -494,7 +535,7 @@ func TestFleetAcceptance(t *testing.T) {
 	})
 
 	var old2 string
-	var old2Exp time.Time
+	var old2Exp, old2Switched time.Time
 	var old2Sampler *kidSampler
 	t.Run("3 rotate node2's key", func(t *testing.T) {
 		ctx := context.Background()
@@ -520,6 +561,7 @@ func TestFleetAcceptance(t *testing.T) {
 			return true
 		}, fleetPublishDelay+30*time.Second, 50*time.Millisecond, "node2 signs with its new key")
 		switched := time.Since(rotated)
+		old2Switched = time.Now()
 		_, err = cached.Verify(ctx, first)
 		require.NoError(t, err, "a verifier that cached the JWKS before the rotation verifies the new key's first token")
 		_, err = f.verifier(t, false).Verify(ctx, first)
@@ -592,14 +634,26 @@ func TestFleetAcceptance(t *testing.T) {
 		t.Run("3 (cont.) node2's old kid stayed until its tokens expired", func(t *testing.T) {
 			lastPresent, firstAbsent, samples := old2Sampler.stop()
 			require.NotZero(t, samples)
-			t.Logf("node2's old kid %s: last of its tokens expires %s; last seen in node1's JWKS %s; first absent %s (%d samples)",
-				old2, old2Exp.UTC().Format(time.RFC3339), lastPresent.UTC().Format(time.RFC3339Nano), firstAbsent.UTC().Format(time.RFC3339Nano), samples)
-			if !firstAbsent.IsZero() {
-				assert.False(t, firstAbsent.Before(old2Exp), "node2's old kid left %s before its last token expired", old2Exp.Sub(firstAbsent))
-				t.Logf("node2's old kid left %s after its last token expired", firstAbsent.Sub(old2Exp).Round(100*time.Millisecond))
-			} else {
-				t.Logf("node2's old kid still published %s after its last token expired", time.Since(old2Exp).Round(time.Second))
+			// The retired key's lease runs out one key lifetime after its
+			// last renewal, a second or so after it stopped signing.
+			deadline := old2Switched.Add(n2.keyLifetime() + 10*time.Second)
+			for firstAbsent.IsZero() && time.Now().Before(deadline) {
+				at := time.Now()
+				if kids, err := kidsAt(n1.jwksURL()); err == nil {
+					if slices.Contains(kids, old2) {
+						lastPresent = at
+					} else {
+						firstAbsent = at
+					}
+				}
+				time.Sleep(100 * time.Millisecond)
 			}
+			t.Logf("node2's old kid %s: its last token expires %s; last seen in node1's JWKS %s; first absent %s",
+				old2, old2Exp.UTC().Format(time.RFC3339), lastPresent.UTC().Format(time.RFC3339Nano), firstAbsent.UTC().Format(time.RFC3339Nano))
+			require.False(t, firstAbsent.IsZero(), "node2's old kid still published %s after it stopped signing", time.Since(old2Switched))
+			assert.False(t, firstAbsent.Before(old2Exp), "node2's old kid left %s before its last token expired", old2Exp.Sub(firstAbsent))
+			t.Logf("node2's old kid left the JWKS %s after it stopped signing, %s after its last token expired",
+				firstAbsent.Sub(old2Switched).Round(100*time.Millisecond), firstAbsent.Sub(old2Exp).Round(100*time.Millisecond))
 		})
 	}
 
