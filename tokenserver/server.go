@@ -557,7 +557,20 @@ func (s *Server) serveJWKS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Cache-Control", jwksCacheControl)
+	if enc, ok := s.cfg.Keys.(EncodedJWKS); ok {
+		if b, err := enc.JWKSJSON(); err == nil {
+			writeBody(w, http.StatusOK, b)
+			return
+		}
+	}
 	writeJSON(w, http.StatusOK, s.cfg.Keys.JWKS())
+}
+
+// EncodedJWKS is a KeySet that keeps its JWKS encoded (a fleet's, of
+// hundreds of keys, re-encoded only when it changes); the server then
+// serves those bytes instead of encoding JWKS() per request.
+type EncodedJWKS interface {
+	JWKSJSON() ([]byte, error)
 }
 
 // jwksCacheControl lets verifiers cache the JWKS for DefaultPublishDelay,
@@ -573,8 +586,14 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	if err != nil {
 		status, b = http.StatusInternalServerError, []byte(`{"error":"`+msgIssueFailed+`"}`)
 	}
+	writeBody(w, status, b)
+}
+
+// writeBody writes a JSON body b (not modified) and a newline.
+func writeBody(w http.ResponseWriter, status int, b []byte) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(b)+1))
 	w.WriteHeader(status)
-	w.Write(append(b, '\n'))
+	w.Write(b)
+	w.Write([]byte{'\n'})
 }

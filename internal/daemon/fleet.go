@@ -165,6 +165,9 @@ type fleetKeys struct {
 // JWKS is every node's published keys.
 func (f *fleetKeys) JWKS() jose.JSONWebKeySet { return f.st.JWKS() }
 
+// JWKSJSON is JWKS encoded, cached by the fleet until its next change.
+func (f *fleetKeys) JWKSJSON() ([]byte, error) { return f.st.JWKSJSON() }
+
 // Algorithms are those of the fleet's keys, for discovery.
 func (f *fleetKeys) Algorithms() []string {
 	var algs []string
