@@ -65,6 +65,7 @@ type envOptions struct {
 	rate     rate.Limit
 	conns    ConnLimits
 	node     string
+	maxTTL   time.Duration
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -122,6 +123,7 @@ func (e *env) serve(o envOptions) {
 	e.srv, err = New(Config{
 		Issuer: e.issuer, Attester: att, Registry: e.reg, Secrets: e.secrets, Keys: keys,
 		Logger: e.log, Metrics: metrics, RateLimit: o.rate, Burst: o.burst, Conns: o.conns, Node: o.node,
+		MaxTTL: o.maxTTL,
 	})
 	require.NoError(t, err)
 	ln, err := e.w.Listen("tcp", fmt.Sprintf(":%d", port))
@@ -394,6 +396,18 @@ func TestAudienceAndTTL(t *testing.T) {
 	}
 	for _, q := range []string{"?audience=", "?audience=a&audience=", "?audience=&ttl=120"} {
 		assertError(t, e.get(a, "GET", q, bearer(secretA)), 400, "audience must not be empty")
+	}
+
+	// A smaller MaxTTL clamps requests, and the default, to it.
+	e.stop()
+	e.serve(envOptions{maxTTL: 600 * time.Second})
+	for q, want := range map[string]float64{"": 600, "?ttl=5": 60, "?ttl=120": 120, "?ttl=601": 600, "?ttl=86400": 600} {
+		c := claims(t, tokenOf(t, e.get(a, "GET", q, bearer(secretA))))
+		assert.Equal(t, want, c["exp"].(float64)-c["iat"].(float64), "ttl for %q with MaxTTL 600s", q)
+	}
+	for _, bad := range []time.Duration{30 * time.Second, MaxTTL + time.Second} {
+		_, err := New(Config{Issuer: e.issuer, Attester: e.in, Registry: e.reg, Secrets: e.secrets, Keys: e.keys, MaxTTL: bad})
+		assert.ErrorContains(t, err, "max TTL", "MaxTTL %s", bad)
 	}
 }
 
