@@ -94,7 +94,7 @@ func ChooseAccel(ctx context.Context, k Kernel, init, workDir string, probe time
 // Run boots the kernel with an initramfs holding the init, the test binaries
 // and the modules, and parses the console.
 func Run(ctx context.Context, cfg Config) (*Result, error) {
-	mods, err := ResolveModules(cfg.Kernel.Modules, cfg.Modules)
+	mods, err := ResolveModules(cfg.Kernel.Modules, cfg.Modules, cfg.WorkDir)
 	if err != nil {
 		return nil, err
 	}

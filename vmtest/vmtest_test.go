@@ -15,13 +15,17 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// kernels is the kernel matrix, one Debian kernel package per line. The
-// host's own kernel is covered by the ordinary go test run.
-// IDENTITYD_VMTEST_KERNELS (space-separated packages) replaces it;
-// IDENTITYD_VMTEST_VMLINUZ (plus optional IDENTITYD_VMTEST_MODULES, the
-// kernel's lib/modules/<release> directory) boots any other kernel.
-var kernels = []string{
-	"linux-image-6.1.0-56-cloud-amd64", // Debian 12 (bookworm)
+// kernels is the kernel matrix, one Debian kernel package per line, with
+// the suite to fetch it from when the machine's own apt sources (Debian 12)
+// lack it. The host's own kernel is covered by the ordinary go test run.
+// IDENTITYD_VMTEST_KERNELS (space-separated "package" or "package@suite")
+// replaces it; IDENTITYD_VMTEST_VMLINUZ (plus optional
+// IDENTITYD_VMTEST_MODULES, the kernel's lib/modules/<release> directory)
+// boots any other kernel. IDENTITYD_VMTEST_PACKAGES (space-separated, e.g.
+// "bpf tokenserver") narrows the kernel test packages run in each guest.
+var kernels = []DebianKernel{
+	{Package: "linux-image-6.1.0-56-cloud-amd64"},       // Debian 12
+	{Package: "linux-image-6.12.117+deb12-cloud-amd64"}, // Debian 13's, as Debian 12 ships it
 }
 
 // kernelPackages are the packages whose tests exercise the kernel; those
@@ -103,7 +107,10 @@ func matrix() ([]Kernel, error) {
 	}
 	pkgs := kernels
 	if env := os.Getenv("IDENTITYD_VMTEST_KERNELS"); env != "" {
-		pkgs = strings.Fields(env)
+		pkgs = nil
+		for _, f := range strings.Fields(env) {
+			pkgs = append(pkgs, ParseDebianKernel(f))
+		}
 	}
 	cache, err := cacheDir()
 	if err != nil {
@@ -142,7 +149,11 @@ func timeout(def time.Duration) time.Duration {
 func TestKernel(t *testing.T) {
 	h := setup(t)
 	ctx := context.Background()
-	pkgs := PackagesWithTests(h.moduleDir, kernelPackages)
+	want := kernelPackages
+	if env := os.Getenv("IDENTITYD_VMTEST_PACKAGES"); env != "" {
+		want = strings.Fields(env)
+	}
+	pkgs := PackagesWithTests(h.moduleDir, want)
 	binDir := filepath.Join(h.work, "kernel-tests")
 	require.NoError(t, os.MkdirAll(binDir, 0o755))
 	start := time.Now()
