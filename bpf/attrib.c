@@ -47,6 +47,7 @@
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -239,9 +240,19 @@ static __always_inline int is_endpoint(const __u32 *addr, __u16 port)
 	return bpf_map_lookup_elem(&endpoints, &ep) != NULL;
 }
 
-// Just enough of the kernel's socket and cgroup types to reach a socket's
-// cgroup id. preserve_access_index makes every access a CO-RE relocation, so
-// the offsets come from the running kernel's BTF, not from these definitions.
+// Set by the loader before the programs are loaded: whether this kernel lets
+// sockops call bpf_get_netns_cookie (Linux 5.15). Where it does not, the
+// branches that call it are never taken, and the verifier, which knows the
+// value of a read-only global, does not look at them.
+volatile const __u32 sockops_has_netns_cookie = 1;
+
+// Just enough of the kernel's socket, cgroup and namespace types to reach a
+// socket's cgroup id and netns cookie. preserve_access_index makes every
+// access a CO-RE relocation, so the offsets come from the running kernel's
+// BTF, not from these definitions. Types with a "___flavour" suffix are
+// matched against the kernel type without it; the loader resolves
+// bpf_core_field_exists to whether the running kernel has that layout, and
+// the branch the kernel's layout does not take is never run.
 struct kernfs_node {
 	__u64 id;
 } __attribute__((preserve_access_index));
@@ -250,11 +261,45 @@ struct cgroup {
 	struct kernfs_node *kn;
 } __attribute__((preserve_access_index));
 
+// Since 5.15 the socket keeps its cgroup in a pointer of its own.
 struct sock_cgroup_data {
 	struct cgroup *cgroup;
 } __attribute__((preserve_access_index));
 
+// Before 5.15 the same field is a union: its 64-bit val holds the cgroup
+// pointer while its two low bits are clear; net_prio or net_cls data (bit 0
+// set) or a lost reference (bit 1) take its place once a cgroup v1 hierarchy
+// of theirs is in use, and the kernel then takes the socket for the root's
+// (sock_cgroup_ptr).
+struct sock_cgroup_data___old {
+	__u64 val;
+} __attribute__((preserve_access_index));
+
+// A namespace's cookie: a plain number since 5.12, assigned when the
+// namespace is made; before, an atomic64_t assigned on first use (by
+// bpf_get_netns_cookie, which the connect programs call for that reason).
+struct net___u64 {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+
+struct net___atomic {
+	struct {
+		__s64 counter;
+	} net_cookie;
+} __attribute__((preserve_access_index));
+
+struct net;
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
+struct sock_common {
+	possible_net_t skc_net;
+} __attribute__((preserve_access_index));
+
 struct sock {
+	struct sock_common __sk_common;
 	struct sock_cgroup_data sk_cgrp_data;
 } __attribute__((preserve_access_index));
 
@@ -270,24 +315,55 @@ struct tcp_sock {
 	struct inet_connection_sock inet_conn;
 } __attribute__((preserve_access_index));
 
+// old_layout_cgroup_id reads the owner's id from a pre-5.15 sock_cgroup_data.
+// val is a plain integer to the verifier, so what it points to is read with
+// bpf_probe_read_kernel; a failed read reads as 0, which is refused.
+static __always_inline __u64 old_layout_cgroup_id(struct sock_cgroup_data *data)
+{
+	__u64 val = ((struct sock_cgroup_data___old *)data)->val;
+	// The kernel would answer the root cgroup here, for every socket of
+	// the host alike: that says nothing about the owner.
+	if (val == 0 || (val & 3))
+		return 0;
+	struct kernfs_node *kn = 0;
+	if (bpf_probe_read_kernel(&kn, sizeof(kn), &((struct cgroup *)val)->kn) || !kn)
+		return 0;
+	__u64 id = 0;
+	if (bpf_probe_read_kernel(&id, sizeof(id), &kn->id))
+		return 0;
+	return id;
+}
+
 // owner_cgroup returns the id of the cgroup the socket was created in, as
 // bpf_sk_cgroup_id would (cgroup_id(sock_cgroup_ptr(&sk->sk_cgrp_data))), or 0
 // if it cannot be read.
-static __always_inline __u64 owner_cgroup(struct bpf_sock_ops *ops)
+static __always_inline __u64 owner_cgroup(struct tcp_sock *tp)
 {
-	struct bpf_sock *sk = ops->sk;
-	if (!sk)
-		return 0;
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
-	struct cgroup *cg = tp->inet_conn.icsk_inet.sk.sk_cgrp_data.cgroup;
+	struct sock_cgroup_data *data = &tp->inet_conn.icsk_inet.sk.sk_cgrp_data;
+	if (!bpf_core_field_exists(data->cgroup))
+		return old_layout_cgroup_id(data);
+	struct cgroup *cg = data->cgroup;
 	if (!cg)
 		return 0;
 	struct kernfs_node *kn = cg->kn;
 	if (!kn)
 		return 0;
 	return kn->id;
+}
+
+// netns_cookie returns the cookie of the socket's network namespace, or 0
+// if it cannot be read. Kernels before 5.15 do not offer sockops the helper;
+// there the socket's namespace is read through BTF.
+static __always_inline __u64 netns_cookie(struct bpf_sock_ops *ops, struct tcp_sock *tp)
+{
+	if (sockops_has_netns_cookie)
+		return bpf_get_netns_cookie(ops);
+	struct net *net = tp->inet_conn.icsk_inet.sk.__sk_common.skc_net.net;
+	if (!net)
+		return 0;
+	if (bpf_core_field_exists(((struct net___atomic *)net)->net_cookie.counter))
+		return ((struct net___atomic *)net)->net_cookie.counter;
+	return ((struct net___u64 *)net)->net_cookie;
 }
 
 // on_client_established publishes the record of a client socket whose
@@ -304,11 +380,14 @@ static __always_inline void on_client_established(struct bpf_sock_ops *ops)
 	key.server_next = ops->rcv_nxt;
 
 	struct record rec = {};
-	rec.netns_cookie = bpf_get_netns_cookie(ops);
 	rec.socket_cookie = bpf_get_socket_cookie(ops);
 	rec.established_boot_ns = bpf_ktime_get_boot_ns();
-	rec.cgroup_id = owner_cgroup(ops);
-	if (rec.cgroup_id == 0)
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (tp) {
+		rec.cgroup_id = owner_cgroup(tp);
+		rec.netns_cookie = netns_cookie(ops, tp);
+	}
+	if (rec.cgroup_id == 0 || rec.netns_cookie == 0)
 		rec.flags |= RECORD_UNATTESTED;
 
 	// Without this storage the record could not be dropped when the socket
@@ -382,6 +461,10 @@ static __always_inline void note_connector(struct bpf_sock_addr *ctx, const __u3
 		return;
 	if (!is_endpoint(addr, bpf_ntohs((__u16)ctx->user_port)))
 		return;
+	// Gives the namespace its cookie if it has none yet (before 5.12), for
+	// sockops to read; there the value itself is not needed.
+	if (!sockops_has_netns_cookie)
+		bpf_get_netns_cookie(ctx);
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk)
 		return;

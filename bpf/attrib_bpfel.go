@@ -66,14 +66,15 @@ type attribRecord struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	attribMapAttested          = "attested"
-	attribMapClients           = "clients"
-	attribMapEndpointPorts     = "endpoint_ports"
-	attribMapEndpoints         = "endpoints"
-	attribMapHandshakes        = "handshakes"
-	attribProgRecordConnect    = "record_connect"
-	attribProgRecordConnector4 = "record_connector4"
-	attribProgRecordConnector6 = "record_connector6"
+	attribMapAttested              = "attested"
+	attribMapClients               = "clients"
+	attribMapEndpointPorts         = "endpoint_ports"
+	attribMapEndpoints             = "endpoints"
+	attribMapHandshakes            = "handshakes"
+	attribProgRecordConnect        = "record_connect"
+	attribProgRecordConnector4     = "record_connector4"
+	attribProgRecordConnector6     = "record_connector6"
+	attribVarSockopsHasNetnsCookie = "sockops_has_netns_cookie"
 )
 
 // loadAttrib returns the embedded CollectionSpec for attrib.
@@ -138,6 +139,7 @@ type attribMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribVariableSpecs struct {
+	SockopsHasNetnsCookie *ebpf.VariableSpec `ebpf:"sockops_has_netns_cookie"`
 }
 
 // attribObjects contains all objects after they have been loaded into the kernel.
@@ -181,6 +183,7 @@ func (m *attribMaps) Close() error {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribVariables struct {
+	SockopsHasNetnsCookie *ebpf.Variable `ebpf:"sockops_has_netns_cookie"`
 }
 
 // attribPrograms contains all programs after they have been loaded into the kernel.

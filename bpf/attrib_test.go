@@ -873,7 +873,15 @@ func pinNoopLink(t *testing.T, cgroupDir string, typ ebpf.ProgramType, attach eb
 func TestPinnedNamesMatchTheObject(t *testing.T) {
 	spec, err := loadAttrib()
 	require.NoError(t, err)
-	assert.ElementsMatch(t, slices.Collect(maps.Keys(spec.Maps)), mapNames())
+	// Sections of global variables (.rodata) are made anew by each load,
+	// never pinned.
+	var state []string
+	for name := range spec.Maps {
+		if !strings.HasPrefix(name, ".") {
+			state = append(state, name)
+		}
+	}
+	assert.ElementsMatch(t, state, mapNames())
 	assert.ElementsMatch(t, slices.Collect(maps.Keys(spec.Programs)), programNames())
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
 
@@ -46,6 +47,36 @@ func checkPrivileges() error {
 	if len(missing) > 0 {
 		return fmt.Errorf("loading the attribution programs needs root with %s (running as uid %d without)",
 			joinAnd(missing), os.Geteuid())
+	}
+	return nil
+}
+
+// raiseMemlock lifts RLIMIT_MEMLOCK on kernels that charge BPF maps and
+// programs to it (before 5.11, when memory cgroups took over); the default
+// limit of a service or a fresh init is far below what the maps take, and
+// every map creation would fail with EPERM. Elsewhere it changes nothing.
+func raiseMemlock() error {
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("%s, and raising it failed (needs CAP_SYS_RESOURCE, or start the daemon with the limit already unlimited, e.g. systemd's LimitMEMLOCK=infinity): %w", memlockCharged, err)
+	}
+	return nil
+}
+
+const memlockCharged = "this kernel charges BPF memory to RLIMIT_MEMLOCK (Linux before 5.11)"
+
+// fitToKernel sets the programs' read-only globals that choose between what
+// different kernels offer.
+func fitToKernel(spec *ebpf.CollectionSpec) error {
+	has := uint32(1)
+	err := features.HaveProgramHelper(ebpf.SockOps, asm.FnGetNetnsCookie)
+	switch {
+	case errors.Is(err, ebpf.ErrNotSupported):
+		has = 0
+	case err != nil:
+		return diagnose(fmt.Errorf("probe bpf_get_netns_cookie in sockops: %w", err))
+	}
+	if err := spec.Variables[attribVarSockopsHasNetnsCookie].Set(has); err != nil {
+		return fmt.Errorf("set %s: %w", attribVarSockopsHasNetnsCookie, err)
 	}
 	return nil
 }
@@ -92,16 +123,21 @@ func requirements() []requirement {
 			_, err := btf.LoadKernelSpec()
 			return err
 		}},
-		// Before 5.15 the socket's cgroup shared a word with net_cls and
-		// net_prio data, and hybrid hosts could lose it to the root.
-		{"a cgroup pointer of its own in struct sock_cgroup_data", "5.15", sockCgroupPointer},
+		// Before 5.15 the socket's cgroup pointer shares a word with net_cls
+		// and net_prio data and is read by address (see attrib.c).
+		{"a cgroup pointer in struct sock_cgroup_data, or bpf_probe_read_kernel in sockops", "5.5", sockCgroupReadable},
+		// Before 5.15 sockops reads the cookie from struct net (see attrib.c),
+		// which the connect programs make sure is assigned.
+		{"bpf_get_netns_cookie in cgroup/connect", "5.7", helper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)},
+		// The user space side reads cookies with SO_NETNS_COOKIE (5.14) or,
+		// before, with a cgroup/sock_create program (internal/netnsutil).
+		{"bpf_get_netns_cookie in cgroup/sock_create", "5.7", helper(ebpf.CGroupSock, asm.FnGetNetnsCookie)},
 		{"sockops programs", "4.13", func() error { return features.HaveProgramType(ebpf.SockOps) }},
 		{"cgroup/connect4 and connect6 programs", "4.17", func() error { return features.HaveProgramType(ebpf.CGroupSockAddr) }},
 		{"LRU hash maps", "4.10", func() error { return features.HaveMapType(ebpf.LRUHash) }},
 		{"socket local storage (BPF_MAP_TYPE_SK_STORAGE)", "5.2", func() error { return features.HaveMapType(ebpf.SkStorage) }},
 		{"bpf_skc_to_tcp_sock in sockops", "5.9", helper(ebpf.SockOps, asm.FnSkcToTcpSock)},
 		{"bpf_sk_storage_get in sockops", "5.2", helper(ebpf.SockOps, asm.FnSkStorageGet)},
-		{"bpf_get_netns_cookie in sockops", "5.8", helper(ebpf.SockOps, asm.FnGetNetnsCookie)},
 		{"bpf_ktime_get_boot_ns in sockops", "5.8", helper(ebpf.SockOps, asm.FnKtimeGetBootNs)},
 		{"bpf_get_socket_cookie in sockops", "5.1", helper(ebpf.SockOps, asm.FnGetSocketCookie)},
 		{"bpf_sock_ops_cb_flags_set in sockops", "4.16", helper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet)},
@@ -110,8 +146,17 @@ func requirements() []requirement {
 	}
 }
 
-// sockCgroupPointer checks the kernel's BTF for the field the sockops
-// program reads a socket's cgroup from.
+// sockCgroupReadable checks that the sockops program can read a socket's
+// cgroup under the kernel's layout of struct sock_cgroup_data.
+func sockCgroupReadable() error {
+	if sockCgroupPointer() == nil {
+		return nil
+	}
+	return features.HaveProgramHelper(ebpf.SockOps, asm.FnProbeReadKernel)
+}
+
+// sockCgroupPointer checks the kernel's BTF for the pointer of its own that
+// struct sock_cgroup_data has since 5.15.
 func sockCgroupPointer() error {
 	spec, err := btf.LoadKernelSpec()
 	if err != nil {
@@ -144,7 +189,7 @@ func diagnose(err error) error {
 	for _, r := range requirements() {
 		if perr := r.probe(); perr != nil {
 			if r.since == "" {
-				return fmt.Errorf("kernel %s is too old: it lacks %s (present in Linux 6.1): %w", release, r.what, err)
+				return fmt.Errorf("kernel %s is too old: it lacks %s (present in Linux 5.10): %w", release, r.what, err)
 			}
 			return fmt.Errorf("kernel %s is too old: it lacks %s (Linux %s or newer): %w", release, r.what, r.since, err)
 		}

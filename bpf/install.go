@@ -191,6 +191,9 @@ func (in *Installation) attach(ctx context.Context) error {
 	if err := checkPrivileges(); err != nil {
 		return err
 	}
+	if err := raiseMemlock(); err != nil {
+		return err
+	}
 	if ok, err := cgroup2.IsCgroup2(opts.CgroupRoot); err != nil {
 		return fmt.Errorf("check cgroup root: %w", err)
 	} else if !ok {
@@ -218,8 +221,13 @@ func (in *Installation) attach(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("parse embedded attribution object: %w", err)
 	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinByName
+	// Only the maps that hold state are pinned and shared between installs;
+	// the read-only globals (.rodata) belong to each load.
+	for _, name := range mapNames() {
+		spec.Maps[name].Pinning = ebpf.PinByName
+	}
+	if err := fitToKernel(spec); err != nil {
+		return err
 	}
 	for name, m := range in.maps {
 		pin := filepath.Join(mapsDir(opts.PinDir), name)

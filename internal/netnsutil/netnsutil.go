@@ -92,7 +92,8 @@ func Handle(path string) (*netlink.Handle, error) {
 }
 
 // Cookie reads SO_NETNS_COOKIE from a socket made inside the netns at path
-// (Linux 5.14 or newer). It is what the kernel's attribution reports.
+// (Linux 5.14 or newer; before, through a BPF program, see cookieFromBPF).
+// It is what the kernel's attribution reports.
 func Cookie(path string) (uint64, error) {
 	var cookie uint64
 	err := Do(path, func() error {
@@ -102,6 +103,9 @@ func Cookie(path string) (uint64, error) {
 		}
 		defer unix.Close(fd)
 		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		if errors.Is(err, unix.ENOPROTOOPT) {
+			cookie, err = cookieFromBPF()
+		}
 		return err
 	})
 	if err != nil {
