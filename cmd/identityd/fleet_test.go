@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"os/exec"
 	"path/filepath"
@@ -57,6 +60,21 @@ func (ow *world) identityctl(args ...string) (string, error) {
 	return string(out), err
 }
 
+// freeLoopbackAside is a free address on a loopback address other than
+// 127.0.0.1: a port picked there cannot be taken meanwhile as the local
+// port of an outgoing connection to 127.0.0.1 (to etcd, say), which would
+// keep the daemon from listening on it.
+func freeLoopbackAside(t *testing.T) string {
+	t.Helper()
+	var b [1]byte
+	rand.Read(b[:])
+	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.%d:0", 2+int(b[0])%250))
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
 // jwksKids is the kids of the JWKS a discovery listener serves.
 func jwksKids(t *testing.T, disc string) []string {
 	t.Helper()
@@ -75,7 +93,7 @@ func jwksKids(t *testing.T, disc string) []string {
 func TestFleetTwoNodes(t *testing.T) {
 	etcd := etcdtest.Start(t, 1)
 	prefix := "/identityd-fleet-" + suffix() + "/"
-	disc1, disc2 := freeLoopback(t), freeLoopback(t)
+	disc1, disc2 := freeLoopbackAside(t), freeLoopbackAside(t)
 	issuer := "http://" + disc1
 	n1 := "node1-" + suffix()
 	n2 := "node2-" + suffix()
