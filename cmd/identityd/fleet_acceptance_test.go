@@ -532,6 +532,19 @@ func TestFleetAcceptance(t *testing.T) {
 		t.Logf("quorum back: every node creates again %s after the restart", time.Since(back).Round(time.Millisecond))
 		out, err = n3.ctl("rotate-key")
 		require.NoError(t, err, "rotation with quorum back: %s", out)
+		// The keys outlived the quorum loss in the fleet's JWKS, not only
+		// in v's cache: a verifier that starts now verifies every node.
+		fresh := f.verifier(t, false)
+		for _, n := range f.nodes {
+			tok, kid, _ := n.mustToken(t)
+			_, err := fresh.Verify(ctx, tok)
+			require.NoError(t, err, "a fresh verifier verifies %s's token after the quorum loss", n.name)
+			for _, m := range f.nodes {
+				kids, err := kidsAt(m.jwksURL())
+				require.NoError(t, err)
+				assert.Contains(t, kids, kid, "%s's signing key in %s's JWKS after the quorum loss", n.name, m.name)
+			}
+		}
 	})
 
 	var old2 string
