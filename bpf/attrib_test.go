@@ -1015,6 +1015,50 @@ func TestCheckNoticesADetachedProgram(t *testing.T) {
 	assertOneCopyEach(t, opts)
 }
 
+// TestMemlockFailureNamesMemlock starts a loader that can neither use nor
+// raise RLIMIT_MEMLOCK. Kernels before 5.11 charge BPF memory to it: there
+// the loader must say so rather than blame capabilities. Later kernels do
+// not, and the same loader installs.
+func TestMemlockFailureNamesMemlock(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to load BPF programs")
+	}
+	pinDir := testPinDir(t)
+	t.Cleanup(func() { assert.NoError(t, Uninstall(context.Background(), Options{PinDir: pinDir})) })
+	loader := exec.Command("/proc/self/exe", "-test.run=^$")
+	loader.Env = append(os.Environ(), loaderPinDirEnv+"="+pinDir, loaderMemlockEnv+"=65536")
+	out, err := loader.CombinedOutput()
+	var uname unix.Utsname
+	require.NoError(t, unix.Uname(&uname))
+	release := unix.ByteSliceToString(uname.Release[:])
+	var major, minor int
+	_, serr := fmt.Sscanf(release, "%d.%d", &major, &minor)
+	require.NoError(t, serr)
+	if major < 5 || major == 5 && minor < 11 {
+		require.Error(t, err, "kernel %s charges BPF memory to RLIMIT_MEMLOCK", release)
+		assert.Contains(t, string(out), "RLIMIT_MEMLOCK")
+		assert.NotContains(t, string(out), "CAP_BPF")
+		return
+	}
+	require.NoError(t, err, "kernel %s does not charge BPF memory to RLIMIT_MEMLOCK: %s", release, out)
+}
+
+// TestKernelBelowTheFloorIsNamed fakes a kernel that lacks one feature: the
+// load failure becomes a one-line refusal naming that feature and the release
+// that brought it.
+func TestKernelBelowTheFloorIsNamed(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to probe BPF features")
+	}
+	missing := requirement{"bpf_frobnicate in sockops", "99.1", func() error { return ebpf.ErrNotSupported }}
+	reqs := append(requirements(), missing)
+	err := diagnoseWith(fmt.Errorf("load attribution programs: %w", unix.EINVAL), reqs)
+	require.Error(t, err)
+	assert.NotContains(t, err.Error(), "\n")
+	assert.Regexp(t, `^kernel \S+ is too old: it lacks bpf_frobnicate in sockops \(Linux 99\.1 or newer\): load attribution programs: invalid argument$`, err.Error())
+	assert.ErrorIs(t, err, unix.EINVAL, "the kernel's own error is kept")
+}
+
 // TestKernelMeetsRequirements runs every probe diagnose relies on, so that
 // the list is known to hold on each kernel the suite runs on (vmtest).
 func TestKernelMeetsRequirements(t *testing.T) {

@@ -177,7 +177,10 @@ func sockCgroupPointer() error {
 // diagnose turns a load or attach failure into one that names the cause: a
 // missing privilege, or the first kernel feature the programs need that this
 // kernel lacks. Unexplained errors are returned unchanged.
-func diagnose(err error) error {
+func diagnose(err error) error { return diagnoseWith(err, requirements()) }
+
+// diagnoseWith is diagnose against a given list of requirements (tests).
+func diagnoseWith(err error, reqs []requirement) error {
 	if errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) {
 		return fmt.Errorf("%w (needs root with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, and no lockdown or seccomp policy forbidding bpf())", err)
 	}
@@ -186,7 +189,7 @@ func diagnose(err error) error {
 	if unix.Uname(&uname) == nil {
 		release = unix.ByteSliceToString(uname.Release[:])
 	}
-	for _, r := range requirements() {
+	for _, r := range reqs {
 		if perr := r.probe(); perr != nil {
 			if r.since == "" {
 				return fmt.Errorf("kernel %s is too old: it lacks %s (present in Linux 5.10): %w", release, r.what, err)
