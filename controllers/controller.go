@@ -658,24 +658,58 @@ func (c *Controller) release(id, doing string) {
 	}
 }
 
-// reserveLive re-reserves the ids of the sandboxes the start rebuilt, so
-// that a reservation lost (or a fleet joined after they were made) is held
-// again. One it cannot reserve is kept and logged: it runs here already.
+// reserveConcurrency bounds the reservations reserveLive has in flight.
+const reserveConcurrency = 16
+
+// reserveLive re-reserves the ids of the live sandboxes, so that a
+// reservation lost (or a fleet joined after they were made) is held again.
+// One it cannot reserve is kept and logged: it runs here already. It runs
+// beside the token server rather than before it (thousands of sandboxes
+// are thousands of etcd requests), holding the lock only to check that a
+// sandbox it reserved was not deleted meanwhile, whose id it gives back.
 func (c *Controller) reserveLive(ctx context.Context) {
 	if c.cfg.IDs == nil {
 		return
 	}
+	c.mu.Lock()
+	ids := make([]string, 0, len(c.live))
 	for id := range c.live {
-		if err := c.cfg.IDs.Reserve(ctx, id); err != nil {
-			level := slog.LevelWarn
-			if errors.Is(err, ErrHeld) {
-				// Two nodes run a sandbox under one id: an operator
-				// must decide which one goes.
-				level = slog.LevelError
-			}
-			c.log.Log(ctx, level, "cannot reserve the sandbox id of a sandbox running here; kept", "sandbox", id, "error", err)
-		}
+		ids = append(ids, id)
 	}
+	c.mu.Unlock()
+	start := time.Now()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, reserveConcurrency)
+	for _, id := range ids {
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			err := c.cfg.IDs.Reserve(ctx, id)
+			if err != nil && ctx.Err() == nil {
+				level := slog.LevelWarn
+				if errors.Is(err, ErrHeld) {
+					// Two nodes run a sandbox under one id: an
+					// operator must decide which one goes.
+					level = slog.LevelError
+				}
+				c.log.Log(ctx, level, "cannot reserve the sandbox id of a sandbox running here; kept", "sandbox", id, "error", err)
+			}
+			if err != nil {
+				return
+			}
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			if _, ok := c.live[id]; !ok {
+				c.release(id, "deleted while its id was reserved again")
+			}
+		}()
+	}
+	wg.Wait()
+	c.log.Info("sandbox ids reserved in the fleet", "sandboxes", len(ids), "took", time.Since(start))
 }
 
 // List returns the live sandboxes, by id.
@@ -782,7 +816,6 @@ func (c *Controller) rebuild(ctx context.Context) error {
 		}
 	}
 	c.warnUnknown()
-	c.reserveLive(ctx)
 	c.log.Info("sandboxes rebuilt", "live", len(c.live), "retired", retired, "took", time.Since(start))
 	return nil
 }
@@ -937,8 +970,13 @@ func (c *Controller) retire(r *Record, why string, teardown bool) {
 }
 
 // Run notices sandboxes that disappear underneath the controller (a cgroup
-// or netns removed by another runtime) and retires them, until ctx ends.
+// or netns removed by another runtime) and retires them, until ctx ends. In
+// a fleet it first reserves the live sandboxes' ids again (reserveLive),
+// beside the resync.
 func (c *Controller) Run(ctx context.Context) {
+	reserved := make(chan struct{})
+	go func() { defer close(reserved); c.reserveLive(ctx) }()
+	defer func() { <-reserved }()
 	t := time.NewTicker(c.cfg.ResyncInterval)
 	defer t.Stop()
 	for {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -94,7 +95,11 @@ func TestFleetIDsReservedAndReleased(t *testing.T) {
 	ids.mu.Unlock()
 	c.Close()
 	c2 := start(t, cfg)
-	assert.Equal(t, "n1", ids.holder(id))
+	runCtx, stop := context.WithCancel(ctx)
+	ran := make(chan struct{})
+	go func() { defer close(ran); c2.Run(runCtx) }()
+	t.Cleanup(func() { stop(); <-ran })
+	require.Eventually(t, func() bool { return ids.holder(id) == "n1" }, 5*time.Second, 10*time.Millisecond)
 
 	require.NoError(t, c2.Delete(ctx, id, true))
 	assert.Empty(t, ids.holder(id))
