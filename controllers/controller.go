@@ -109,6 +109,9 @@ type Controller struct {
 
 	mu   sync.Mutex // serialises lifecycle operations
 	live map[string]*Record
+	// unreleased holds the ids of sandboxes gone from here whose release
+	// in the fleet failed (under mu); Run retries them.
+	unreleased map[string]bool
 	// doubts holds what the previous resync saw of sandboxes that did not
 	// look plainly alive (under mu).
 	doubts map[string]*doubt
@@ -173,7 +176,7 @@ func open(cfg Config) (*Controller, error) {
 	if cfg.NetnsPrefix, err = cfg.netnsPrefix(); err != nil {
 		return nil, err
 	}
-	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, doubts: map[string]*doubt{}, router: Router(cfg.Subnet),
+	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, unreleased: map[string]bool{}, doubts: map[string]*doubt{}, router: Router(cfg.Subnet),
 		confirmWait: func(ctx context.Context) error { return sleep(ctx, confirmDelay) }}
 	if err := os.MkdirAll(cfg.CgroupParent, 0o755); err != nil {
 		return nil, fmt.Errorf("create cgroup parent: %w", err)
@@ -644,9 +647,10 @@ func (c *Controller) reserve(ctx context.Context, id, doing string) error {
 	return fmt.Errorf("reserve the sandbox id in the fleet: %w", err)
 }
 
-// release gives id back to the fleet once no sandbox of it is left here. A
-// failure leaves the id held by this node (a later create of it here
-// succeeds; elsewhere it is refused until released), and is logged.
+// release gives id back to the fleet once no sandbox of it is left here,
+// with mu held (or during the start). A failure leaves the id held by this
+// node (a create of it here succeeds; elsewhere it is refused) and is
+// logged; Run retries it (retryReleases).
 func (c *Controller) release(id, doing string) {
 	if c.cfg.IDs == nil {
 		return
@@ -654,7 +658,31 @@ func (c *Controller) release(id, doing string) {
 	// The caller's context may be gone: the sandbox is, and so must its
 	// reservation be.
 	if err := c.cfg.IDs.Release(context.Background(), id); err != nil {
-		c.log.Warn(doing+": release the sandbox id in the fleet; it stays held by this node", "sandbox", id, "error", err)
+		c.unreleased[id] = true
+		c.log.Warn(doing+": release the sandbox id in the fleet; it stays held by this node until a retry succeeds", "sandbox", id, "error", err)
+		return
+	}
+	delete(c.unreleased, id)
+}
+
+// retryReleases retries the releases that failed, for ids no sandbox here
+// has taken again, until one fails (the store is still out of reach).
+func (c *Controller) retryReleases(ctx context.Context) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id := range c.unreleased {
+		if ctx.Err() != nil {
+			return
+		}
+		if _, ok := c.live[id]; ok {
+			delete(c.unreleased, id) // a sandbox of this id holds it rightly
+			continue
+		}
+		if err := c.cfg.IDs.Release(ctx, id); err != nil {
+			return
+		}
+		delete(c.unreleased, id)
+		c.log.Info("sandbox id released in the fleet after a failed release", "sandbox", id)
 	}
 }
 
@@ -985,6 +1013,9 @@ func (c *Controller) Run(ctx context.Context) {
 			return
 		case <-t.C:
 			c.Resync()
+			if c.cfg.IDs != nil {
+				c.retryReleases(ctx)
+			}
 		}
 	}
 }

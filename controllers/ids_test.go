@@ -43,6 +43,9 @@ func (m *memIDs) Reserve(_ context.Context, id string) error {
 func (m *memIDs) Release(_ context.Context, id string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.down {
+		return fmt.Errorf("%w: etcd has no quorum", ErrIDsUnavailable)
+	}
 	if m.held[id] == m.node {
 		delete(m.held, id)
 	}
@@ -103,4 +106,18 @@ func TestFleetIDsReservedAndReleased(t *testing.T) {
 
 	require.NoError(t, c2.Delete(ctx, id, true))
 	assert.Empty(t, ids.holder(id))
+
+	// A release that fails (the store unreachable) is retried.
+	id2 := "web-" + suffix()
+	_, err = c2.Create(ctx, CreateRequest{ID: id2, App: "web"})
+	require.NoError(t, err)
+	ids.mu.Lock()
+	ids.down = true
+	ids.mu.Unlock()
+	require.NoError(t, c2.Delete(ctx, id2, true), "a delete goes through without the store")
+	assert.Equal(t, "n1", ids.holder(id2))
+	ids.mu.Lock()
+	ids.down = false
+	ids.mu.Unlock()
+	require.Eventually(t, func() bool { return ids.holder(id2) == "" }, 5*time.Second, 10*time.Millisecond)
 }
