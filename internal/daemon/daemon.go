@@ -116,6 +116,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		cfg.Node = host
 	}
+	cfg.EtcdEndpoints = endpoints(cfg.EtcdEndpoints)
 	if err := checkFleet(cfg); err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/go-jose/go-jose/v4"
@@ -43,6 +44,18 @@ func checkFleet(cfg Config) error {
 		return fmt.Errorf("node name (--node-name) in a fleet: %w", err)
 	}
 	return nil
+}
+
+// endpoints trims the etcd endpoints and drops empty ones: an empty
+// IDENTITYD_ETCD_ENDPOINTS means a single host, as no flag does.
+func endpoints(list []string) []string {
+	var out []string
+	for _, e := range list {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // maxTTL is the longest token lifetime served.

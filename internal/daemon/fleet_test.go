@@ -150,4 +150,6 @@ func TestNoFleet(t *testing.T) {
 	assert.ErrorContains(t, err, "--issuer is required")
 	assert.ErrorContains(t, checkFleet(Config{MaxTTL: 30 * time.Second}), "max TTL 30s")
 	assert.True(t, strings.HasPrefix(errNoFleet.Error(), "no fleet"))
+	assert.Empty(t, endpoints([]string{""}))
+	assert.Equal(t, []string{"http://a:2379", "http://b:2379"}, endpoints([]string{"http://a:2379", " http://b:2379 ", ""}))
 }
