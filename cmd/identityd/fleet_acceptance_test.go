@@ -127,7 +127,7 @@ func startFleet(t *testing.T) *fleet {
 	f := &fleet{etcd: etcdtest.Start(t, 3), prefix: "/identityd-test-" + suffix() + "/"}
 	var discs []string
 	for range 3 {
-		discs = append(discs, freeLoopback(t))
+		discs = append(discs, freeLoopbackAside(t))
 	}
 	f.proxy = startIssuerProxy(t, discs)
 	f.issuer = f.proxy.URL
@@ -488,7 +488,8 @@ func TestFleetAcceptance(t *testing.T) {
 		}
 		require.NotZero(t, stopped, "node1 kept issuing for %s without quorum", bound)
 		assert.Equal(t, http.StatusInternalServerError, lastStatus, lastBody)
-		assert.Contains(t, n1.ow.stderr.String(), "not guaranteed to stay published")
+		assert.Eventually(t, func() bool { return strings.Contains(n1.ow.stderr.String(), "not guaranteed to stay published") },
+			5*time.Second, 20*time.Millisecond, "node1's log says why it refused")
 		t.Logf("no quorum: node1 issued for %s after the loss, then %d %s", stopped.Round(100*time.Millisecond), lastStatus, strings.TrimSpace(lastBody))
 
 		start = time.Now()
