@@ -27,6 +27,10 @@ type Config struct {
 	Manifest Manifest
 	// Modules are module names to load (dependencies are added).
 	Modules []string
+	// HostPrograms are host executables copied into the guest at the same
+	// path, with the shared libraries they load; those missing on the host
+	// are left out (the tests that need them say so).
+	HostPrograms []string
 	// Timeout bounds the whole boot; the guest is killed past it.
 	Timeout time.Duration
 	// Accel is "kvm" or "tcg"; empty picks KVM when /dev/kvm can be opened.
@@ -112,6 +116,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		files = append(files, File{Name: guest, Mode: modeReg | 0o644, Source: m})
 		man.Modules = append(man.Modules, "/"+guest)
 	}
+	progs, err := hostProgramFiles(ctx, cfg.HostPrograms)
+	if err != nil {
+		return nil, err
+	}
+	files = append(files, progs...)
 	for guest, host := range cfg.Binaries {
 		files = append(files, File{Name: strings.TrimPrefix(guest, "/"), Mode: modeReg | 0o755, Source: host})
 	}
@@ -208,4 +217,39 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		res.Problem = "guest powered off without finishing: " + res.progress()
 	}
 	return res, nil
+}
+
+// hostProgramFiles returns the initramfs entries for programs and the shared
+// libraries ldd says each loads, at their host paths.
+func hostProgramFiles(ctx context.Context, programs []string) ([]File, error) {
+	seen := map[string]bool{}
+	var files []File
+	add := func(p string) {
+		if !seen[p] {
+			seen[p] = true
+			files = append(files, File{Name: strings.TrimPrefix(p, "/"), Mode: modeReg | 0o755, Source: p})
+		}
+	}
+	for _, prog := range programs {
+		if _, err := os.Stat(prog); err != nil {
+			continue
+		}
+		add(prog)
+		out, err := exec.CommandContext(ctx, "ldd", prog).Output()
+		if err != nil {
+			// Static executables make ldd fail: they need nothing more.
+			continue
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			// "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+			// "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vdso has no file.
+			f := strings.Fields(line)
+			for i, w := range f {
+				if strings.HasPrefix(w, "/") && (i == 0 || f[i-1] == "=>") {
+					add(w)
+				}
+			}
+		}
+	}
+	return files, nil
 }

@@ -24,8 +24,9 @@ import (
 // boots any other kernel. IDENTITYD_VMTEST_PACKAGES (space-separated, e.g.
 // "bpf tokenserver") narrows the kernel test packages run in each guest.
 var kernels = []DebianKernel{
-	{Package: "linux-image-6.1.0-56-cloud-amd64"},       // Debian 12
-	{Package: "linux-image-6.12.117+deb12-cloud-amd64"}, // Debian 13's, as Debian 12 ships it
+	{Package: "linux-image-5.10.0-46-cloud-amd64", Suite: "bullseye-security"}, // Debian 11, the oldest kernel supported
+	{Package: "linux-image-6.1.0-56-cloud-amd64"},                              // Debian 12
+	{Package: "linux-image-6.12.117+deb12-cloud-amd64"},                        // Debian 13's, as Debian 12 ships it
 }
 
 // kernelPackages are the packages whose tests exercise the kernel; those
@@ -34,6 +35,10 @@ var kernelPackages = []string{"bpf", "tokenserver", "controllers", "internal/cgr
 
 // guestModules are loaded in the guest before the tests run.
 var guestModules = []string{"veth", "bridge"}
+
+// guestPrograms are host programs the kernel tests run in the guest too:
+// the etcd server of Debian's etcd-server (internal/etcdtest).
+var guestPrograms = []string{"/usr/bin/etcd"}
 
 type harness struct {
 	moduleDir string
@@ -168,15 +173,16 @@ func TestKernel(t *testing.T) {
 	for _, k := range h.kernels {
 		t.Run(k.Name, func(t *testing.T) {
 			res, err := Run(ctx, Config{
-				Kernel:   k,
-				Init:     h.init,
-				Binaries: bins,
-				Manifest: Manifest{Tests: tests},
-				Modules:  guestModules,
-				Timeout:  timeout(10 * time.Minute),
-				Accel:    h.accel,
-				WorkDir:  t.TempDir(),
-				Console:  console(),
+				Kernel:       k,
+				Init:         h.init,
+				Binaries:     bins,
+				Manifest:     Manifest{Tests: tests},
+				Modules:      guestModules,
+				HostPrograms: guestPrograms,
+				Timeout:      timeout(10 * time.Minute),
+				Accel:        h.accel,
+				WorkDir:      t.TempDir(),
+				Console:      console(),
 			})
 			require.NoError(t, err)
 			t.Logf("guest ran for %s under %s", res.Duration.Round(time.Millisecond), res.Accel)
