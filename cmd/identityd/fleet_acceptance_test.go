@@ -372,9 +372,18 @@ func TestFleetAcceptance(t *testing.T) {
 		t.Skip("waiting for: " + missing)
 	}
 	begin := time.Now()
+	// fig logs a figure and keeps it for the summary at the end, which
+	// the lead copies into RELIABILITY.md. The subtests run one at a time.
+	var figures []string
+	fig := func(t *testing.T, format string, args ...any) {
+		t.Helper()
+		s := fmt.Sprintf(format, args...)
+		t.Log(s)
+		figures = append(figures, s)
+	}
 	f := startFleet(t)
 	n1, n2, n3 := f.nodes[0], f.nodes[1], f.nodes[2]
-	t.Logf("fleet of 3 up in %s: issuer %s, etcd prefix %s", time.Since(begin).Round(time.Millisecond), f.issuer, f.prefix)
+	fig(t, "fleet of 3 up in %s: issuer %s, etcd prefix %s", time.Since(begin).Round(time.Millisecond), f.issuer, f.prefix)
 	haveNodes := !ctlMissing(n1.ow.bin, "nodes")
 	haveEvict := !ctlMissing(n1.ow.bin, "evict-node")
 
@@ -411,7 +420,7 @@ func TestFleetAcceptance(t *testing.T) {
 				assert.False(t, list[n.name].LastSeen.IsZero(), "%s last seen", n.name)
 			}
 		}
-		t.Logf("key lease lifetime (from the log): %s", n1.keyLifetime())
+		fig(t, "key lease lifetime (from the log): %s", n1.keyLifetime())
 	})
 	if !ok {
 		return
@@ -432,7 +441,7 @@ func TestFleetAcceptance(t *testing.T) {
 			leader, err = etcdLeader(cli, f.etcd, []int{second, (first + 2) % 3})
 			return err == nil
 		}, 20*time.Second, 50*time.Millisecond, "a new etcd leader: %v", err)
-		t.Logf("etcd leader (member %d) killed; member %d leads %s later", first, leader, time.Since(killed).Round(time.Millisecond))
+		fig(t, "etcd leader (member %d) killed; member %d leads %s later", first, leader, time.Since(killed).Round(time.Millisecond))
 		for _, n := range f.nodes {
 			tok, _, _ := n.mustToken(t)
 			_, err := v.Verify(ctx, tok)
@@ -441,12 +450,12 @@ func TestFleetAcceptance(t *testing.T) {
 		start := time.Now()
 		out, err := n1.ctl("rotate-key")
 		require.NoError(t, err, "rotation with one etcd member down: %s", out)
-		t.Logf("one member down: rotate-key on node1 took %s", time.Since(start).Round(time.Millisecond))
+		fig(t, "one member down: rotate-key on node1 took %s", time.Since(start).Round(time.Millisecond))
 		for _, n := range f.nodes {
 			start := time.Now()
 			_, err := n.create(ctx, "fleet-one-down-"+n.name+"-"+suffix())
 			require.NoError(t, err, "create on %s with one etcd member down", n.name)
-			t.Logf("one member down: create on %s took %s", n.name, time.Since(start).Round(time.Millisecond))
+			fig(t, "one member down: create on %s took %s", n.name, time.Since(start).Round(time.Millisecond))
 		}
 
 		// A renewal in flight to the killed member failed: wait until every
@@ -466,7 +475,7 @@ func TestFleetAcceptance(t *testing.T) {
 			tok, _, claims := n.mustToken(t)
 			_, err := v.Verify(ctx, tok)
 			require.NoError(t, err, "a token issued without quorum verifies")
-			t.Logf("no quorum: %s issued a token %s after the loss, lifetime %s", n.name,
+			fig(t, "no quorum: %s issued a token %s after the loss, lifetime %s", n.name,
 				time.Since(lost).Round(time.Millisecond), expOf(claims).Sub(time.Unix(int64(claims["iat"].(float64)), 0)))
 		}
 		// Issuing goes on while the key's publication covers the minimum
@@ -490,7 +499,7 @@ func TestFleetAcceptance(t *testing.T) {
 		assert.Equal(t, http.StatusInternalServerError, lastStatus, lastBody)
 		assert.Eventually(t, func() bool { return strings.Contains(n1.ow.stderr.String(), "not guaranteed to stay published") },
 			5*time.Second, 20*time.Millisecond, "node1's log says why it refused")
-		t.Logf("no quorum: node1 issued for %s after the loss, then %d %s", stopped.Round(100*time.Millisecond), lastStatus, strings.TrimSpace(lastBody))
+		fig(t, "no quorum: node1 issued for %s after the loss, then %d %s", stopped.Round(100*time.Millisecond), lastStatus, strings.TrimSpace(lastBody))
 
 		start = time.Now()
 		_, err = n2.create(ctx, "fleet-no-quorum-"+suffix())
@@ -499,19 +508,19 @@ func TestFleetAcceptance(t *testing.T) {
 		require.ErrorAs(t, err, &apiErr, "create without quorum fails")
 		assert.Equal(t, http.StatusServiceUnavailable, apiErr.Status)
 		assert.Contains(t, apiErr.Message, "etcd unavailable")
-		t.Logf("no quorum: create on node2 refused in %s: %s", took.Round(time.Millisecond), apiErr)
+		fig(t, "no quorum: create on node2 refused in %s: %s", took.Round(time.Millisecond), apiErr)
 		start = time.Now()
 		out, err = n3.ctl("rotate-key")
 		took = time.Since(start)
 		require.Error(t, err, "rotation without quorum fails: %s", out)
 		assert.Contains(t, out, "etcd unavailable")
-		t.Logf("no quorum: rotate-key on node3 refused in %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
+		fig(t, "no quorum: rotate-key on node3 refused in %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
 
 		down := time.Since(lost)
 		f.etcd.Restart(first)
 		f.etcd.Restart(second)
 		back := time.Now()
-		t.Logf("etcd members %d and %d restarted after %s without quorum (restart took %s)", first, second, down.Round(time.Millisecond), back.Sub(lost.Add(down)).Round(time.Millisecond))
+		fig(t, "etcd members %d and %d restarted after %s without quorum (restart took %s)", first, second, down.Round(time.Millisecond), back.Sub(lost.Add(down)).Round(time.Millisecond))
 		for _, n := range f.nodes {
 			var tok string
 			require.Eventually(t, func() bool {
@@ -521,7 +530,7 @@ func TestFleetAcceptance(t *testing.T) {
 			}, 30*time.Second, 100*time.Millisecond, "%s issues again", n.name)
 			_, err := v.Verify(ctx, tok)
 			require.NoError(t, err)
-			t.Logf("quorum back: %s issues again %s after the restart", n.name, time.Since(back).Round(time.Millisecond))
+			fig(t, "quorum back: %s issues again %s after the restart", n.name, time.Since(back).Round(time.Millisecond))
 		}
 		for _, n := range f.nodes {
 			var err error
@@ -530,7 +539,7 @@ func TestFleetAcceptance(t *testing.T) {
 				return err == nil
 			}, 30*time.Second, 200*time.Millisecond, "%s creates again: %v", n.name, err)
 		}
-		t.Logf("quorum back: every node creates again %s after the restart", time.Since(back).Round(time.Millisecond))
+		fig(t, "quorum back: every node creates again %s after the restart", time.Since(back).Round(time.Millisecond))
 		out, err = n3.ctl("rotate-key")
 		require.NoError(t, err, "rotation with quorum back: %s", out)
 		// The keys outlived the quorum loss in the fleet's JWKS, not only
@@ -580,7 +589,7 @@ func TestFleetAcceptance(t *testing.T) {
 		require.NoError(t, err, "a verifier that cached the JWKS before the rotation verifies the new key's first token")
 		_, err = f.verifier(t, false).Verify(ctx, first)
 		require.NoError(t, err, "a fresh verifier verifies the new key's first token")
-		t.Logf("node2 rotated %s -> %s; the new key signed %s after rotate-key (publish delay %s)", old2, firstKid, switched.Round(time.Millisecond), fleetPublishDelay)
+		fig(t, "node2 rotated %s -> %s; the new key signed %s after rotate-key (publish delay %s)", old2, firstKid, switched.Round(time.Millisecond), fleetPublishDelay)
 		for _, n := range f.nodes {
 			kids, err := kidsAt(n.jwksURL())
 			require.NoError(t, err)
@@ -603,7 +612,7 @@ func TestFleetAcceptance(t *testing.T) {
 		require.NotZero(t, lifetime, "no \"published key\" line with published_until in node3's log")
 		n3.ow.kill(syscall.SIGKILL)
 		killed := time.Now()
-		t.Logf("node3 SIGKILLed with kids %v; its last token expires %s after; key lease lifetime %s", kids, lastExp.Sub(killed).Round(time.Millisecond), lifetime)
+		fig(t, "node3 SIGKILLed with kids %v; its last token expires %s after; key lease lifetime %s", kids, lastExp.Sub(killed).Round(time.Millisecond), lifetime)
 
 		hasAny := func(url string) (bool, error) {
 			have, err := kidsAt(url)
@@ -628,7 +637,7 @@ func TestFleetAcceptance(t *testing.T) {
 		}
 		require.False(t, gone.IsZero(), "node3's keys still published %s after its SIGKILL", time.Since(killed))
 		assert.False(t, gone.Before(lastExp), "node3's keys left %s before its last token expired", lastExp.Sub(gone))
-		t.Logf("node3's keys left node2's JWKS %s after the SIGKILL, %s after its last token expired",
+		fig(t, "node3's keys left node2's JWKS %s after the SIGKILL, %s after its last token expired",
 			gone.Sub(killed).Round(100*time.Millisecond), gone.Sub(lastExp).Round(100*time.Millisecond))
 		require.Eventually(t, func() bool {
 			present, err := hasAny(n1.jwksURL())
@@ -666,7 +675,7 @@ func TestFleetAcceptance(t *testing.T) {
 				old2, old2Exp.UTC().Format(time.RFC3339), lastPresent.UTC().Format(time.RFC3339Nano), firstAbsent.UTC().Format(time.RFC3339Nano))
 			require.False(t, firstAbsent.IsZero(), "node2's old kid still published %s after it stopped signing", time.Since(old2Switched))
 			assert.False(t, firstAbsent.Before(old2Exp), "node2's old kid left %s before its last token expired", old2Exp.Sub(firstAbsent))
-			t.Logf("node2's old kid left the JWKS %s after it stopped signing, %s after its last token expired",
+			fig(t, "node2's old kid left the JWKS %s after it stopped signing, %s after its last token expired",
 				firstAbsent.Sub(old2Switched).Round(100*time.Millisecond), firstAbsent.Sub(old2Exp).Round(100*time.Millisecond))
 		})
 	}
@@ -705,7 +714,7 @@ func TestFleetAcceptance(t *testing.T) {
 				require.NoError(t, err, "the id is free once its holder deleted the sandbox")
 			}
 		}
-		t.Logf("5 concurrent double creates: wins %v", wins)
+		fig(t, "5 concurrent double creates: wins %v", wins)
 	})
 
 	t.Run("6 identityctl evict-node removes a node's keys at once", func(t *testing.T) {
@@ -720,7 +729,7 @@ func TestFleetAcceptance(t *testing.T) {
 		took := time.Since(start)
 		require.NoError(t, err, "%s", out)
 		returned := time.Now()
-		t.Logf("evict-node node1 (from node2) took %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
+		fig(t, "evict-node node1 (from node2) took %s: %s", took.Round(time.Millisecond), strings.TrimSpace(out))
 		for _, n := range []*fleetNode{n2, n1} {
 			require.Eventually(t, func() bool {
 				have, err := kidsAt(n.jwksURL())
@@ -734,7 +743,7 @@ func TestFleetAcceptance(t *testing.T) {
 				}
 				return true
 			}, 2*time.Second, 10*time.Millisecond, "node1's kids %v gone from %s's JWKS", kids, n.name)
-			t.Logf("node1's kids gone from %s's JWKS %s after evict-node returned", n.name, time.Since(returned).Round(time.Millisecond))
+			fig(t, "node1's kids gone from %s's JWKS %s after evict-node returned", n.name, time.Since(returned).Round(time.Millisecond))
 		}
 		_, err = f.verifier(t, false).Verify(context.Background(), tok)
 		require.Error(t, err, "a fresh verifier rejects the evicted node's token")
@@ -747,5 +756,6 @@ func TestFleetAcceptance(t *testing.T) {
 		assert.Empty(t, list[n1.name].Kids)
 		_, _, _ = n2.mustToken(t)
 	})
-	t.Logf("fleet acceptance test ran %s", time.Since(begin).Round(time.Second))
+	fig(t, "fleet acceptance test ran %s", time.Since(begin).Round(time.Second))
+	t.Logf("figures:\n  %s", strings.Join(figures, "\n  "))
 }
