@@ -118,6 +118,17 @@ func TestFleetKeys(t *testing.T) {
 	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &nodes))
 	require.Len(t, nodes, 2)
 	assert.True(t, nodes[0].Node == "n1" && nodes[0].Evicted)
+	// Readmitted, it may join again (once restarted).
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", "/v1/nodes/n1/readmit", nil))
+	require.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+	again, err := fleet.Open(ctx, fleet.Options{Endpoints: etcd.Endpoints(), Prefix: cfg.EtcdPrefix, Node: "n1",
+		Issuer: cfg.Issuer, KeyLifetime: keyLifetime(cfg), Logger: log})
+	require.NoError(t, err, "a readmitted node joins again")
+	again.Close()
+	rec = httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("POST", "/v1/nodes/no%2Fsuch/evict", nil))
+	assert.Equal(t, http.StatusBadRequest, rec.Code, rec.Body.String())
 
 	// Without etcd, the fleet's routes answer 503.
 	etcd.Kill(0)
