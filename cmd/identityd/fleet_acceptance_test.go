@@ -175,8 +175,11 @@ func (n *fleetNode) mustToken(t *testing.T) (string, string, map[string]any) {
 	return tok, kid, claimsOf(t, body)
 }
 
-// create asks the node's admin API for a sandbox; it does not fail the test.
+// create asks the node's admin API for a sandbox, within 30 s; it does not
+// fail the test.
 func (n *fleetNode) create(ctx context.Context, id string) (controllers.Created, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	var c controllers.Created
 	err := controllers.NewAdminClient(n.ow.admin).Do(ctx, "POST", "/v1/sandboxes", controllers.CreateRequest{ID: id, App: "web"}, &c)
 	if err == nil {
@@ -186,6 +189,8 @@ func (n *fleetNode) create(ctx context.Context, id string) (controllers.Created,
 }
 
 func (n *fleetNode) remove(ctx context.Context, id string) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	return controllers.NewAdminClient(n.ow.admin).Do(ctx, "DELETE", "/v1/sandboxes/"+id, nil, nil)
 }
 
@@ -384,6 +389,7 @@ func TestFleetAcceptance(t *testing.T) {
 	f := startFleet(t)
 	n1, n2, n3 := f.nodes[0], f.nodes[1], f.nodes[2]
 	fig(t, "fleet of 3 up in %s: issuer %s, etcd prefix %s", time.Since(begin).Round(time.Millisecond), f.issuer, f.prefix)
+	top := t
 	haveNodes := !ctlMissing(n1.ow.bin, "nodes")
 	haveEvict := !ctlMissing(n1.ow.bin, "evict-node")
 
@@ -434,6 +440,14 @@ func TestFleetAcceptance(t *testing.T) {
 		first, err := etcdLeader(cli, f.etcd, []int{0, 1, 2})
 		require.NoError(t, err)
 		second := (first + 1) % 3
+		// Whatever fails below, the later steps get their quorum back.
+		defer func() {
+			for _, i := range []int{first, second} {
+				if !f.etcd.Running(i) {
+					f.etcd.Restart(i)
+				}
+			}
+		}()
 		f.etcd.Kill(first)
 		killed := time.Now()
 		var leader int
@@ -568,6 +582,7 @@ func TestFleetAcceptance(t *testing.T) {
 		require.NoError(t, err, "fills the verifier's JWKS cache")
 		old2, old2Exp = kid, expOf(claims)
 		old2Sampler = sampleKid(n1.jwksURL(), old2)
+		top.Cleanup(func() { old2Sampler.stop() })
 
 		rotated := time.Now()
 		out, err := n2.ctl("rotate-key")
@@ -656,6 +671,9 @@ func TestFleetAcceptance(t *testing.T) {
 	if old2Sampler != nil {
 		t.Run("3 (cont.) node2's old kid stayed until its tokens expired", func(t *testing.T) {
 			lastPresent, firstAbsent, samples := old2Sampler.stop()
+			if old2Switched.IsZero() {
+				t.Skip("step 3 failed before node2's new key signed")
+			}
 			require.NotZero(t, samples)
 			// The retired key's lease runs out one key lifetime after its
 			// last renewal, a second or so after it stopped signing.
