@@ -95,9 +95,9 @@ type fleetNode struct {
 	client *sandboxtest.Client
 }
 
-// fleet is three identityd nodes sharing a 3-member etcd cluster and one
+// acceptanceFleet is three identityd nodes sharing a 3-member etcd cluster and one
 // issuer.
-type fleet struct {
+type acceptanceFleet struct {
 	etcd   *etcdtest.Cluster
 	proxy  *issuerProxy
 	issuer string
@@ -122,9 +122,9 @@ func ctlMissing(bin, cmd string) bool {
 	return exec.Command(filepath.Join(bin, "identityctl"), cmd, "--help").Run() != nil
 }
 
-func startFleet(t *testing.T) *fleet {
+func startAcceptanceFleet(t *testing.T) *acceptanceFleet {
 	t.Helper()
-	f := &fleet{etcd: etcdtest.Start(t, 3), prefix: "/identityd-test-" + suffix() + "/"}
+	f := &acceptanceFleet{etcd: etcdtest.Start(t, 3), prefix: "/identityd-test-" + suffix() + "/"}
 	var discs []string
 	for range 3 {
 		discs = append(discs, freeLoopbackAside(t))
@@ -248,7 +248,7 @@ func (n *fleetNode) jwksURL() string { return "http://" + n.disc + "/.well-known
 // verifier is a relying party that knows only the issuer URL: discovery
 // and the JWKS through the proxy. It caches the JWKS and refetches it on
 // an unknown kid (go-oidc's RemoteKeySet).
-func (f *fleet) verifier(t *testing.T, skipExpiry bool) *oidc.IDTokenVerifier {
+func (f *acceptanceFleet) verifier(t *testing.T, skipExpiry bool) *oidc.IDTokenVerifier {
 	t.Helper()
 	ctx := oidc.ClientContext(context.Background(), &http.Client{Timeout: 10 * time.Second})
 	p, err := oidc.NewProvider(ctx, f.issuer)
@@ -386,7 +386,7 @@ func TestFleetAcceptance(t *testing.T) {
 		t.Log(s)
 		figures = append(figures, s)
 	}
-	f := startFleet(t)
+	f := startAcceptanceFleet(t)
 	n1, n2, n3 := f.nodes[0], f.nodes[1], f.nodes[2]
 	fig(t, "fleet of 3 up in %s: issuer %s, etcd prefix %s", time.Since(begin).Round(time.Millisecond), f.issuer, f.prefix)
 	top := t
