@@ -10,6 +10,8 @@ command -v llvm-strip >/dev/null || need+=(llvm)
 command -v ip >/dev/null || need+=(iproute2)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
+# Newer kernels of the vmtest matrix ship their modules as .ko.xz.
+command -v xz >/dev/null || need+=(xz-utils)
 # The tests start real etcd clusters (internal/etcdtest) from this binary;
 # the package's own systemd service is never used.
 [ -x /usr/bin/etcd ] || need+=(etcd-server)
