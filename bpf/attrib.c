@@ -261,18 +261,12 @@ struct cgroup {
 	struct kernfs_node *kn;
 } __attribute__((preserve_access_index));
 
-// Since 5.15 the socket keeps its cgroup in a pointer of its own.
+// The socket's own cgroup pointer arrived in 5.15 and was backported to the
+// 5.10 stable series (Debian 11's 5.10.262 has it); before, it shared a word
+// with net_prio and net_cls data, which took its place once those were in
+// use. The loader refuses kernels without it (diagnose.go).
 struct sock_cgroup_data {
 	struct cgroup *cgroup;
-} __attribute__((preserve_access_index));
-
-// Before 5.15 the same field is a union: its 64-bit val holds the cgroup
-// pointer while its two low bits are clear; net_prio or net_cls data (bit 0
-// set) or a lost reference (bit 1) take its place once a cgroup v1 hierarchy
-// of theirs is in use, and the kernel then takes the socket for the root's
-// (sock_cgroup_ptr).
-struct sock_cgroup_data___old {
-	__u64 val;
 } __attribute__((preserve_access_index));
 
 // A namespace's cookie: a plain number since 5.12, assigned when the
@@ -315,34 +309,12 @@ struct tcp_sock {
 	struct inet_connection_sock inet_conn;
 } __attribute__((preserve_access_index));
 
-// old_layout_cgroup_id reads the owner's id from a pre-5.15 sock_cgroup_data.
-// val is a plain integer to the verifier, so what it points to is read with
-// bpf_probe_read_kernel; a failed read reads as 0, which is refused.
-static __always_inline __u64 old_layout_cgroup_id(struct sock_cgroup_data *data)
-{
-	__u64 val = ((struct sock_cgroup_data___old *)data)->val;
-	// The kernel would answer the root cgroup here, for every socket of
-	// the host alike: that says nothing about the owner.
-	if (val == 0 || (val & 3))
-		return 0;
-	struct kernfs_node *kn = 0;
-	if (bpf_probe_read_kernel(&kn, sizeof(kn), &((struct cgroup *)val)->kn) || !kn)
-		return 0;
-	__u64 id = 0;
-	if (bpf_probe_read_kernel(&id, sizeof(id), &kn->id))
-		return 0;
-	return id;
-}
-
 // owner_cgroup returns the id of the cgroup the socket was created in, as
 // bpf_sk_cgroup_id would (cgroup_id(sock_cgroup_ptr(&sk->sk_cgrp_data))), or 0
 // if it cannot be read.
 static __always_inline __u64 owner_cgroup(struct tcp_sock *tp)
 {
-	struct sock_cgroup_data *data = &tp->inet_conn.icsk_inet.sk.sk_cgrp_data;
-	if (!bpf_core_field_exists(data->cgroup))
-		return old_layout_cgroup_id(data);
-	struct cgroup *cg = data->cgroup;
+	struct cgroup *cg = tp->inet_conn.icsk_inet.sk.sk_cgrp_data.cgroup;
 	if (!cg)
 		return 0;
 	struct kernfs_node *kn = cg->kn;

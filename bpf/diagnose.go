@@ -123,9 +123,9 @@ func requirements() []requirement {
 			_, err := btf.LoadKernelSpec()
 			return err
 		}},
-		// Before 5.15 the socket's cgroup pointer shares a word with net_cls
-		// and net_prio data and is read by address (see attrib.c).
-		{"a cgroup pointer in struct sock_cgroup_data, or bpf_probe_read_kernel in sockops", "5.5", sockCgroupReadable},
+		// Before, the socket's cgroup shared a word with net_cls and net_prio
+		// data, and hybrid hosts could lose it to the root.
+		{"a cgroup pointer of its own in struct sock_cgroup_data", "5.15, or a 5.10 stable update that has it,", sockCgroupPointer},
 		// Before 5.15 sockops reads the cookie from struct net (see attrib.c),
 		// which the connect programs make sure is assigned.
 		{"bpf_get_netns_cookie in cgroup/connect", "5.7", helper(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)},
@@ -146,17 +146,8 @@ func requirements() []requirement {
 	}
 }
 
-// sockCgroupReadable checks that the sockops program can read a socket's
-// cgroup under the kernel's layout of struct sock_cgroup_data.
-func sockCgroupReadable() error {
-	if sockCgroupPointer() == nil {
-		return nil
-	}
-	return features.HaveProgramHelper(ebpf.SockOps, asm.FnProbeReadKernel)
-}
-
 // sockCgroupPointer checks the kernel's BTF for the pointer of its own that
-// struct sock_cgroup_data has since 5.15.
+// struct sock_cgroup_data has since 5.15 (and in later 5.10 stable kernels).
 func sockCgroupPointer() error {
 	spec, err := btf.LoadKernelSpec()
 	if err != nil {
