@@ -31,4 +31,6 @@ type GuestTest struct {
 	Name string   `json:"name"` // reported as TestKernel/<kernel>/<Name>/...
 	Path string   `json:"path"`
 	Args []string `json:"args,omitempty"`
+	// Env is added to this binary's environment, after Manifest.Env.
+	Env []string `json:"env,omitempty"`
 }

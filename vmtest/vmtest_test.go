@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -170,6 +171,7 @@ func TestKernel(t *testing.T) {
 	for _, gt := range tests {
 		bins[gt.Path] = filepath.Join(binDir, filepath.Base(gt.Path))
 	}
+	tests, names := withLastTests(tests, pkgs)
 	for _, k := range h.kernels {
 		t.Run(k.Name, func(t *testing.T) {
 			res, err := Run(ctx, Config{
@@ -186,9 +188,34 @@ func TestKernel(t *testing.T) {
 			})
 			require.NoError(t, err)
 			t.Logf("guest ran for %s under %s", res.Duration.Round(time.Millisecond), res.Accel)
-			report(t, res, pkgs)
+			report(t, res, names)
 		})
 	}
+}
+
+// lastTests run after every package, each as its own guest test, because
+// they change the kernel for the rest of its boot.
+var lastTests = []struct {
+	name, pkg, run, env string
+}{
+	// Puts a cgroup v1 net_prio hierarchy to use until reboot (bpf.NetPrioEnv).
+	{"bpf-netprio", "bpf", "^TestOwnerWithNetPrioActive$", "IDENTITYD_BPF_TEST_NETPRIO=1"},
+}
+
+// withLastTests appends lastTests of the packages built to tests, and
+// returns the names of all guest tests that must run.
+func withLastTests(tests []GuestTest, pkgs []string) ([]GuestTest, []string) {
+	names := slices.Clone(pkgs)
+	for _, l := range lastTests {
+		for _, gt := range tests {
+			if gt.Name == l.pkg {
+				tests = append(tests, GuestTest{Name: l.name, Path: gt.Path, Args: []string{"-test.run=" + l.run}, Env: []string{l.env}})
+				names = append(names, l.name)
+				break
+			}
+		}
+	}
+	return tests, names
 }
 
 // report turns findings into subtests, so that each guest test passes,

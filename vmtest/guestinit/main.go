@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -87,7 +88,7 @@ func run() error {
 	for _, t := range man.Tests {
 		fmt.Printf("%s%s\n", vmtest.MarkerBegin, t.Name)
 		cmd := exec.Command(t.Path, append([]string{"-test.v"}, t.Args...)...)
-		cmd.Stdout, cmd.Stderr, cmd.Env, cmd.Dir = os.Stdout, os.Stdout, env, "/tmp"
+		cmd.Stdout, cmd.Stderr, cmd.Env, cmd.Dir = os.Stdout, os.Stdout, append(slices.Clone(env), t.Env...), "/tmp"
 		code := 0
 		if err := cmd.Run(); err != nil {
 			var exit *exec.ExitError
