@@ -33,7 +33,7 @@ func TestOwnerWithNetPrioActive(t *testing.T) {
 	require.NoError(t, unix.Mount("identityd-test", dir, "cgroup", 0, "net_prio"), "mount a cgroup v1 net_prio hierarchy")
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 	// Setting a priority is what makes the kernel give up the cgroup
-	// pointers of sockets (cgroup_sk_alloc_disable before 5.15).
+	// pointers of sockets on kernels with the old union (cgroup_sk_alloc_disable).
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "net_prio.ifpriomap"), []byte("lo 1"), 0o644))
 
 	w := sandboxtest.New(t)
