@@ -123,7 +123,7 @@ func (c *Controller) ensureBridge() error {
 	// The subnet's prefix keeps the old sandboxes on the bridge reachable;
 	// each routed sandbox's /32 is more specific.
 	router := netip.PrefixFrom(c.router, c.cfg.Subnet.Bits())
-	addrs, err := h.AddrList(br, netlink.FAMILY_ALL)
+	addrs, err := netnsutil.Dump(func() ([]netlink.Addr, error) { return h.AddrList(br, netlink.FAMILY_ALL) })
 	if err != nil {
 		return fmt.Errorf("list addresses of %s: %w", c.cfg.Bridge, err)
 	}
@@ -181,7 +181,7 @@ func (c *Controller) createNetwork(r *Record, addr netip.Prefix) error {
 // re-created. They are left in place because moving a running sandbox to a
 // new link would break its open connections.
 func (c *Controller) warnLegacy() {
-	links, err := c.host.LinkList()
+	links, err := netnsutil.Dump(c.host.LinkList)
 	if err != nil {
 		c.log.Warn("cannot list host links to find sandboxes on the shared bridge", "error", err)
 		return

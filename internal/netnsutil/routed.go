@@ -181,7 +181,7 @@ func HostPorts(host *netlink.Handle, hostNetns, netnsPath string) ([]HostPort, e
 	defer h.Close()
 	// Listing first: dumping a veth gives its peer's netns an id in this
 	// netns, which GetNetNsIdByFd then reads.
-	links, err := h.LinkList()
+	links, err := Dump(h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links in %s: %w", netnsPath, err)
 	}
