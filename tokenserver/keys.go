@@ -59,6 +59,8 @@ type Keys struct {
 	delay   time.Duration
 	publish func(context.Context, jose.JSONWebKey) error
 	now     func() time.Time
+	// firstWaits: a first key waits the publish delay too (KeysConfig).
+	firstWaits bool
 
 	mu   sync.RWMutex
 	keys []*signingKey // oldest first
@@ -104,6 +106,10 @@ type KeysConfig struct {
 	// PublishDelay is how long [Keys.Rotate] publishes a new key before it
 	// signs (see DefaultPublishDelay); 0 makes it sign at once.
 	PublishDelay time.Duration
+	// FirstKeyWaits makes a first key, made when there is none, wait the
+	// publish delay too. A single host has no verifier that could hold a
+	// JWKS without it; a fleet node's verifiers hold the other nodes'.
+	FirstKeyWaits bool
 	// Publish, if set, is called with the public half of every new key
 	// before the key is used at all: a key whose Publish fails is dropped
 	// and the rotation (or the start) fails with its error. A fleet's
@@ -140,14 +146,18 @@ func LoadKeys(ctx context.Context, cfg KeysConfig) (*Keys, error) {
 	if err := atomicfile.RemoveTemps(cfg.Dir); err != nil {
 		return nil, fmt.Errorf("open signing keys: %w", err)
 	}
-	k := &Keys{dir: cfg.Dir, alg: jose.SignatureAlgorithm(cfg.Alg), delay: cfg.PublishDelay, publish: cfg.Publish, now: cfg.Now}
+	k := &Keys{dir: cfg.Dir, alg: jose.SignatureAlgorithm(cfg.Alg), delay: cfg.PublishDelay, publish: cfg.Publish, now: cfg.Now,
+		firstWaits: cfg.FirstKeyWaits}
 	if err := k.load(); err != nil {
 		return nil, err
 	}
 	k.mu.Lock()
 	err := k.pruneLocked()
 	n := len(k.keys)
-	need := n == 0 || k.keys[n-1].Retired != nil || k.keys[n-1].Key.Algorithm != cfg.Alg || k.signerLocked(k.now()) == nil
+	// A last key that waits to sign (a first key's publication, cut short
+	// by a restart) is not replaced: it signs when its time comes.
+	waiting := n > 0 && k.keys[n-1].Retired == nil && k.keys[n-1].signsFrom().After(k.now())
+	need := n == 0 || k.keys[n-1].Retired != nil || k.keys[n-1].Key.Algorithm != cfg.Alg || (k.signerLocked(k.now()) == nil && !waiting)
 	k.mu.Unlock()
 	if err != nil {
 		return nil, err
@@ -262,7 +272,7 @@ func (k *Keys) addLocked(jwk jose.JSONWebKey, now bool) error {
 		created = k.keys[n-1].Created.Add(time.Nanosecond)
 	}
 	from := t
-	if !now && k.signerLocked(t) != nil {
+	if !now && (k.signerLocked(t) != nil || k.firstWaits) {
 		from = t.Add(k.delay)
 	}
 	sk := &signingKey{Created: created, SignsFrom: &from, Key: jwk, file: filepath.Join(k.dir, jwk.KeyID+keyFileExt)}

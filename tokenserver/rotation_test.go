@@ -541,3 +541,28 @@ func BenchmarkKeysSign(b *testing.B) {
 		})
 	}
 }
+
+// TestFirstKeyWaitsInAFleet: with FirstKeyWaits (a fleet node), the first
+// key is published for the delay before it signs, like every later one; a
+// restart in the meantime keeps that key and its schedule.
+func TestFirstKeyWaitsInAFleet(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "keys")
+	clk := newClock()
+	cfg := KeysConfig{Dir: dir, Alg: EdDSA, PublishDelay: time.Minute, Now: clk.now, FirstKeyWaits: true}
+	k, err := LoadKeys(context.Background(), cfg)
+	require.NoError(t, err)
+	first := kids(k.JWKS())
+	require.Len(t, first, 1, "published at once")
+	assert.Equal(t, []string{KeyNext}, states(k.Status()))
+	_, err = k.Sign(Claims{Subject: "x"})
+	assert.ErrorContains(t, err, "no signing key signs now")
+
+	clk.advance(30 * time.Second)
+	k, err = LoadKeys(context.Background(), cfg)
+	require.NoError(t, err)
+	assert.Equal(t, first, kids(k.JWKS()), "a restart during the delay makes no second key")
+	_, err = k.Sign(Claims{Subject: "x"})
+	assert.Error(t, err)
+	clk.advance(30 * time.Second)
+	assert.Equal(t, first[0], kidOf(t, sign(t, k)), "signs once published for the delay")
+}

@@ -143,6 +143,7 @@ func startAcceptanceFleet(t *testing.T) *acceptanceFleet {
 			}
 		})
 		took := n.ow.start()
+		n.ow.waitReady() // the first key is published for the delay before it signs
 		t.Logf("%s ready in %s", n.name, took.Round(time.Millisecond))
 		n.sb = n.ow.create("fleet-"+n.name+"-"+suffix(), "web")
 		require.Equal(t, f.issuer, n.sb.Env["MIREN_OIDC_ISSUER_URL"])

@@ -103,6 +103,7 @@ func TestFleetTwoNodes(t *testing.T) {
 
 	w1 := fleetWorld(t, etcd, prefix, issuer, n1, disc1)
 	w1.start()
+	w1.waitReady()
 
 	out = fleetWorld(t, etcd, prefix, "http://elsewhere.test", n2, disc2).refused()
 	assert.Contains(t, out, `records issuer "`+issuer+`"`)
@@ -110,6 +111,7 @@ func TestFleetTwoNodes(t *testing.T) {
 
 	w2 := fleetWorld(t, etcd, prefix, issuer, n2, disc2)
 	w2.start()
+	w2.waitReady()
 
 	// Each node serves both nodes' keys.
 	var kids1, kids2 []string
@@ -177,4 +179,13 @@ func TestFleetTwoNodes(t *testing.T) {
 	out, err = w2.identityctl("nodes", "-o", "json")
 	require.NoError(t, err, out)
 	assert.Contains(t, out, `"evicted": true`)
+}
+
+// waitReady waits for /readyz to say ready: a new fleet node's first key is
+// published for the publish delay before it signs.
+func (ow *world) waitReady() {
+	ow.t.Helper()
+	require.Eventually(ow.t, func() bool {
+		return strings.Contains(operatorGet(ow.t, ow, "/readyz"), `"status":"ready"`)
+	}, 60*time.Second, 50*time.Millisecond, "not ready:\n%s", operatorGet(ow.t, ow, "/readyz"))
 }

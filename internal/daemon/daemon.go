@@ -327,6 +327,9 @@ func openKeys(ctx context.Context, cfg Config, fl *fleet.Store) (*tokenserver.Ke
 	kc := tokenserver.KeysConfig{Dir: filepath.Join(cfg.StateDir, "keys"), Alg: cfg.SigningAlg, PublishDelay: cfg.KeyPublishDelay}
 	if fl != nil {
 		kc.Publish = func(ctx context.Context, jwk jose.JSONWebKey) error { return publishKey(ctx, fl, jwk) }
+		// Other nodes' verifiers may hold a JWKS from before this node
+		// existed: its first key, too, is published before it signs.
+		kc.FirstKeyWaits = true
 	}
 	keys, err := tokenserver.LoadKeys(ctx, kc)
 	if err != nil {

@@ -278,6 +278,21 @@ func controllerIDs(st *fleet.Store) controllers.IDs {
 	return fleetIDs{st}
 }
 
+// firstKeyWaits reports whether no key signs yet because the first one is
+// still being published, and when it will sign.
+func firstKeyWaits(keys []tokenserver.PublishedKey) (time.Time, bool) {
+	var next time.Time
+	for _, k := range keys {
+		switch k.State {
+		case tokenserver.KeySigning:
+			return time.Time{}, false
+		case tokenserver.KeyNext:
+			next = k.SignsFrom
+		}
+	}
+	return next, !next.IsZero()
+}
+
 // fleetReadiness is what the fleet adds to /readyz: not ready once the
 // signing key's guaranteed publication no longer covers the contract's
 // minimum token (evicted, or etcd unreachable for too long); ready, with the
@@ -286,6 +301,13 @@ func controllerIDs(st *fleet.Store) controllers.IDs {
 func fleetReadiness(ks tokenserver.KeySet, st *fleet.Store) (notReady, degraded error) {
 	if st == nil {
 		return nil, nil
+	}
+	if p, ok := ks.(interface {
+		Published() []tokenserver.PublishedKey
+	}); ok {
+		if from, waiting := firstKeyWaits(p.Published()); waiting {
+			return fmt.Errorf("fleet: the node's first key is published before it signs, until %s (the verifiers' JWKS cache lifetime)", from.Format(time.RFC3339)), nil
+		}
 	}
 	health := st.Healthy()
 	if left := time.Until(ks.SignableUntil()); left < tokenserver.MinTTL {
