@@ -102,24 +102,11 @@ const shutdownGrace = 10 * time.Second
 // sandboxes never lose attribution because the daemon stopped.
 func Run(ctx context.Context, cfg Config) error {
 	start := time.Now()
+	cfg, err := prepare(cfg)
+	if err != nil {
+		return err
+	}
 	log := cfg.Logger
-	if err := checkHost(cfg); err != nil {
-		return err
-	}
-	if err := checkKeyTiming(cfg); err != nil {
-		return err
-	}
-	if cfg.Node == "" {
-		host, err := os.Hostname()
-		if err != nil {
-			return fmt.Errorf("node name: %w", err)
-		}
-		cfg.Node = host
-	}
-	cfg.EtcdEndpoints = endpoints(cfg.EtcdEndpoints)
-	if err := checkFleet(cfg); err != nil {
-		return err
-	}
 	metrics, err := newMetricsRegistry()
 	if err != nil {
 		return err
@@ -129,6 +116,8 @@ func Run(ctx context.Context, cfg Config) error {
 	g, gctx := errgroup.WithContext(ctx)
 	var servers serverSet
 	g.Go(func() error { return servers.shutdownWhenDone(gctx, log) })
+	var closers closeList
+	defer closers.close()
 	// A start-up that fails half way stops what already runs.
 	fail := func(err error) error {
 		cancel()
@@ -149,109 +138,159 @@ func Run(ctx context.Context, cfg Config) error {
 			ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 	}
 
-	// What sandboxes are told comes from the listener actually opened.
-	ep, err := openTokenEndpoint(cfg)
+	d, err := assemble(ctx, cfg, metrics, &closers)
 	if err != nil {
 		return fail(err)
 	}
-	defer ep.ln.Close()
-	log.Info("token endpoint", "addr", ep.addr.String(), "url", ep.tokenURL, "issuer", ep.issuer)
-
-	// A fleet whose etcd is unreachable, or that records another issuer,
-	// stops the start before anything is installed.
-	fl, err := openFleet(ctx, cfg, ep.issuer, metrics)
-	if err != nil {
+	if err := d.start(gctx, g, &servers); err != nil {
 		return fail(err)
-	}
-	if fl != nil {
-		defer fl.Close()
-	}
-
-	in, err := bpf.Install(ctx, bpf.Options{PinDir: cfg.BPFDir, Logger: log})
-	if err != nil {
-		return fail(err)
-	}
-	defer in.Close()
-	if err := in.SetEndpoints([]netip.AddrPort{ep.addr}); err != nil {
-		return fail(err)
-	}
-
-	st, err := openStores(cfg)
-	if err != nil {
-		return fail(err)
-	}
-	defer st.close()
-
-	ctrl, err := controllers.New(ctx, controllerConfig(cfg, ep, st, fl))
-	if err != nil {
-		return fail(err)
-	}
-	defer ctrl.Close()
-
-	keys, err := openKeys(ctx, cfg, fl)
-	if err != nil {
-		return fail(err)
-	}
-	keySet := signingKeys(keys, fl)
-	if err := registerFleetMetrics(metrics, keySet, fl); err != nil {
-		return fail(err)
-	}
-	if err := registerControllerMetrics(metrics, ctrl); err != nil {
-		return fail(err)
-	}
-	probe, err := newProber(cfg, ep.addr, metrics)
-	if err != nil {
-		return fail(err)
-	}
-	defer probe.close()
-	srv, err := newTokenServer(cfg, ep, in, st, keySet, metrics, probe.observe)
-	if err != nil {
-		return fail(err)
-	}
-	servers.serve(g, "token", srv.Listener(ep.ln), srv.HTTPServer())
-	if cfg.DiscoveryListen != "" {
-		ln, err := listenService("discovery endpoint", cfg.DiscoveryListen)
-		if err != nil {
-			return fail(err)
-		}
-		log.Info("discovery endpoint listening", "addr", ln.Addr().String())
-		servers.serve(g, "discovery", ln, discoveryServer(srv))
-	}
-
-	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
-	if err != nil {
-		return fail(err)
-	}
-	servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), &http.Server{
-		Handler: adminHandler(ctrl, keys, fl, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
-
-	watch, err := newAttributionWatch(in, probe.probe, log, metrics)
-	if err != nil {
-		return fail(fmt.Errorf("register metrics: %w", err))
-	}
-	interval := cfg.CheckInterval
-	if interval <= 0 {
-		interval = DefaultCheckInterval
-	}
-	g.Go(func() error { ctrl.Run(gctx); return nil })
-	g.Go(func() error { keys.RotateEvery(gctx, cfg.KeyRotationPeriod, log); return nil })
-	if fl != nil {
-		g.Go(func() error { retireLoop(gctx, keys, fl); return nil })
 	}
 	// Ready means a connection was attributed end to end, once, before the
-	// first "ready"; then every interval.
-	watch.runProbe(ctx)
-	g.Go(func() error { watch.Run(gctx, interval); return nil })
-
-	ready.set(watch, func() (error, error) { return fleetReadiness(keySet, fl) })
-	log.Info("identityd ready", "token_endpoint", ep.addr.String(), "issuer", ep.issuer, "sandboxes", st.reg.Len(),
+	// first "ready"; then every check interval.
+	d.watch.runProbe(ctx)
+	ready.set(d.watch, func() (error, error) { return fleetReadiness(d.keySet, d.fleet) })
+	log.Info("identityd ready", "token_endpoint", d.ep.addr.String(), "issuer", d.ep.issuer, "sandboxes", d.stores.reg.Len(),
 		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond))
-	err = g.Wait()
-	if err != nil {
+	if err := g.Wait(); err != nil {
 		log.Error("identityd stopped", "error", err)
 		return err
 	}
 	log.Info("identityd stopped; attribution programs stay attached")
+	return nil
+}
+
+// prepare checks cfg and the host before anything is made, and fills in
+// the defaults that depend on the host.
+func prepare(cfg Config) (Config, error) {
+	if err := checkHost(cfg); err != nil {
+		return cfg, err
+	}
+	if err := checkKeyTiming(cfg); err != nil {
+		return cfg, err
+	}
+	if cfg.Node == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return cfg, fmt.Errorf("node name: %w", err)
+		}
+		cfg.Node = host
+	}
+	if cfg.CheckInterval <= 0 {
+		cfg.CheckInterval = DefaultCheckInterval
+	}
+	cfg.EtcdEndpoints = endpoints(cfg.EtcdEndpoints)
+	return cfg, checkFleet(cfg)
+}
+
+// closeList closes what the daemon opened, last opened first.
+type closeList []func()
+
+func (c *closeList) add(f func()) { *c = append(*c, f) }
+
+func (c *closeList) close() {
+	for i := len(*c) - 1; i >= 0; i-- {
+		(*c)[i]()
+	}
+}
+
+// parts are the daemon's pieces, built by assemble and run by start.
+type parts struct {
+	cfg    Config
+	ep     tokenEndpoint
+	fleet  *fleet.Store // nil on a single host
+	in     *bpf.Installation
+	stores *stores
+	ctrl   *controllers.Controller
+	keys   *tokenserver.Keys
+	keySet tokenserver.KeySet
+	probe  *prober
+	token  *tokenserver.Server
+	watch  *attributionWatch
+}
+
+// assemble builds the daemon's pieces in order, each from its own
+// constructor: what sandboxes are told comes from the token listener
+// actually opened; a fleet whose etcd is unreachable, or that records
+// another issuer, stops the start before anything is installed.
+func assemble(ctx context.Context, cfg Config, metrics *prometheus.Registry, closers *closeList) (*parts, error) {
+	log := cfg.Logger
+	d := &parts{cfg: cfg}
+	var err error
+	if d.ep, err = openTokenEndpoint(cfg); err != nil {
+		return nil, err
+	}
+	closers.add(func() { d.ep.ln.Close() })
+	log.Info("token endpoint", "addr", d.ep.addr.String(), "url", d.ep.tokenURL, "issuer", d.ep.issuer)
+
+	if d.fleet, err = openFleet(ctx, cfg, d.ep.issuer, metrics); err != nil {
+		return nil, err
+	}
+	if d.fleet != nil {
+		closers.add(func() { d.fleet.Close() })
+	}
+	if d.in, err = bpf.Install(ctx, bpf.Options{PinDir: cfg.BPFDir, Logger: log}); err != nil {
+		return nil, err
+	}
+	closers.add(func() { d.in.Close() })
+	if err := d.in.SetEndpoints([]netip.AddrPort{d.ep.addr}); err != nil {
+		return nil, err
+	}
+	if d.stores, err = openStores(cfg); err != nil {
+		return nil, err
+	}
+	closers.add(d.stores.close)
+	if d.ctrl, err = controllers.New(ctx, controllerConfig(cfg, d.ep, d.stores, d.fleet)); err != nil {
+		return nil, err
+	}
+	closers.add(func() { d.ctrl.Close() })
+	if d.keys, err = openKeys(ctx, cfg, d.fleet); err != nil {
+		return nil, err
+	}
+	d.keySet = signingKeys(d.keys, d.fleet)
+	if err := registerFleetMetrics(metrics, d.keySet, d.fleet); err != nil {
+		return nil, err
+	}
+	if err := registerControllerMetrics(metrics, d.ctrl); err != nil {
+		return nil, err
+	}
+	if d.probe, err = newProber(cfg, d.ep.addr, metrics); err != nil {
+		return nil, err
+	}
+	closers.add(d.probe.close)
+	if d.token, err = newTokenServer(cfg, d.ep, d.in, d.stores, d.keySet, metrics, d.probe.observe); err != nil {
+		return nil, err
+	}
+	if d.watch, err = newAttributionWatch(d.in, d.probe.probe, log, metrics); err != nil {
+		return nil, fmt.Errorf("register metrics: %w", err)
+	}
+	return d, nil
+}
+
+// start runs the servers and the background loops as tasks of g.
+func (d *parts) start(gctx context.Context, g *errgroup.Group, servers *serverSet) error {
+	cfg, log := d.cfg, d.cfg.Logger
+	servers.serve(g, "token", d.token.Listener(d.ep.ln), d.token.HTTPServer())
+	if cfg.DiscoveryListen != "" {
+		ln, err := listenService("discovery endpoint", cfg.DiscoveryListen)
+		if err != nil {
+			return err
+		}
+		log.Info("discovery endpoint listening", "addr", ln.Addr().String())
+		servers.serve(g, "discovery", ln, discoveryServer(d.token))
+	}
+	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
+	if err != nil {
+		return err
+	}
+	servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), &http.Server{
+		Handler: adminHandler(d.ctrl, d.keys, d.fleet, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
+
+	g.Go(func() error { d.ctrl.Run(gctx); return nil })
+	g.Go(func() error { d.keys.RotateEvery(gctx, cfg.KeyRotationPeriod, log); return nil })
+	if d.fleet != nil {
+		g.Go(func() error { retireLoop(gctx, d.keys, d.fleet); return nil })
+	}
+	g.Go(func() error { d.watch.Run(gctx, cfg.CheckInterval); return nil })
 	return nil
 }
 
