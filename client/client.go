@@ -173,15 +173,25 @@ func IssuerURL() string { return os.Getenv(EnvIssuerURL) }
 // expired, the cached token is returned.
 func (c *Client) Token(ctx context.Context, audience ...string) (string, error) {
 	if c.tokenFile != "" && len(audience) == 0 {
-		tok, err := c.readTokenFile(ctx)
-		if err == nil || c.fileOnly || c.url == "" {
-			return tok, err
+		tok, ferr := c.readTokenFile(ctx)
+		if ferr == nil || c.fileOnly || c.url == "" {
+			return tok, ferr
 		}
 		// The file holds no valid token (identityd down for long?): ask the server.
+		tok, err := c.token(ctx, audience)
+		if err != nil {
+			return "", fmt.Errorf("%w (and %v)", err, ferr)
+		}
+		return tok, nil
 	}
 	if c.fileOnly {
 		return "", errors.New("a client reading only a token file has no token for other audiences")
 	}
+	return c.token(ctx, audience)
+}
+
+// token serves audience from the cache or the server.
+func (c *Client) token(ctx context.Context, audience []string) (string, error) {
 	key := strings.Join(audience, "\x00")
 	c.mu.Lock()
 	e, ok := c.cache[key]
@@ -342,8 +352,9 @@ func (c *Client) readTokenFile(ctx context.Context) (string, error) {
 		var b []byte
 		b, err = os.ReadFile(c.tokenFile)
 		if err != nil {
-			err = fmt.Errorf("read token file: %w", err)
-			continue
+			// Missing or unreadable is not a file caught mid-write: a
+			// rename never leaves the name absent.
+			return "", fmt.Errorf("read token file: %w", err)
 		}
 		tok := parseTokenFile(b)
 		var exp time.Time

@@ -72,7 +72,7 @@ type server struct {
 	onRequest func(secret string)
 }
 
-func newServer(t *testing.T, clk *fakeClock, secrets ...string) *server {
+func newServer(t testing.TB, clk *fakeClock, secrets ...string) *server {
 	s := &server{clk: clk, ok: map[string]bool{}}
 	for _, x := range secrets {
 		s.ok[x] = true
@@ -381,6 +381,13 @@ func TestTokenFileChecks(t *testing.T) {
 	assert.ErrorContains(t, err, "malformed token")
 	assert.Len(t, clk.waits(), fileAttempts-1)
 
+	// A missing file is not waited for.
+	c = clk.install(FromFile(filepath.Join(t.TempDir(), "none")))
+	n := len(clk.waits())
+	_, err = c.Token(ctx)
+	assert.ErrorIs(t, err, os.ErrNotExist)
+	assert.Len(t, clk.waits(), n)
+
 	// With a server too, an expired file falls back to it; audiences always go to it.
 	writeToken(t, path, jwt(map[string]any{"exp": clk.now().Add(-time.Second).Unix()}))
 	srv := newServer(t, clk, "s")
@@ -395,6 +402,13 @@ func TestTokenFileChecks(t *testing.T) {
 	_, err = c.Token(ctx, "a")
 	require.NoError(t, err)
 	assert.Equal(t, 2, srv.count())
+
+	// Both failing: the error names both.
+	writeToken(t, path, jwt(map[string]any{"exp": clk.now().Add(-time.Second).Unix()}))
+	c = clk.install(New(WithURL(srv.URL), WithSecret("wrong"), WithTokenFile(path), WithMaxAttempts(1)))
+	_, err = c.Token(ctx)
+	assert.ErrorContains(t, err, "invalid token")
+	assert.ErrorContains(t, err, "expired")
 }
 
 func TestFromEnv(t *testing.T) {
@@ -417,4 +431,41 @@ func TestFromEnv(t *testing.T) {
 	_, err = c.Token(context.Background())
 	assert.ErrorContains(t, err, "token server unreachable")
 	assert.False(t, errors.As(err, new(*RefusedError)))
+}
+
+func BenchmarkTokenCached(b *testing.B) {
+	srv := newServer(b, newClock(), "s")
+	c := New(WithURL(srv.URL), WithSecret("s"))
+	c.now = srv.clk.now
+	ctx := context.Background()
+	for b.Loop() {
+		if _, err := c.Token(ctx, "a"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkFetch(b *testing.B) {
+	srv := newServer(b, newClock(), "s")
+	c := New(WithURL(srv.URL), WithSecret("s"))
+	ctx := context.Background()
+	for b.Loop() {
+		if _, err := c.Fetch(ctx, "a"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkTokenFile(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "token")
+	if err := os.WriteFile(path, []byte(jwt(map[string]any{"exp": time.Now().Add(time.Hour).Unix()})), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	c := FromFile(path)
+	ctx := context.Background()
+	for b.Loop() {
+		if _, err := c.Token(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
