@@ -76,6 +76,9 @@ type cached struct {
 	token   string
 	refresh time.Time // half the token's lifetime after it was fetched
 	exp     time.Time
+	// After a failed refresh: no new attempt before retryAt.
+	retryAt time.Time
+	backoff time.Duration
 }
 
 // Option configures a Client.
@@ -123,10 +126,16 @@ func WithHTTPClient(h *http.Client) Option { return func(c *Client) { c.http = h
 func New(opts ...Option) *Client {
 	c := &Client{
 		maxBackoff: defaultMaxBackoff,
-		http:       &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
-		now:        time.Now,
-		sleep:      sleepCtx,
-		cache:      map[string]cached{},
+		http: &http.Client{
+			Timeout:   10 * time.Second,
+			Transport: &http.Transport{DisableKeepAlives: true},
+			// The contract has no redirects; following one could carry
+			// the secret elsewhere.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		now:   time.Now,
+		sleep: sleepCtx,
+		cache: map[string]cached{},
 	}
 	for _, o := range opts {
 		o(c)
@@ -169,8 +178,10 @@ func IssuerURL() string { return os.Getenv(EnvIssuerURL) }
 // Token returns a token for the audiences (none: the server's default
 // audience), from the cache while less than half its lifetime has passed,
 // else freshly fetched. With a token file configured and no audience, the
-// file is read instead. If a refresh fails but the cached token has not
-// expired, the cached token is returned.
+// file is read instead. Past half-life, while the cached token is still
+// valid, a refresh is tried once per call and its failure returns the cached
+// token (later calls retry after 1 s, doubling to the maximum backoff); with
+// no valid token it retries with backoff until it succeeds or ctx ends.
 func (c *Client) Token(ctx context.Context, audience ...string) (string, error) {
 	if c.tokenFile != "" && len(audience) == 0 {
 		tok, ferr := c.readTokenFile(ctx)
@@ -197,14 +208,33 @@ func (c *Client) token(ctx context.Context, audience []string) (string, error) {
 	e, ok := c.cache[key]
 	c.mu.Unlock()
 	now := c.now()
-	if ok && now.Before(e.refresh) {
+	if !ok || !now.Before(e.exp) {
+		return c.Fetch(ctx, audience...)
+	}
+	if now.Before(e.refresh) || now.Before(e.retryAt) {
 		return e.token, nil
 	}
-	tok, err := c.Fetch(ctx, audience...)
-	if err != nil && ok && c.now().Before(e.exp) {
-		return e.token, nil
+	// Past half-life with a token still valid: one attempt now, and on
+	// failure the cached token, with the next attempt backed off, so that
+	// callers are not held up while the server is away.
+	u, err := c.requestURL(audience)
+	if err != nil {
+		return "", err
 	}
-	return tok, err
+	tok, err := c.attempt(ctx, u)
+	if err == nil {
+		c.store(key, tok)
+		return tok, nil
+	}
+	e.backoff = min(max(2*e.backoff, firstBackoff), c.maxBackoff)
+	e.retryAt = c.now().Add(e.backoff)
+	if c.onRetry != nil {
+		c.onRetry(err, e.backoff)
+	}
+	c.mu.Lock()
+	c.cache[key] = e
+	c.mu.Unlock()
+	return e.token, nil
 }
 
 // Fetch asks the server for a fresh token, whatever the cache holds,
@@ -212,37 +242,13 @@ func (c *Client) token(ctx context.Context, audience []string) (string, error) {
 // WithMaxAttempts are used up; it returns the last attempt's error. The
 // token is cached for Token.
 func (c *Client) Fetch(ctx context.Context, audience ...string) (string, error) {
-	if c.url == "" {
-		return "", errors.New("no token endpoint configured")
-	}
-	u, err := url.Parse(c.url)
+	u, err := c.requestURL(audience)
 	if err != nil {
-		return "", fmt.Errorf("parse token URL: %w", err)
+		return "", err
 	}
-	q := u.Query()
-	for _, a := range audience {
-		q.Add("audience", a)
-	}
-	if c.ttl > 0 {
-		q.Set("ttl", strconv.Itoa(c.ttl))
-	}
-	u.RawQuery = q.Encode()
-
 	backoff := min(firstBackoff, c.maxBackoff)
 	for failures := 0; ; {
-		secret, err := c.currentSecret()
-		var tok string
-		if err == nil {
-			tok, err = c.fetchOnce(ctx, u.String(), secret)
-			var refused *RefusedError
-			if errors.As(err, &refused) && refused.Message == "invalid token" && c.secretFile != "" {
-				// The secret may have been rotated since it was read: read
-				// the file again and, if it changed, try again at once.
-				if again, rerr := c.currentSecret(); rerr == nil && again != secret {
-					tok, err = c.fetchOnce(ctx, u.String(), again)
-				}
-			}
-		}
+		tok, err := c.attempt(ctx, u)
 		if err == nil {
 			c.store(strings.Join(audience, "\x00"), tok)
 			return tok, nil
@@ -262,6 +268,44 @@ func (c *Client) Fetch(ctx context.Context, audience ...string) (string, error) 
 		}
 		backoff = min(2*backoff, c.maxBackoff)
 	}
+}
+
+// requestURL is the token URL with the audiences and ttl in its query.
+func (c *Client) requestURL(audience []string) (string, error) {
+	if c.url == "" {
+		return "", errors.New("no token endpoint configured")
+	}
+	u, err := url.Parse(c.url)
+	if err != nil {
+		return "", fmt.Errorf("parse token URL: %w", err)
+	}
+	q := u.Query()
+	for _, a := range audience {
+		q.Add("audience", a)
+	}
+	if c.ttl > 0 {
+		q.Set("ttl", strconv.Itoa(c.ttl))
+	}
+	u.RawQuery = q.Encode()
+	return u.String(), nil
+}
+
+// attempt is one request with the current secret.
+func (c *Client) attempt(ctx context.Context, u string) (string, error) {
+	secret, err := c.currentSecret()
+	if err != nil {
+		return "", err
+	}
+	tok, err := c.fetchOnce(ctx, u, secret)
+	var refused *RefusedError
+	if errors.As(err, &refused) && refused.Message == "invalid token" && c.secretFile != "" {
+		// The secret may have been rotated since it was read: read the
+		// file again and, if it changed, try again at once.
+		if again, rerr := c.currentSecret(); rerr == nil && again != secret {
+			tok, err = c.fetchOnce(ctx, u, again)
+		}
+	}
+	return tok, err
 }
 
 func (c *Client) store(key, tok string) {

@@ -218,18 +218,43 @@ func TestRefreshFailureKeepsValidToken(t *testing.T) {
 	ctx := context.Background()
 	clk := newClock()
 	srv := newServer(t, clk, "s")
-	c := clk.install(New(WithURL(srv.URL), WithSecret("s"), WithMaxAttempts(1)))
+	var hooked []time.Duration
+	c := clk.install(New(WithURL(srv.URL), WithSecret("s"), WithMaxAttempts(1),
+		WithRetryHook(func(err error, wait time.Duration) { hooked = append(hooked, wait) })))
 	first, err := c.Token(ctx)
 	require.NoError(t, err)
 	clk.advance(60 * time.Second)
-	srv.fail = 1
+	srv.fail = 3
+	calls := []struct {
+		advance  time.Duration
+		requests int
+	}{
+		{0, 2},               // fails: the cached token, next try in 1 s
+		{0, 2},               // within the backoff: no request
+		{time.Second, 3},     // fails: next in 2 s
+		{time.Second, 3},     //
+		{time.Second, 4},     // fails: next in 4 s
+		{3 * time.Second, 4}, //
+	}
+	for i, call := range calls {
+		clk.advance(call.advance)
+		got, err := c.Token(ctx)
+		require.NoError(t, err, "call %d: the cached token is still valid", i)
+		assert.Equal(t, first, got, "call %d", i)
+		assert.Equal(t, call.requests, srv.count(), "call %d", i)
+	}
+	assert.Empty(t, clk.waits(), "Token never waits while it has a valid token")
+	assert.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second}, hooked)
+	clk.advance(time.Second)
 	got, err := c.Token(ctx)
-	require.NoError(t, err, "the cached token has 40 s left")
-	assert.Equal(t, first, got)
-	clk.advance(41 * time.Second)
+	require.NoError(t, err)
+	assert.NotEqual(t, first, got, "refreshed once the server answers")
+
+	// Expired: no token to fall back on, the error is returned.
+	clk.advance(101 * time.Second)
 	srv.fail = 1
 	_, err = c.Token(ctx)
-	assert.Error(t, err, "expired: no token to fall back on")
+	assert.ErrorContains(t, err, "overloaded")
 }
 
 func TestSecretFile(t *testing.T) {
@@ -468,4 +493,20 @@ func BenchmarkTokenFile(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// TestNoRedirect: a redirect is a refusal; the secret goes nowhere else.
+func TestNoRedirect(t *testing.T) {
+	var leaked atomic.Bool
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		leaked.Store(r.Header.Get("Authorization") != "")
+	}))
+	defer elsewhere.Close()
+	redirector := httptest.NewServer(http.RedirectHandler(elsewhere.URL, http.StatusFound))
+	defer redirector.Close()
+	_, err := New(WithURL(redirector.URL), WithSecret("s"), WithMaxAttempts(1)).Token(context.Background())
+	var refused *RefusedError
+	require.ErrorAs(t, err, &refused)
+	assert.Equal(t, http.StatusFound, refused.Code)
+	assert.False(t, leaked.Load())
 }
