@@ -510,3 +510,25 @@ func TestNoRedirect(t *testing.T) {
 	assert.Equal(t, http.StatusFound, refused.Code)
 	assert.False(t, leaked.Load())
 }
+
+func TestConcurrentCallers(t *testing.T) {
+	clk := newClock()
+	srv := newServer(t, clk, "s")
+	c := New(WithURL(srv.URL), WithSecret("s"))
+	c.now = clk.now
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; j < 20; j++ {
+				if _, err := c.Token(context.Background(), fmt.Sprint(j%3)); err != nil {
+					t.Error(err)
+					return
+				}
+				clk.advance(time.Second)
+			}
+		}()
+	}
+	wg.Wait()
+}
