@@ -85,6 +85,7 @@ func newServer(t testing.TB, clk *fakeClock, secrets ...string) *server {
 		}
 		s.mu.Lock()
 		s.requests = append(s.requests, r)
+		n := len(s.requests)
 		fail, ok := s.fail, s.ok[secret]
 		if fail > 0 {
 			s.fail--
@@ -105,7 +106,7 @@ func newServer(t testing.TB, clk *fakeClock, secrets ...string) *server {
 				ttl = time.Duration(n) * time.Second
 			}
 			json.NewEncoder(w).Encode(map[string]string{"value": jwt(map[string]any{
-				"aud": r.URL.Query()["audience"], "exp": clk.now().Add(ttl).Unix(), "n": len(s.requests),
+				"aud": r.URL.Query()["audience"], "exp": clk.now().Add(ttl).Unix(), "n": n,
 			})})
 		}
 	}))
