@@ -42,6 +42,20 @@
 // may lack a pid; the pid is only logged. Keeping allocations off every other
 // socket is what keeps the programs' cost on unrelated connections near that
 // of programs that do nothing.
+//
+// Link-local endpoints: the same connect programs send a sandbox's
+// connection to a configured link-local address and port (say
+// 169.254.169.254:80) to the token endpoint instead, by rewriting the
+// destination before the kernel picks a route or a source address. Every
+// later step, the record included, sees only the tuple the server really
+// accepts. The socket remembers what its caller named, and the getpeername
+// programs report that back, so the caller sees the address it connected
+// to. Only sockets of sandboxes are redirected: those whose cgroup, or one
+// of its ancestors, the daemon registered as a sandbox's (with the netns it
+// must also be in, if any), or whose netns belongs to a sandbox registered
+// by netns alone. The daemon keeps those sets in step with its registry, so
+// a host process connecting to the same address reaches whatever really
+// answers there.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -155,6 +169,68 @@ struct {
 	__type(value, struct port_bitmap);
 } endpoint_ports SEC(".maps");
 
+// Where a link-local endpoint's connections go instead: a token endpoint
+// (IPv6, or IPv4-mapped for an IPv4 one).
+struct redirect {
+	__u32 addr[4];
+	__u16 port;
+	__u16 pad;
+};
+
+// What a redirected socket remembers: the destination its caller named
+// and the one it was sent to instead, both as the connect program saw them.
+struct redirected {
+	__u32 orig_addr[4];
+	__u32 to_addr[4];
+	__u16 orig_port;
+	__u16 to_port;
+	__u32 pad;
+};
+
+// Link-local endpoints (by struct endpoint, no wildcards) and their token
+// endpoint.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct endpoint);
+	__type(value, struct redirect);
+} link_local SEC(".maps");
+
+// The ports of link_local, as endpoint_ports is for endpoints.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_bitmap);
+} link_local_ports SEC(".maps");
+
+// The registry's sandboxes, for link-local redirects only (attribution
+// never reads them). sandbox_cgroups: a sandbox's cgroup id -> the netns
+// cookie its callers must also have, 0 for any. sandbox_netns: netns
+// cookies of sandboxes registered by netns alone.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} sandbox_cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} sandbox_netns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct redirected);
+} redirects SEC(".maps");
+
 static __always_inline void map_v4(__u32 *dst, __u32 addr)
 {
 	dst[0] = 0;
@@ -214,13 +290,16 @@ static __always_inline int conn_key_of(struct bpf_sock_ops *ops, struct conn_key
 
 // is_endpoint reports whether addr (IPv6 or IPv4-mapped, network order) and
 // port (host order) name a token endpoint.
-static __always_inline int is_endpoint(const __u32 *addr, __u16 port)
+static __always_inline int port_in(void *bitmap, __u16 port)
 {
 	__u32 zero = 0;
-	struct port_bitmap *ports = bpf_map_lookup_elem(&endpoint_ports, &zero);
-	if (!ports)
-		return 0;
-	if (!(ports->bits[(port >> 6) & 1023] & (1ULL << (port & 63))))
+	struct port_bitmap *ports = bpf_map_lookup_elem(bitmap, &zero);
+	return ports && (ports->bits[(port >> 6) & 1023] & (1ULL << (port & 63)));
+}
+
+static __always_inline int is_endpoint(const __u32 *addr, __u16 port)
+{
+	if (!port_in(&endpoint_ports, port))
 		return 0;
 
 	struct endpoint ep = {};
@@ -257,7 +336,15 @@ struct kernfs_node {
 	__u64 id;
 } __attribute__((preserve_access_index));
 
+struct cgroup;
+
+struct cgroup_subsys_state {
+	struct cgroup *cgroup;
+	struct cgroup_subsys_state *parent;
+} __attribute__((preserve_access_index));
+
 struct cgroup {
+	struct cgroup_subsys_state self;
 	struct kernfs_node *kn;
 } __attribute__((preserve_access_index));
 
@@ -425,13 +512,11 @@ static __always_inline void on_client_close(struct bpf_sock_ops *ops)
 }
 
 // note_connector remembers the calling task on a TCP socket about to connect
-// to a token endpoint. Failing to allocate only leaves the record without a
-// pid; connect() itself is never denied.
-static __always_inline void note_connector(struct bpf_sock_addr *ctx, const __u32 *addr)
+// to a token endpoint at addr and port (host order). Failing to allocate only
+// leaves the record without a pid; connect() itself is never denied.
+static __always_inline void note_connector(struct bpf_sock_addr *ctx, const __u32 *addr, __u16 port)
 {
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return;
-	if (!is_endpoint(addr, bpf_ntohs((__u16)ctx->user_port)))
+	if (!is_endpoint(addr, port))
 		return;
 	// Gives the namespace its cookie if it has none yet (before 5.12), for
 	// sockops to read; there the value itself is not needed.
@@ -448,24 +533,168 @@ static __always_inline void note_connector(struct bpf_sock_addr *ctx, const __u3
 	c->tgid = pid_tgid >> 32;
 }
 
+// Cgroups deeper than this below a sandbox's own are not recognised as the
+// sandbox's for redirects (attribution is not affected).
+#define MAX_CGROUP_HOPS 32
+
+// is_sandbox reports whether the connecting socket belongs to a registered
+// sandbox, by the registry's rule: its cgroup or the nearest registered
+// ancestor is a sandbox's, and the socket is in that sandbox's netns if it
+// has one; failing a registered cgroup, its netns is that of a sandbox
+// registered by netns alone. The cgroup is the socket's own, as in records.
+static __always_inline int is_sandbox(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 0;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (tp) {
+		struct cgroup *cg = tp->inet_conn.icsk_inet.sk.sk_cgrp_data.cgroup;
+		for (int i = 0; i < MAX_CGROUP_HOPS && cg; i++) {
+			struct kernfs_node *kn = cg->kn;
+			if (!kn)
+				break;
+			__u64 id = kn->id;
+			__u64 *netns = bpf_map_lookup_elem(&sandbox_cgroups, &id);
+			if (netns)
+				return *netns == 0 || *netns == cookie;
+			struct cgroup_subsys_state *parent = cg->self.parent;
+			if (!parent)
+				break;
+			cg = parent->cgroup;
+		}
+	}
+	return bpf_map_lookup_elem(&sandbox_netns, &cookie) != NULL;
+}
+
+// link_local_target returns where a sandbox's connection to addr and port
+// (host order) goes instead, or NULL to leave it alone, and remembers both
+// on the socket for getpeername.
+static __always_inline struct redirect *link_local_target(struct bpf_sock_addr *ctx, const __u32 *addr, __u16 port)
+{
+	if (!port_in(&link_local_ports, port))
+		return NULL;
+	struct endpoint ep = {};
+	ep.addr[0] = addr[0];
+	ep.addr[1] = addr[1];
+	ep.addr[2] = addr[2];
+	ep.addr[3] = addr[3];
+	ep.port = port;
+	struct redirect *r = bpf_map_lookup_elem(&link_local, &ep);
+	if (!r || !is_sandbox(ctx))
+		return NULL;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return NULL;
+	// Without the note getpeername would name the token endpoint; the
+	// connection itself is still attributed, so it goes ahead.
+	struct redirected *note = bpf_sk_storage_get(&redirects, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (note) {
+		for (int i = 0; i < 4; i++) {
+			note->orig_addr[i] = addr[i];
+			note->to_addr[i] = r->addr[i];
+		}
+		note->orig_port = port;
+		note->to_port = r->port;
+	}
+	return r;
+}
+
+static __always_inline int is_v4mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
+}
+
 SEC("cgroup/connect4")
 int record_connector4(struct bpf_sock_addr *ctx)
 {
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
 	__u32 addr[4];
 	map_v4(addr, ctx->user_ip4);
-	note_connector(ctx, addr);
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	struct redirect *r = link_local_target(ctx, addr, port);
+	// The loader only pairs IPv4 link-local addresses with IPv4 endpoints.
+	if (r && is_v4mapped(r->addr)) {
+		ctx->user_ip4 = r->addr[3];
+		ctx->user_port = bpf_htons(r->port);
+		addr[3] = r->addr[3];
+		port = r->port;
+	}
+	note_connector(ctx, addr, port);
 	return 1;
 }
 
 SEC("cgroup/connect6")
 int record_connector6(struct bpf_sock_addr *ctx)
 {
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
 	__u32 addr[4];
 	addr[0] = ctx->user_ip6[0];
 	addr[1] = ctx->user_ip6[1];
 	addr[2] = ctx->user_ip6[2];
 	addr[3] = ctx->user_ip6[3];
-	note_connector(ctx, addr);
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	struct redirect *r = link_local_target(ctx, addr, port);
+	if (r) {
+		// An IPv4 endpoint as an IPv4-mapped address: the kernel then
+		// connects over IPv4 (unless the socket is IPv6-only, which fails).
+		ctx->user_ip6[0] = r->addr[0];
+		ctx->user_ip6[1] = r->addr[1];
+		ctx->user_ip6[2] = r->addr[2];
+		ctx->user_ip6[3] = r->addr[3];
+		ctx->user_port = bpf_htons(r->port);
+		for (int i = 0; i < 4; i++)
+			addr[i] = r->addr[i];
+		port = r->port;
+	}
+	note_connector(ctx, addr, port);
+	return 1;
+}
+
+// The getpeername programs give a redirected socket back the address its
+// caller connected to, as long as its peer is still the endpoint it was
+// sent to (a socket may connect again after a failed attempt).
+SEC("cgroup/getpeername4")
+int link_local_peer4(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct redirected *note = bpf_sk_storage_get(&redirects, sk, 0, 0);
+	if (!note || !is_v4mapped(note->orig_addr))
+		return 1;
+	if (ctx->user_ip4 != note->to_addr[3] || bpf_ntohs((__u16)ctx->user_port) != note->to_port)
+		return 1;
+	ctx->user_ip4 = note->orig_addr[3];
+	ctx->user_port = bpf_htons(note->orig_port);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int link_local_peer6(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	struct redirected *note = bpf_sk_storage_get(&redirects, sk, 0, 0);
+	if (!note)
+		return 1;
+	__u32 peer[4];
+	peer[0] = ctx->user_ip6[0];
+	peer[1] = ctx->user_ip6[1];
+	peer[2] = ctx->user_ip6[2];
+	peer[3] = ctx->user_ip6[3];
+	if (peer[0] != note->to_addr[0] || peer[1] != note->to_addr[1] || peer[2] != note->to_addr[2] ||
+	    peer[3] != note->to_addr[3] || bpf_ntohs((__u16)ctx->user_port) != note->to_port)
+		return 1;
+	ctx->user_ip6[0] = note->orig_addr[0];
+	ctx->user_ip6[1] = note->orig_addr[1];
+	ctx->user_ip6[2] = note->orig_addr[2];
+	ctx->user_ip6[3] = note->orig_addr[3];
+	ctx->user_port = bpf_htons(note->orig_port);
 	return 1;
 }
 

@@ -62,6 +62,22 @@ type attribRecord struct {
 	Pad               uint32
 }
 
+type attribRedirect struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
+}
+
+type attribRedirected struct {
+	_        structs.HostLayout
+	OrigAddr [4]uint32
+	ToAddr   [4]uint32
+	OrigPort uint16
+	ToPort   uint16
+	Pad      uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -71,6 +87,13 @@ const (
 	attribMapEndpointPorts         = "endpoint_ports"
 	attribMapEndpoints             = "endpoints"
 	attribMapHandshakes            = "handshakes"
+	attribMapLinkLocal             = "link_local"
+	attribMapLinkLocalPorts        = "link_local_ports"
+	attribMapRedirects             = "redirects"
+	attribMapSandboxCgroups        = "sandbox_cgroups"
+	attribMapSandboxNetns          = "sandbox_netns"
+	attribProgLinkLocalPeer4       = "link_local_peer4"
+	attribProgLinkLocalPeer6       = "link_local_peer6"
 	attribProgRecordConnect        = "record_connect"
 	attribProgRecordConnector4     = "record_connector4"
 	attribProgRecordConnector6     = "record_connector6"
@@ -119,6 +142,8 @@ type attribSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribProgramSpecs struct {
+	LinkLocalPeer4   *ebpf.ProgramSpec `ebpf:"link_local_peer4"`
+	LinkLocalPeer6   *ebpf.ProgramSpec `ebpf:"link_local_peer6"`
 	RecordConnect    *ebpf.ProgramSpec `ebpf:"record_connect"`
 	RecordConnector4 *ebpf.ProgramSpec `ebpf:"record_connector4"`
 	RecordConnector6 *ebpf.ProgramSpec `ebpf:"record_connector6"`
@@ -128,11 +153,16 @@ type attribProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type attribMapSpecs struct {
-	Attested      *ebpf.MapSpec `ebpf:"attested"`
-	Clients       *ebpf.MapSpec `ebpf:"clients"`
-	EndpointPorts *ebpf.MapSpec `ebpf:"endpoint_ports"`
-	Endpoints     *ebpf.MapSpec `ebpf:"endpoints"`
-	Handshakes    *ebpf.MapSpec `ebpf:"handshakes"`
+	Attested       *ebpf.MapSpec `ebpf:"attested"`
+	Clients        *ebpf.MapSpec `ebpf:"clients"`
+	EndpointPorts  *ebpf.MapSpec `ebpf:"endpoint_ports"`
+	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
+	Handshakes     *ebpf.MapSpec `ebpf:"handshakes"`
+	LinkLocal      *ebpf.MapSpec `ebpf:"link_local"`
+	LinkLocalPorts *ebpf.MapSpec `ebpf:"link_local_ports"`
+	Redirects      *ebpf.MapSpec `ebpf:"redirects"`
+	SandboxCgroups *ebpf.MapSpec `ebpf:"sandbox_cgroups"`
+	SandboxNetns   *ebpf.MapSpec `ebpf:"sandbox_netns"`
 }
 
 // attribVariableSpecs contains global variables before they are loaded into the kernel.
@@ -162,11 +192,16 @@ func (o *attribObjects) Close() error {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribMaps struct {
-	Attested      *ebpf.Map `ebpf:"attested"`
-	Clients       *ebpf.Map `ebpf:"clients"`
-	EndpointPorts *ebpf.Map `ebpf:"endpoint_ports"`
-	Endpoints     *ebpf.Map `ebpf:"endpoints"`
-	Handshakes    *ebpf.Map `ebpf:"handshakes"`
+	Attested       *ebpf.Map `ebpf:"attested"`
+	Clients        *ebpf.Map `ebpf:"clients"`
+	EndpointPorts  *ebpf.Map `ebpf:"endpoint_ports"`
+	Endpoints      *ebpf.Map `ebpf:"endpoints"`
+	Handshakes     *ebpf.Map `ebpf:"handshakes"`
+	LinkLocal      *ebpf.Map `ebpf:"link_local"`
+	LinkLocalPorts *ebpf.Map `ebpf:"link_local_ports"`
+	Redirects      *ebpf.Map `ebpf:"redirects"`
+	SandboxCgroups *ebpf.Map `ebpf:"sandbox_cgroups"`
+	SandboxNetns   *ebpf.Map `ebpf:"sandbox_netns"`
 }
 
 func (m *attribMaps) Close() error {
@@ -176,6 +211,11 @@ func (m *attribMaps) Close() error {
 		m.EndpointPorts,
 		m.Endpoints,
 		m.Handshakes,
+		m.LinkLocal,
+		m.LinkLocalPorts,
+		m.Redirects,
+		m.SandboxCgroups,
+		m.SandboxNetns,
 	)
 }
 
@@ -190,6 +230,8 @@ type attribVariables struct {
 //
 // It can be passed to loadAttribObjects or ebpf.CollectionSpec.LoadAndAssign.
 type attribPrograms struct {
+	LinkLocalPeer4   *ebpf.Program `ebpf:"link_local_peer4"`
+	LinkLocalPeer6   *ebpf.Program `ebpf:"link_local_peer6"`
 	RecordConnect    *ebpf.Program `ebpf:"record_connect"`
 	RecordConnector4 *ebpf.Program `ebpf:"record_connector4"`
 	RecordConnector6 *ebpf.Program `ebpf:"record_connector6"`
@@ -197,6 +239,8 @@ type attribPrograms struct {
 
 func (p *attribPrograms) Close() error {
 	return _AttribClose(
+		p.LinkLocalPeer4,
+		p.LinkLocalPeer6,
 		p.RecordConnect,
 		p.RecordConnector4,
 		p.RecordConnector6,

@@ -688,10 +688,15 @@ func mapID(t *testing.T, m *ebpf.Map) ebpf.MapID {
 	return id
 }
 
-// sharedMapID is the id of the map all three programs use.
+// sharedMapID is the id of the map the attribution programs use.
 func sharedMapID(t *testing.T, opts Options) ebpf.MapID {
 	t.Helper()
-	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), attribMapClients), nil)
+	return pinnedMapID(t, opts, attribMapClients)
+}
+
+func pinnedMapID(t *testing.T, opts Options, name string) ebpf.MapID {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(mapsDir(opts.PinDir), name), nil)
 	require.NoError(t, err)
 	defer m.Close()
 	return mapID(t, m)
@@ -701,8 +706,8 @@ func assertOneCopyEach(t *testing.T, opts Options) {
 	t.Helper()
 	root, err := cgroup2.Root()
 	require.NoError(t, err)
-	id := sharedMapID(t, opts)
 	for _, h := range hooks() {
+		id := pinnedMapID(t, opts, h.ownMap)
 		assert.Equal(t, 1, attachedCopies(t, root, h.attach, id), "copies of %s attached", h.program)
 	}
 }
@@ -789,7 +794,10 @@ func TestUninstallLeavesNothing(t *testing.T) {
 	opts := Options{PinDir: testPinDir(t), Logger: quiet}
 	in, err := Install(context.Background(), opts)
 	require.NoError(t, err)
-	id := sharedMapID(t, opts)
+	ids := make(map[string]ebpf.MapID)
+	for _, h := range hooks() {
+		ids[h.program] = pinnedMapID(t, opts, h.ownMap)
+	}
 	in.Close()
 	root, err := cgroup2.Root()
 	require.NoError(t, err)
@@ -797,7 +805,7 @@ func TestUninstallLeavesNothing(t *testing.T) {
 	require.NoError(t, Uninstall(context.Background(), opts))
 	assert.NoDirExists(t, opts.PinDir)
 	for _, h := range hooks() {
-		assert.Zero(t, attachedCopies(t, root, h.attach, id), "%s still attached", h.program)
+		assert.Zero(t, attachedCopies(t, root, h.attach, ids[h.program]), "%s still attached", h.program)
 	}
 	require.NoError(t, Uninstall(context.Background(), opts), "a second Uninstall has nothing to do")
 }

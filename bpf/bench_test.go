@@ -224,6 +224,8 @@ func BenchmarkHookCost(b *testing.B) {
 		attribProgRecordConnector4: noopProgram(b, ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Connect),
 		attribProgRecordConnector6: noopProgram(b, ebpf.CGroupSockAddr, ebpf.AttachCGroupInet6Connect),
 		attribProgRecordConnect:    noopProgram(b, ebpf.SockOps, ebpf.AttachCGroupSockOps),
+		attribProgLinkLocalPeer4:   noopProgram(b, ebpf.CGroupSockAddr, ebpf.AttachCgroupInet4GetPeername),
+		attribProgLinkLocalPeer6:   noopProgram(b, ebpf.CGroupSockAddr, ebpf.AttachCgroupInet6GetPeername),
 	}
 	pick := func(connect, sockops bool) map[string]*ebpf.Program {
 		choose := func(real bool, name string) *ebpf.Program {
@@ -236,6 +238,9 @@ func BenchmarkHookCost(b *testing.B) {
 			attribProgRecordConnector4: choose(connect, attribProgRecordConnector4),
 			attribProgRecordConnector6: choose(connect, attribProgRecordConnector6),
 			attribProgRecordConnect:    choose(sockops, attribProgRecordConnect),
+			// getpeername runs on every Dial too; it goes with connect.
+			attribProgLinkLocalPeer4: choose(connect, attribProgLinkLocalPeer4),
+			attribProgLinkLocalPeer6: choose(connect, attribProgLinkLocalPeer6),
 		}
 	}
 

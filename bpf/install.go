@@ -57,20 +57,26 @@ func (o Options) withDefaults() (Options, error) {
 type hook struct {
 	program string
 	attach  ebpf.AttachType
+	// ownMap is a pinned map the program uses, by which a program of this
+	// installation is told from another's.
+	ownMap string
 }
 
 // hooks lists the programs in attach order: the connector recorders go first
 // so that as few records as possible are published without a pid.
 func hooks() []hook {
 	return []hook{
-		{attribProgRecordConnector4, ebpf.AttachCGroupInet4Connect},
-		{attribProgRecordConnector6, ebpf.AttachCGroupInet6Connect},
-		{attribProgRecordConnect, ebpf.AttachCGroupSockOps},
+		{attribProgRecordConnector4, ebpf.AttachCGroupInet4Connect, attribMapEndpoints},
+		{attribProgRecordConnector6, ebpf.AttachCGroupInet6Connect, attribMapEndpoints},
+		{attribProgRecordConnect, ebpf.AttachCGroupSockOps, attribMapEndpoints},
+		{attribProgLinkLocalPeer4, ebpf.AttachCgroupInet4GetPeername, attribMapRedirects},
+		{attribProgLinkLocalPeer6, ebpf.AttachCgroupInet6GetPeername, attribMapRedirects},
 	}
 }
 
 func mapNames() []string {
-	return []string{attribMapClients, attribMapHandshakes, attribMapAttested, attribMapEndpoints, attribMapEndpointPorts}
+	return []string{attribMapClients, attribMapHandshakes, attribMapAttested, attribMapEndpoints, attribMapEndpointPorts,
+		attribMapLinkLocal, attribMapLinkLocalPorts, attribMapSandboxCgroups, attribMapSandboxNetns, attribMapRedirects}
 }
 
 func programNames() []string {
@@ -136,11 +142,11 @@ func (in *Installation) Repair(ctx context.Context) error {
 // to the cgroup root through its pinned link and uses this installation's
 // maps. An error names the first program that is not.
 func (in *Installation) Check() error {
-	want, err := mapIDOf(in.endpoints)
-	if err != nil {
-		return err
-	}
 	for _, h := range hooks() {
+		want, err := mapIDOf(in.maps[h.ownMap])
+		if err != nil {
+			return err
+		}
 		pin := linkPin(in.opts.PinDir, h.program)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err != nil {

@@ -197,12 +197,17 @@ func (in *Installation) endpointSet() (map[attribEndpoint]bool, error) {
 }
 
 func (in *Installation) setPorts(eps map[attribEndpoint]bool) error {
+	return putPorts(in.ports, eps)
+}
+
+// putPorts sets the port bitmap m to the ports of eps.
+func putPorts(m *ebpf.Map, eps map[attribEndpoint]bool) error {
 	var bm attribPortBitmap
 	for ep := range eps {
 		bm.Bits[ep.Port>>6] |= 1 << (ep.Port & 63)
 	}
-	if err := in.ports.Put(uint32(0), &bm); err != nil {
-		return fmt.Errorf("set token endpoint ports: %w", err)
+	if err := m.Put(uint32(0), &bm); err != nil {
+		return fmt.Errorf("set the ports of %s: %w", m.String(), err)
 	}
 	return nil
 }

@@ -279,6 +279,15 @@ func (c *Client) Dial(addr netip.AddrPort, n int) ([]netip.AddrPort, error) {
 	return out, nil
 }
 
+// Peer returns what getpeername reports for the connected socket fd.
+func (c *Client) Peer(fd int) (netip.AddrPort, error) {
+	f, err := c.do("peer %d", fd)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	return netip.ParseAddrPort(f[0])
+}
+
 // Bind binds socket fd to addr.
 func (c *Client) Bind(fd int, addr netip.AddrPort) error {
 	_, err := c.do("bind %d %s", fd, addr)
@@ -368,6 +377,17 @@ func serve(cmd []string) (string, error) {
 		}
 		local, err := connect(fd, ap)
 		return local.String(), err
+	case cmd[0] == "peer" && len(cmd) == 2:
+		fd, err := strconv.Atoi(cmd[1])
+		if err != nil {
+			return "", err
+		}
+		peer, err := unix.Getpeername(fd)
+		if err != nil {
+			return "", fmt.Errorf("getpeername: %w", err)
+		}
+		ap, err := addrPortOf(peer)
+		return ap.String(), err
 	case (cmd[0] == "bind" || cmd[0] == "connectnb") && len(cmd) == 3:
 		fd, err := strconv.Atoi(cmd[1])
 		if err != nil {
@@ -636,11 +656,15 @@ func connect(fd int, ap netip.AddrPort) (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("getsockname: %w", err)
 	}
-	switch a := local.(type) {
+	return addrPortOf(local)
+}
+
+func addrPortOf(sa unix.Sockaddr) (netip.AddrPort, error) {
+	switch a := sa.(type) {
 	case *unix.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port)), nil
 	case *unix.SockaddrInet6:
 		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr), uint16(a.Port)), nil
 	}
-	return netip.AddrPort{}, fmt.Errorf("unexpected local address %T", local)
+	return netip.AddrPort{}, fmt.Errorf("unexpected socket address %T", sa)
 }
