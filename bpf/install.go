@@ -107,6 +107,7 @@ type Installation struct {
 	attested  *ebpf.Map
 	endpoints *ebpf.Map
 	ports     *ebpf.Map // bitmap of the endpoints' ports
+	nat       *natProbe // explains connections without a record
 }
 
 // Install loads the programs, attaches them to the cgroup root and pins them,
@@ -120,7 +121,7 @@ func Install(ctx context.Context, opts Options) (*Installation, error) {
 	if err != nil {
 		return nil, fmt.Errorf("install attribution programs: %w", err)
 	}
-	in := &Installation{opts: opts}
+	in := &Installation{opts: opts, nat: newNATProbe()}
 	if err := in.attach(ctx); err != nil {
 		in.Close()
 		return nil, err

@@ -21,7 +21,8 @@ var (
 	// host completed this very handshake (4-tuple and sequence numbers) with
 	// a configured endpoint: the connection came from elsewhere, someone
 	// other than the socket that owns the 4-tuple completed it, or something
-	// rewrote its addresses on the way.
+	// rewrote its addresses on the way (one that conntrack says was
+	// rewritten by NAT is reported as a *NATError, which wraps it).
 	ErrNoRecord = errors.New("no attribution record for this connection")
 	// ErrUnattested: the program could not read which cgroup the connecting
 	// socket belongs to, so its owner is unknown.
@@ -93,15 +94,21 @@ func (in *Installation) Lookup(c syscall.Conn) (Record, error) {
 	// Raw bytes instead of the generated structs: this runs once per accepted
 	// connection, and the structs would go through reflection.
 	var raw [recordSize]byte
-	var lookupErr error
+	var lookupErr, natErr error
 	rc, err := c.SyscallConn()
 	if err == nil {
 		err = rc.Control(func(fd uintptr) {
 			lookupErr = in.attested.Lookup(uint32(fd), raw[:])
+			if errors.Is(lookupErr, ebpf.ErrKeyNotExist) && in.nat != nil {
+				natErr = in.nat.explain(int(fd))
+			}
 		})
 	}
 	if err != nil {
 		return Record{}, fmt.Errorf("look up attribution: reach the connection's socket: %w", err)
+	}
+	if natErr != nil {
+		return Record{}, fmt.Errorf("attribute connection: %w", natErr)
 	}
 	if errors.Is(lookupErr, ebpf.ErrKeyNotExist) {
 		return Record{}, fmt.Errorf("attribute connection: %w", ErrNoRecord)

@@ -8,6 +8,8 @@ command -v clang >/dev/null || need+=(clang)
 command -v llvm-strip >/dev/null || need+=(llvm)
 [ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v ip >/dev/null || need+=(iproute2)
+# The NAT tests write DNAT rules in their own network namespaces.
+command -v iptables >/dev/null || need+=(iptables)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
 # Newer kernels of the vmtest matrix ship their modules as .ko.xz.
