@@ -62,6 +62,7 @@ type Index struct {
 	byNetns     map[uint64]*Sandbox // sandboxes registered by netns only
 	descendants map[uint64]*Sandbox // cgroups found below a sandbox
 	unknown     map[uint64]bool     // cgroups found below no sandbox
+	watcher     Watcher             // nil: none (see Watch)
 }
 
 // New returns an empty index resolving cgroups on the cgroup2 hierarchy
@@ -107,6 +108,11 @@ func (x *Index) Add(s Sandbox) error {
 			return fmt.Errorf("register sandbox %q: netns already belongs to sandbox %q", s.ID, other.ID)
 		}
 	}
+	if x.watcher != nil {
+		if err := x.watcher.SandboxAdded(s); err != nil {
+			return fmt.Errorf("register sandbox %q: %w", s.ID, err)
+		}
+	}
 	sb := &s
 	x.byID[s.ID] = sb
 	if s.CgroupID != 0 {
@@ -139,6 +145,9 @@ func (x *Index) Remove(id string) {
 		if owner == sb {
 			delete(x.descendants, cg)
 		}
+	}
+	if x.watcher != nil {
+		x.watcher.SandboxRemoved(*sb)
 	}
 }
 
