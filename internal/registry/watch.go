@@ -12,16 +12,22 @@ type Watcher interface {
 	SandboxRemoved(s Sandbox)
 }
 
-// Watch makes w the index's watcher, replacing any earlier one (nil: none),
-// and returns the sandboxes registered at that moment: w hears of every
-// later change and of none of those.
-func (x *Index) Watch(w Watcher) []Sandbox {
+// Watch calls start with the sandboxes registered now and, if it returns
+// nil, makes w the index's watcher (replacing any earlier one; nil: none).
+// Both happen under the index's lock, so w hears of every change after the
+// ones start saw, and of none twice.
+func (x *Index) Watch(start func([]Sandbox) error, w Watcher) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	x.watcher = w
-	out := make([]Sandbox, 0, len(x.byID))
-	for _, sb := range x.byID {
-		out = append(out, *sb)
+	if start != nil {
+		now := make([]Sandbox, 0, len(x.byID))
+		for _, sb := range x.byID {
+			now = append(now, *sb)
+		}
+		if err := start(now); err != nil {
+			return err
+		}
 	}
-	return out
+	x.watcher = w
+	return nil
 }

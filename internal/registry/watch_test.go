@@ -32,7 +32,13 @@ func TestWatch(t *testing.T) {
 	require.NoError(t, x.Add(Sandbox{ID: "before", NetnsCookie: 1}))
 
 	w := &recordingWatcher{}
-	got := x.Watch(w)
+	assert.Error(t, x.Watch(func([]Sandbox) error { return errors.New("no") }, w))
+	require.NoError(t, x.Add(Sandbox{ID: "unheard", NetnsCookie: 9}))
+	assert.Empty(t, w.added, "a watch whose start failed hears nothing")
+	x.Remove("unheard")
+
+	var got []Sandbox
+	require.NoError(t, x.Watch(func(now []Sandbox) error { got = now; return nil }, w))
 	require.Len(t, got, 1)
 	assert.Equal(t, "before", got[0].ID)
 
@@ -47,7 +53,7 @@ func TestWatch(t *testing.T) {
 	assert.ErrorContains(t, err, "map full")
 	assert.Equal(t, 1, x.Len(), "a refused sandbox is not registered")
 
-	x.Watch(nil)
+	require.NoError(t, x.Watch(nil, nil))
 	w.refuse = nil
 	require.NoError(t, x.Add(Sandbox{ID: "unwatched", NetnsCookie: 4}))
 	assert.Equal(t, []string{"after"}, w.added)
