@@ -27,6 +27,7 @@ const DefaultAdminSocket = "/run/identityd/admin.sock"
 //	GET    /v1/sandboxes                          -> 200 [Record]
 //	GET    /v1/sandboxes/{id}                     -> 200 Record
 //	DELETE /v1/sandboxes/{id}[?kill=true]         -> 204
+//	POST   /v1/sandboxes/{id}/rotate  RotateRequest -> 200 secretstore.Status
 //
 // Errors are {"error": "..."} with 400 (bad input), 404 (no such sandbox),
 // 409 (exists, held by another node of the fleet, or still has tasks
@@ -61,10 +62,25 @@ func AdminHandler(c *Controller) http.Handler {
 		err := c.Delete(r.Context(), r.PathValue("id"), kill)
 		reply(w, http.StatusNoContent, nil, err)
 	})
+	mux.HandleFunc("POST /v1/sandboxes/{id}/rotate", func(w http.ResponseWriter, r *http.Request) {
+		var req RotateRequest
+		if r.ContentLength != 0 && !decode(w, r, &req) {
+			return
+		}
+		st, err := c.RotateSecret(r.Context(), r.PathValue("id"), req.RevokePrevious)
+		reply(w, http.StatusOK, st, err)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "not found")
 	})
 	return mux
+}
+
+// RotateRequest asks for a sandbox's secret to be replaced now.
+type RotateRequest struct {
+	// RevokePrevious stops accepting the replaced secret at once, instead
+	// of after the grace window: for a secret believed leaked.
+	RevokePrevious bool `json:"revoke_previous,omitempty"`
 }
 
 // decode reads a JSON body of at most 64 KiB with no unknown fields.

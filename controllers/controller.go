@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -21,6 +22,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/identityd/identityd/internal/cgroup2"
+	"github.com/identityd/identityd/internal/credsdir"
 	"github.com/identityd/identityd/internal/netnsutil"
 	"github.com/identityd/identityd/internal/registry"
 	"github.com/identityd/identityd/internal/secretstore"
@@ -90,7 +92,19 @@ type Config struct {
 	// IDs, if set, reserves every sandbox id in the fleet before the
 	// sandbox is made or adopted, and releases it once it is gone; nil on
 	// a single host.
-	IDs    IDs          `json:"-"`
+	IDs IDs `json:"-"`
+	// CredentialsMount is where a sandbox's credentials directory appears
+	// inside it (see credentials.go); DefaultCredentialsMount if empty.
+	// An adoption may name another.
+	CredentialsMount string
+	// SecretRotation replaces each sandbox's secret when it is this old (0:
+	// only on demand); SecretGrace is how long a replaced secret is still
+	// accepted (0: not at all).
+	SecretRotation time.Duration
+	SecretGrace    time.Duration
+	// Tokens, if set, signs the token kept in each sandbox's token file;
+	// nil: sandboxes get no token file.
+	Tokens TokenIssuer  `json:"-"`
 	Logger *slog.Logger `json:"-"`
 }
 
@@ -102,6 +116,7 @@ type Controller struct {
 	reg         *registry.Index
 	ownReg      bool // opened by the controller, closed by Close
 	secrets     *secretstore.Store
+	creds       *credsdir.Dirs
 	records     *recordStore
 	host        *netlink.Handle
 	bridgeIndex int
@@ -115,9 +130,15 @@ type Controller struct {
 	// doubts holds what the previous resync saw of sandboxes that did not
 	// look plainly alive (under mu).
 	doubts map[string]*doubt
+	// schedule holds when each sandbox's secret is rotated and its token
+	// file replaced next (under mu).
+	schedule map[string]*credSchedule
 	// inconclusive counts checks that could not tell whether a sandbox is
 	// alive.
 	inconclusive atomic.Uint64
+	// rotations counts secrets rotated; tokenFileFailures token files
+	// that could not be renewed when due (each retried).
+	rotations, tokenFileFailures atomic.Uint64
 	// confirmWait separates the rebuild's two looks at a sandbox it found
 	// gone; tests replace it.
 	confirmWait func(context.Context) error
@@ -176,7 +197,14 @@ func open(cfg Config) (*Controller, error) {
 	if cfg.NetnsPrefix, err = cfg.netnsPrefix(); err != nil {
 		return nil, err
 	}
-	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, unreleased: map[string]bool{}, doubts: map[string]*doubt{}, router: Router(cfg.Subnet),
+	if cfg.CredentialsMount == "" {
+		cfg.CredentialsMount = DefaultCredentialsMount
+	}
+	if err := checkMount(cfg.CredentialsMount); err != nil {
+		return nil, err
+	}
+	c := &Controller{cfg: cfg, log: cfg.Logger, live: map[string]*Record{}, unreleased: map[string]bool{}, doubts: map[string]*doubt{},
+		schedule: map[string]*credSchedule{}, router: Router(cfg.Subnet),
 		confirmWait: func(ctx context.Context) error { return sleep(ctx, confirmDelay) }}
 	if err := os.MkdirAll(cfg.CgroupParent, 0o755); err != nil {
 		return nil, fmt.Errorf("create cgroup parent: %w", err)
@@ -194,6 +222,9 @@ func open(cfg Config) (*Controller, error) {
 		}
 	}
 	if c.records, err = openRecords(cfg.StateDir); err != nil {
+		return nil, err
+	}
+	if c.creds, err = credsdir.Open(credsdir.Root(cfg.StateDir)); err != nil {
 		return nil, err
 	}
 	if c.host, err = netnsutil.Handle(cfg.HostNetns); err != nil {
@@ -258,13 +289,20 @@ func (c *Controller) Len() int { return c.reg.Len() }
 // Router returns the router address sandboxes call.
 func (c *Controller) Router() netip.Addr { return c.router }
 
-// Env is the environment to inject into a sandbox's processes.
-func (c *Controller) Env(secret string) map[string]string {
-	return map[string]string{
+// env is the environment to inject into sandbox r's processes.
+func (c *Controller) env(r *Record, secret string) map[string]string {
+	env := map[string]string{
 		"MIREN_IDENTITY_TOKEN_URL":    c.cfg.TokenURL,
 		"MIREN_IDENTITY_TOKEN_SECRET": secret,
 		"MIREN_OIDC_ISSUER_URL":       c.cfg.Issuer,
 	}
+	if r.CredentialsMount != "" {
+		env["MIREN_IDENTITY_TOKEN_SECRET_FILE"] = path.Join(r.CredentialsMount, credsdir.SecretFile)
+		if c.cfg.Tokens != nil {
+			env["MIREN_IDENTITY_TOKEN_PATH"] = path.Join(r.CredentialsMount, credsdir.TokenFile)
+		}
+	}
+	return env
 }
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -299,13 +337,18 @@ type CreateRequest struct {
 	ID  string `json:"id,omitempty"`
 	App string `json:"app"`
 	Org string `json:"org,omitempty"`
+	// Group is the group (a host gid) that may read the sandbox's
+	// credentials files: the workload's. 0 (root) if absent.
+	Group uint32 `json:"group,omitempty"`
 }
 
-// Created is what Create and Adopt return: the record, and the environment
-// (with the secret) to inject into the sandbox's processes.
+// Created is what Create and Adopt return: the record, the environment
+// (with the secret) to inject into the sandbox's processes, and the
+// credentials directory to mount into it.
 type Created struct {
-	Sandbox Record            `json:"sandbox"`
-	Env     map[string]string `json:"env"`
+	Sandbox     Record            `json:"sandbox"`
+	Env         map[string]string `json:"env"`
+	Credentials *Credentials      `json:"credentials,omitempty"`
 }
 
 // Create makes a sandbox: a cgroup, a netns with a routed link, and a
@@ -369,6 +412,7 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 			if derr := c.secrets.Delete(r.ID); derr != nil {
 				c.log.Warn("undo a failed create", "sandbox", r.ID, "error", derr)
 			}
+			c.dropCredentials(r.ID, "undo a failed create")
 		}
 		if perr := c.records.removePending(r.ID); perr != nil {
 			c.log.Warn("undo a failed create: the next start finishes it", "sandbox", r.ID, "error", perr)
@@ -402,6 +446,10 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	if err := c.secrets.Put(r.ID, secret); err != nil {
 		return fail(err)
 	}
+	r.CredentialsMount = c.cfg.CredentialsMount
+	if err := c.makeCredentials(r, req.Group, secret); err != nil {
+		return fail(err)
+	}
 	c.at("create:secret")
 	if err := c.records.put(r); err != nil {
 		return fail(err)
@@ -419,9 +467,11 @@ func (c *Controller) Create(ctx context.Context, req CreateRequest) (*Created, e
 	}
 	committed = true
 	c.log.Info("sandbox created", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID,
-		"netns", r.NetnsPath, "address", addr)
+		"netns", r.NetnsPath, "address", addr, "credentials", c.creds.Path(r.ID))
+	c.scheduleCredentials(r, time.Now())
 	// Committed: a caller that went away meanwhile does not undo it.
-	return &Created{Sandbox: *r, Env: c.Env(secret)}, nil
+	c.firstToken(context.WithoutCancel(ctx), r)
+	return &Created{Sandbox: *r, Env: c.env(r, secret), Credentials: c.credentials(r)}, nil
 }
 
 // unused refuses an id that a live sandbox or a record already has.
@@ -496,6 +546,12 @@ type AdoptRequest struct {
 	Org        string `json:"org,omitempty"`
 	CgroupPath string `json:"cgroup_path,omitempty"`
 	NetnsPath  string `json:"netns_path,omitempty"`
+	// Group is the host gid that may read the credentials files (the
+	// workload's, as the host sees it); root if absent.
+	Group uint32 `json:"group,omitempty"`
+	// CredentialsMount is where the other runtime mounts the credentials
+	// directory inside the sandbox; the daemon's default if empty.
+	CredentialsMount string `json:"credentials_mount,omitempty"`
 }
 
 // adoptRecord checks an adoption against the live system and returns the
@@ -504,7 +560,12 @@ func adoptRecord(req AdoptRequest) (*Record, error) {
 	if req.CgroupPath == "" && req.NetnsPath == "" {
 		return nil, fmt.Errorf("%w: adopt needs a cgroup path, a netns path, or both", ErrInvalid)
 	}
-	r := &Record{ID: req.ID, App: req.App, Org: req.Org, Created: time.Now().UTC()}
+	r := &Record{ID: req.ID, App: req.App, Org: req.Org, Created: time.Now().UTC(), CredentialsMount: req.CredentialsMount}
+	if r.CredentialsMount != "" {
+		if err := checkMount(r.CredentialsMount); err != nil {
+			return nil, err
+		}
+	}
 	if req.CgroupPath != "" {
 		root, _ := cgroup2.Root()
 		p := filepath.Clean(req.CgroupPath)
@@ -543,6 +604,9 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 	if err != nil {
 		return nil, err
 	}
+	if r.CredentialsMount == "" {
+		r.CredentialsMount = c.cfg.CredentialsMount
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err := ctx.Err(); err != nil {
@@ -566,21 +630,32 @@ func (c *Controller) Adopt(ctx context.Context, req AdoptRequest) (*Created, err
 			c.log.Warn("undo a failed adoption: "+what, "sandbox", r.ID, "error", err)
 		}
 	}
+	if err := c.makeCredentials(r, req.Group, secret); err != nil {
+		undo("delete secret", c.secrets.Delete(r.ID))
+		c.dropCredentials(r.ID, "undo a failed adoption")
+		c.release(r.ID, "undo a failed adoption")
+		return nil, err
+	}
 	if err := c.records.put(r); err != nil {
 		undo("delete secret", c.secrets.Delete(r.ID))
+		c.dropCredentials(r.ID, "undo a failed adoption")
 		c.release(r.ID, "undo a failed adoption")
 		return nil, err
 	}
 	if err := c.register(r); err != nil {
 		undo("delete secret", c.secrets.Delete(r.ID))
+		c.dropCredentials(r.ID, "undo a failed adoption")
 		undo("remove record", c.records.remove(r.ID))
 		c.release(r.ID, "undo a failed adoption")
 		return nil, fmt.Errorf("%w: %v", ErrExists, err)
 	}
-	c.log.Info("sandbox adopted", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID, "netns", r.NetnsPath)
+	c.log.Info("sandbox adopted", "sandbox", r.ID, "app", r.App, "cgroup", r.CgroupPath, "cgroup_id", r.CgroupID, "netns", r.NetnsPath,
+		"credentials", c.creds.Path(r.ID), "credentials_mount", r.CredentialsMount)
 	c.warnSharedL2(r)
+	c.scheduleCredentials(r, time.Now())
 	// Committed: a caller that went away meanwhile does not undo it.
-	return &Created{Sandbox: *r, Env: c.Env(secret)}, nil
+	c.firstToken(context.WithoutCancel(ctx), r)
+	return &Created{Sandbox: *r, Env: c.env(r, secret), Credentials: c.credentials(r)}, nil
 }
 
 // Delete revokes a sandbox (its secret is durably gone before anything
@@ -613,6 +688,7 @@ func (c *Controller) Delete(ctx context.Context, id string, kill bool) error {
 	c.reg.Remove(id)
 	delete(c.live, id)
 	delete(c.doubts, id)
+	c.dropCredentials(id, "delete")
 	if r.Owned {
 		if err := c.teardown(r, kill); err != nil {
 			c.log.Warn("tear down sandbox", "sandbox", id, "error", err)
@@ -843,6 +919,11 @@ func (c *Controller) rebuild(ctx context.Context) error {
 			}
 		}
 	}
+	c.recoverRotations()
+	now := time.Now()
+	for _, r := range c.live {
+		c.scheduleCredentials(r, now)
+	}
 	c.warnUnknown()
 	c.log.Info("sandboxes rebuilt", "live", len(c.live), "retired", retired, "took", time.Since(start))
 	return nil
@@ -885,6 +966,7 @@ func (c *Controller) finishPending() error {
 				c.log.Warn("clean up a create that did not finish; retried at the next start", "sandbox", p.ID, "error", err)
 				continue
 			}
+			c.dropCredentials(p.ID, "clean up a create that did not finish")
 			c.release(p.ID, "clean up a create that did not finish")
 		}
 		// Either Create finished and only the marker was left, or its
@@ -985,6 +1067,7 @@ func (c *Controller) retire(r *Record, why string, teardown bool) {
 	c.reg.Remove(r.ID)
 	delete(c.live, r.ID)
 	delete(c.doubts, r.ID)
+	c.dropCredentials(r.ID, "retire sandbox")
 	if r.Owned && teardown {
 		if err := c.teardown(r, true); err != nil {
 			c.log.Warn("retire sandbox: tear it down", "sandbox", r.ID, "error", err)
@@ -1005,6 +1088,9 @@ func (c *Controller) Run(ctx context.Context) {
 	reserved := make(chan struct{})
 	go func() { defer close(reserved); c.reserveLive(ctx) }()
 	defer func() { <-reserved }()
+	renewing := make(chan struct{})
+	go func() { defer close(renewing); c.renewCredentials(ctx) }()
+	defer func() { <-renewing }()
 	t := time.NewTicker(c.cfg.ResyncInterval)
 	defer t.Stop()
 	for {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/identityd/identityd/internal/atomicfile"
 	"github.com/identityd/identityd/internal/cgroup2"
+	"github.com/identityd/identityd/internal/credsdir"
 	"github.com/identityd/identityd/internal/netnsutil"
 	"github.com/identityd/identityd/internal/secretstore"
 )
@@ -39,6 +40,7 @@ func Fsck(cfg Config) ([]string, error) {
 	dirs := recordDirs(cfg.StateDir)
 	secretsDir := secretstore.Dir(cfg.StateDir)
 	secrets := secretstore.At(secretsDir)
+	creds := credsdir.At(credsdir.Root(cfg.StateDir))
 	recs, errs := list(dirs.dir)
 	for _, err := range errs {
 		report("%v", err)
@@ -67,6 +69,7 @@ func Fsck(cfg Config) ([]string, error) {
 		case unknown:
 			report("sandbox %s: cannot check its %s: %v", r.ID, l.Object, l.Err)
 		}
+		checkCredentials(r, creds, secrets, report)
 		if r.Owned {
 			cgroups[r.CgroupPath] = true
 		}
@@ -79,6 +82,20 @@ func Fsck(cfg Config) ([]string, error) {
 	for _, id := range ids {
 		if byID[id] == nil {
 			report("secret %s has no record", id)
+		}
+	}
+	if ids, err := creds.IDs(); err == nil {
+		for _, id := range ids {
+			if byID[id] == nil {
+				report("credentials directory %s has no record", creds.Path(id))
+			}
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		report("cannot check the credentials directories: %v", err)
+	}
+	if ids, err := creds.StagedIDs(); err == nil {
+		for _, id := range ids {
+			report("sandbox %s: a secret rotation was interrupted (the next start finishes or abandons it)", id)
 		}
 	}
 	for _, dir := range []string{dirs.dir, dirs.pending, secretsDir} {
@@ -109,4 +126,20 @@ func Fsck(cfg Config) ([]string, error) {
 		}
 	}
 	return problems, nil
+}
+
+// checkCredentials reports a sandbox whose secret file is missing or holds
+// a secret the store does not accept.
+func checkCredentials(r *Record, creds *credsdir.Dirs, secrets *secretstore.Store, report func(string, ...any)) {
+	if r.CredentialsMount == "" {
+		return
+	}
+	secret, err := creds.Secret(r.ID)
+	if err != nil {
+		report("sandbox %s: cannot read its secret file: %v", r.ID, err)
+		return
+	}
+	if ok, err := secrets.Verify(r.ID, secret); err == nil && !ok {
+		report("sandbox %s: its secret file holds a secret the store does not accept", r.ID)
+	}
 }

@@ -35,6 +35,10 @@ type Record struct {
 	// adopted ones belong to another runtime, and Delete only revokes them.
 	Owned   bool      `json:"owned"`
 	Created time.Time `json:"created"`
+	// CredentialsMount is where the sandbox's credentials directory
+	// appears inside it; empty for a sandbox made before credentials
+	// directories existed, which has none.
+	CredentialsMount string `json:"credentials_mount,omitempty"`
 }
 
 // recordStore is a directory of records, one 0600 file per sandbox, and a

@@ -1,6 +1,7 @@
 package tokenserver
 
 import (
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -10,12 +11,14 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/identityd/identityd/bpf"
+	"github.com/identityd/identityd/internal/registry"
 	"github.com/identityd/identityd/internal/sandboxtest"
 )
 
@@ -219,4 +222,31 @@ func BenchmarkAuditLine(b *testing.B) {
 	for b.Loop() {
 		srv.audit("10.136.167.2:52218", "sb-a", c, token, rec)
 	}
+}
+
+// TestTokenForTokenFile: a token for a sandbox's token file has the
+// default audience and lifetime (clamped by MaxTTL), names the sandbox,
+// and is audited like any other, as asked by "token-file".
+func TestTokenForTokenFile(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	buf := e.captureLog(envOptions{maxTTL: 600 * time.Second})
+	sb := registry.Sandbox{ID: "sb-file", App: "web", Org: "acme"}
+	tok, err := e.srv.TokenFor(context.Background(), sb)
+	require.NoError(t, err)
+	c := claims(t, tok)
+	assert.Equal(t, []any{"miren"}, c["aud"])
+	assert.Equal(t, "org:acme:app:web:sandbox:sb-file", c["sub"])
+	assert.Equal(t, 600.0, c["exp"].(float64)-c["iat"].(float64), "the default lifetime, clamped by MaxTTL")
+	lines := auditLines(t, buf)
+	require.Len(t, lines, 1)
+	assert.Equal(t, "token-file", lines[0].Remote)
+	assert.Equal(t, c["jti"], lines[0].JTI)
+	assert.Zero(t, lines[0].Caller.CgroupID, "no connection asked for it")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err = e.srv.TokenFor(ctx, sb)
+	assert.ErrorIs(t, err, context.Canceled)
+	_, err = e.srv.TokenFor(context.Background(), registry.Sandbox{ID: "x", App: "a:b"})
+	assert.Error(t, err, "a sub that cannot be built is not signed")
 }

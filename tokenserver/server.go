@@ -374,6 +374,27 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]string{"value": token})
 }
 
+// TokenFor signs a token naming sb for the default audience and lifetime,
+// for the token file kept in the sandbox, and logs its audit line (remote
+// "token-file": no connection asked for it). The sandbox's rate limit does
+// not apply: the daemon paces these itself.
+func (s *Server) TokenFor(ctx context.Context, sb registry.Sandbox) (string, error) {
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	token, c, err := s.issue(sb, s.cfg.DefaultAudience, min(DefaultTTL, s.cfg.MaxTTL))
+	if err != nil {
+		reason := failSign
+		if errors.Is(err, errKeyPublicationExpiring) {
+			reason = failKeyPublication
+		}
+		s.cfg.Metrics.failed(reason)
+		return "", fmt.Errorf("issue token file of %s: %w", sb.ID, err)
+	}
+	s.audit("token-file", sb.ID, c, token, bpf.Record{})
+	return token, nil
+}
+
 // audit counts an issued token and logs its line of the audit trail: with
 // the node (on s.log) and the kernel's record of the caller, it answers
 // which process on which host obtained jti X. It never logs the token nor

@@ -421,6 +421,12 @@ func TestConnectionsCappedPerSandbox(t *testing.T) {
 	sbA, a, secretA := e.sandbox("a", "web", "")
 	_, b, secretB := e.sandbox("b", "web", "")
 	tokenOf(t, e.get(a, "GET", "", bearer(secretA)))
+	// That request's connection counts until the server has seen it close.
+	require.Eventually(t, func() bool {
+		e.srv.conns.mu.Lock()
+		defer e.srv.conns.mu.Unlock()
+		return e.srv.conns.total == 0
+	}, 10*time.Second, 10*time.Millisecond)
 
 	for range 10 {
 		// The server may reset a refused connection before connect()

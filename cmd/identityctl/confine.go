@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"os/user"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -128,10 +129,12 @@ func parseID(s string) (uint32, error) {
 const confinedCloneFlags = syscall.CLONE_NEWPID | syscall.CLONE_NEWNS | syscall.CLONE_NEWIPC
 
 type initCmd struct {
-	Netns string   `required:"" help:"Network namespace to join."`
-	UID   uint32   `name:"uid" required:"" help:"User id of the workload."`
-	GID   uint32   `name:"gid" required:"" help:"Group id of the workload."`
-	Cmd   []string `arg:"" passthrough:""`
+	Netns            string   `required:"" help:"Network namespace to join."`
+	UID              uint32   `name:"uid" required:"" help:"User id of the workload."`
+	GID              uint32   `name:"gid" required:"" help:"Group id of the workload."`
+	Credentials      string   `help:"The sandbox's credentials directory on the host."`
+	CredentialsMount string   `help:"Where to mount it, read-only, for the workload."`
+	Cmd              []string `arg:"" passthrough:""`
 }
 
 // Run is the shim: pid 1 of the pid namespace run made for it, in the
@@ -170,6 +173,11 @@ func (c *initCmd) Run() error {
 	if err := unix.Mount("proc", "/proc", "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return fmt.Errorf("mount /proc for the workload's pid namespace: %w", err)
 	}
+	if c.Credentials != "" {
+		if err := mountCredentials(c.Credentials, c.CredentialsMount); err != nil {
+			return err
+		}
+	}
 	path, err := exec.LookPath(argv[0])
 	if err != nil {
 		return err
@@ -207,6 +215,27 @@ func (c *initCmd) Run() error {
 	}()
 	if code := reap(pid); code != 0 {
 		return exitCode(code)
+	}
+	return nil
+}
+
+// mountCredentials binds the sandbox's credentials directory at target in
+// this mount namespace, read-only: the directory itself, so that the files
+// identityd replaces by rename are seen replaced. The mount point is made
+// on the host if missing (an empty directory; the mount stays here).
+func mountCredentials(dir, target string) error {
+	if !filepath.IsAbs(target) {
+		return fmt.Errorf("credentials mount %q is not an absolute path", target)
+	}
+	if err := os.MkdirAll(target, 0o755); err != nil {
+		return fmt.Errorf("make the credentials mount point: %w", err)
+	}
+	if err := unix.Mount(dir, target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("mount the credentials directory %s at %s: %w", dir, target, err)
+	}
+	flags := uintptr(unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY | unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	if err := unix.Mount("", target, "", flags, ""); err != nil {
+		return fmt.Errorf("make the credentials mount %s read-only: %w", target, err)
 	}
 	return nil
 }

@@ -28,6 +28,7 @@ type cli struct {
 	Nodes       nodesCmd       `cmd:"" help:"List the fleet's nodes (identityd with --etcd-endpoints): their published keys, when last seen, eviction."`
 	EvictNode   evictNodeCmd   `cmd:"" name:"evict-node" help:"Remove a node's keys from the fleet's JWKS at once and bar it from publishing until readmitted: the response to a compromised host."`
 	ReadmitNode readmitNodeCmd `cmd:"" name:"readmit-node" help:"Lift a node's eviction; it publishes again once restarted."`
+	Rotate      rotateCmd      `cmd:"" help:"Replace a sandbox's secret now; the sandbox reads the new one from its secret file, and the replaced one is accepted for identityd's --secret-grace (--revoke-previous: not at all)."`
 	RotateKey   rotateKeyCmd   `cmd:"" name:"rotate-key" help:"Make a new signing key: published at once, signing after identityd's --key-publish-delay (--now: at once); the keys it replaces stay published until their tokens expire."`
 	Exec        execCmd        `cmd:"" name:"__exec" hidden:"" help:"Enter a netns and exec a command (used by run --privileged)."`
 	Init        initCmd        `cmd:"" name:"__init" hidden:"" help:"Confine and start a command as its pid namespace's init (used by run)."`

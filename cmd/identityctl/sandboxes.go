@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"sort"
 	"strconv"
@@ -59,12 +60,16 @@ func (r *runCmd) Run(ctx context.Context, c *cli) error {
 	}
 	api := c.admin()
 	var created controllers.Created
-	if err := api.Do(ctx, "POST", "/v1/sandboxes", controllers.CreateRequest{ID: r.ID, App: r.App, Org: r.Org}, &created); err != nil {
+	req := controllers.CreateRequest{ID: r.ID, App: r.App, Org: r.Org}
+	if as != nil {
+		req.Group = as.gid // the credentials files are the workload's to read
+	}
+	if err := api.Do(ctx, "POST", "/v1/sandboxes", req, &created); err != nil {
 		return err
 	}
 	sb := created.Sandbox
 	fmt.Fprintf(os.Stderr, "identityctl: sandbox %s (cgroup %s, netns %s)\n", sb.ID, sb.CgroupPath, sb.NetnsPath)
-	code, err := runIn(sb, created.Env, r.Cmd, as)
+	code, err := runIn(sb, created.Env, created.Credentials, r.Cmd, as)
 	if !r.Keep {
 		// The command is gone, but its children may linger: kill them.
 		if derr := api.Do(context.Background(), "DELETE", "/v1/sandboxes/"+sb.ID+"?kill=true", nil, nil); derr != nil {
@@ -81,9 +86,11 @@ func (r *runCmd) Run(ctx context.Context, c *cli) error {
 }
 
 // runIn runs argv in the sandbox and returns its exit status. With as, the
-// command is confined (see confine.go) and runs as that user; without, it
-// runs as host root in the host's pid and mount namespaces.
-func runIn(sb controllers.Record, env map[string]string, argv []string, as *identity) (int, error) {
+// command is confined (see confine.go) and runs as that user, with the
+// credentials directory mounted where its environment says; without, it
+// runs as host root in the host's pid and mount namespaces, and its
+// environment names the credentials files where they are on the host.
+func runIn(sb controllers.Record, env map[string]string, creds *controllers.Credentials, argv []string, as *identity) (int, error) {
 	if len(argv) == 0 {
 		return 0, errors.New("no command given")
 	}
@@ -103,7 +110,12 @@ func runIn(sb controllers.Record, env map[string]string, argv []string, as *iden
 	shim := []string{"__exec", "--netns", sb.NetnsPath}
 	if as != nil {
 		shim = []string{"__init", "--netns", sb.NetnsPath, "--uid", fmt.Sprint(as.uid), "--gid", fmt.Sprint(as.gid)}
+		if creds != nil {
+			shim = append(shim, "--credentials", creds.Dir, "--credentials-mount", creds.Mount)
+		}
 		attr.Cloneflags = confinedCloneFlags
+	} else if creds != nil {
+		env = hostCredentialPaths(env, creds)
 	}
 	cmd := exec.Command(self, append(append(shim, "--"), argv...)...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
@@ -133,6 +145,19 @@ func runIn(sb controllers.Record, env map[string]string, argv []string, as *iden
 		return ee.ExitCode(), nil
 	}
 	return 0, err
+}
+
+// hostCredentialPaths returns env with the credentials files named where
+// they are on the host, for a command that does not get the mount.
+func hostCredentialPaths(env map[string]string, creds *controllers.Credentials) map[string]string {
+	out := make(map[string]string, len(env))
+	for k, v := range env {
+		if rest, ok := strings.CutPrefix(v, creds.Mount+"/"); ok {
+			v = filepath.Join(creds.Dir, rest)
+		}
+		out[k] = v
+	}
+	return out
 }
 
 type execCmd struct {
@@ -210,19 +235,34 @@ func (r *rmCmd) Run(ctx context.Context, c *cli) error {
 }
 
 type adoptCmd struct {
-	App    string `required:"" help:"App name."`
-	Org    string `help:"Organisation."`
-	ID     string `help:"Sandbox id (generated if empty)."`
-	Cgroup string `help:"Existing cgroup (path under the cgroup2 root)."`
-	Netns  string `help:"Existing network namespace (path)."`
+	App        string `required:"" help:"App name."`
+	Org        string `help:"Organisation."`
+	ID         string `help:"Sandbox id (generated if empty)."`
+	Cgroup     string `help:"Existing cgroup (path under the cgroup2 root)."`
+	Netns      string `help:"Existing network namespace (path)."`
+	Group      uint32 `help:"Host group id that may read the credentials files: the workload's group as the host sees it (default 0, root only)."`
+	CredsMount string `name:"credentials-mount" help:"Where the sandbox's runtime mounts the credentials directory inside it (default: identityd's --credentials-mount)."`
+	Output     string `short:"o" default:"env" enum:"env,json" help:"env (the environment, then the mount on stderr) or json."`
 }
 
 func (a *adoptCmd) Run(ctx context.Context, c *cli) error {
 	var created controllers.Created
 	if err := c.admin().Do(ctx, "POST", "/v1/sandboxes/adopt", controllers.AdoptRequest{
 		ID: a.ID, App: a.App, Org: a.Org, CgroupPath: a.Cgroup, NetnsPath: a.Netns,
+		Group: a.Group, CredentialsMount: a.CredsMount,
 	}, &created); err != nil {
 		return err
+	}
+	if a.Output == "json" {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(created)
+	}
+	if cr := created.Credentials; cr != nil {
+		// A directory, not its files: a rename in a bind-mounted
+		// directory is seen inside, a bind-mounted file never changes.
+		fmt.Fprintf(os.Stderr, "identityctl: bind-mount the directory %s at %s in the sandbox, read-only (for example: mount --bind %s %s, then mount -o remount,bind,ro %s)\n",
+			cr.Dir, cr.Mount, cr.Dir, cr.Mount, cr.Mount)
 	}
 	keys := make([]string, 0, len(created.Env))
 	for k := range created.Env {
@@ -287,5 +327,26 @@ func (f *fsckCmd) Run() error {
 		return exitCode(1)
 	}
 	fmt.Println("consistent")
+	return nil
+}
+
+type rotateCmd struct {
+	ID             string `arg:"" help:"Sandbox id."`
+	RevokePrevious bool   `help:"Stop accepting the replaced secret at once (a secret believed leaked): processes that read the secret only from their environment, or that cached it, are refused until they read the new file."`
+}
+
+func (r *rotateCmd) Run(ctx context.Context, c *cli) error {
+	var st struct {
+		Issued        time.Time `json:"issued"`
+		PreviousUntil time.Time `json:"previous_until"`
+	}
+	if err := c.admin().Do(ctx, "POST", "/v1/sandboxes/"+r.ID+"/rotate", controllers.RotateRequest{RevokePrevious: r.RevokePrevious}, &st); err != nil {
+		return err
+	}
+	if st.PreviousUntil.IsZero() {
+		fmt.Printf("sandbox %s: secret rotated; the previous one is no longer accepted\n", r.ID)
+		return nil
+	}
+	fmt.Printf("sandbox %s: secret rotated; the previous one is accepted until %s\n", r.ID, st.PreviousUntil.UTC().Format(time.RFC3339))
 	return nil
 }

@@ -25,6 +25,9 @@ import (
 // is more than the attacker needs (CAP_NET_RAW for V1 and the
 // transparent flood, CAP_NET_ADMIN for the fake endpoint).
 
+// tokenFileRemote is the remote of the audit line of a token file's token.
+const tokenFileRemote = "token-file"
+
 // daemonLine is one JSON log line of the daemon, with the fields these tests
 // read.
 type daemonLine struct {
@@ -52,12 +55,13 @@ func (ow *world) logLines() []daemonLine {
 	return out
 }
 
-// tokensNaming counts the tokens the daemon issued naming sandbox id, and
+// tokensNaming counts the tokens the daemon issued naming sandbox id to a
+// caller (not those of its token file, which no connection asked for), and
 // returns the caller cgroups it attributed them to.
 func (ow *world) tokensNaming(id string) (n int, callers map[uint64]int) {
 	callers = make(map[uint64]int)
 	for _, l := range ow.logLines() {
-		if l.Msg == "token issued" && l.Sandbox == id {
+		if l.Msg == "token issued" && l.Sandbox == id && l.Remote != tokenFileRemote {
 			n++
 			callers[l.Caller.CgroupID]++
 		}

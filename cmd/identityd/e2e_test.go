@@ -120,6 +120,9 @@ type world struct {
 	// identityd running on the host.
 	cgroups     string
 	netnsPrefix string
+	// credsMount is the daemon's --credentials-mount: a mount point
+	// (made on the host by identityctl run) unique to the world.
+	credsMount string
 	// made holds the netns of the sandboxes create made, which the
 	// cleanup removes even when the prefix is not the world's own.
 	made   []string
@@ -146,12 +149,15 @@ func newWorld(t *testing.T) *world {
 	ln.Close()
 	ow.cgroups = filepath.Join(w.CgroupDir, "sandboxes")
 	ow.netnsPrefix = testNetnsPrefix()
+	// Below /run, not the test's 0700 temporary directory: a confined
+	// workload must be able to reach it.
+	ow.credsMount = fmt.Sprintf("/run/idt%d-%s/credentials", os.Getpid(), suffix())
 	ow.args = []string{"serve",
 		"--state-dir", ow.state, "--cgroup-parent", ow.cgroups, "--bpf-dir", ow.pins,
 		"--admin-socket", ow.admin, "--host-netns", w.HostNetns, "--netns-prefix", ow.netnsPrefix, "--bridge", "idtest0",
 		"--subnet", netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 150 + r[0]%50, r[1], 0}), 24).String(),
 		"--operator-listen", ow.operator, "--log-level", "debug", "--log-format", "json",
-		"--rate-limit", "1000", "--burst", "1000", "--signing-alg", "EdDSA"}
+		"--rate-limit", "1000", "--burst", "1000", "--signing-alg", "EdDSA", "--credentials-mount", ow.credsMount}
 	t.Cleanup(ow.cleanup)
 	return ow
 }
@@ -170,6 +176,7 @@ func (ow *world) cleanup() {
 		}
 	}
 	bpf.Uninstall(context.Background(), bpf.Options{PinDir: ow.pins})
+	os.RemoveAll(filepath.Dir(ow.credsMount)) // empty directories: mounts are the workloads' own
 }
 
 // testNetnsPrefix is a netns prefix for one daemon of this test process.
@@ -379,11 +386,19 @@ func TestOriginalBugRepro(t *testing.T) {
 	assert.Equal(t, 3, strings.Count(string(out), "\n"), "two keys published:\n%s", out)
 
 	// The operator endpoint reports readiness and metrics.
-	resp, err := http.Get("http://" + ow.operator + "/readyz")
-	require.NoError(t, err)
-	resp.Body.Close()
-	assert.Equal(t, 200, resp.StatusCode)
-	resp, err = http.Get("http://" + ow.operator + "/metrics")
+	// Ready once the first probe has passed, which may be just after the
+	// admin API first answers.
+	var ready []byte
+	assert.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + ow.operator + "/readyz")
+		if err != nil {
+			return false
+		}
+		ready, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	}, 10*time.Second, 20*time.Millisecond, "ready: %s", ready)
+	resp, err := http.Get("http://" + ow.operator + "/metrics")
 	require.NoError(t, err)
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()

@@ -65,8 +65,15 @@ type serveCmd struct {
 	EtcdCA          string        `name:"etcd-ca" env:"IDENTITYD_ETCD_CA" help:"CA certificate (PEM) verifying the etcd members."`
 	EtcdCert        string        `env:"IDENTITYD_ETCD_CERT" help:"Client certificate (PEM) for etcd; with --etcd-key."`
 	EtcdKey         string        `env:"IDENTITYD_ETCD_KEY" help:"Client key (PEM) for etcd; with --etcd-cert."`
+	SecretRotation  time.Duration `name:"secret-rotation-period" default:"24h" env:"IDENTITYD_SECRET_ROTATION_PERIOD" help:"Replace each sandbox's secret when it is this old; the sandbox reads the new one from its secret file (MIREN_IDENTITY_TOKEN_SECRET_FILE). The secret in the environment is the first one: it stops working when the first rotation's grace window ends. 0: only identityctl rotate."`
+	SecretGrace     time.Duration `default:"1h" env:"IDENTITYD_SECRET_GRACE" help:"How long a replaced secret is still accepted."`
+	CredsMount      string        `name:"credentials-mount" default:"${default_credentials_mount}" env:"IDENTITYD_CREDENTIALS_MOUNT" help:"Where each sandbox's credentials directory (secret and token files) appears inside it; identityctl run mounts it there, and an adoption may name another."`
 	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
 	LogFormat       string        `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
+
+	// Link-local endpoints (internal/daemon/linklocal.go).
+	LinkLocal       []netip.AddrPort `name:"link-local-endpoint" env:"IDENTITYD_LINK_LOCAL_ENDPOINTS" help:"A fixed address:port (IPv4 or IPv6, e.g. 169.254.169.254:80; repeatable) whose connections from sandboxes are sent to the token endpoint in the kernel, at connect() time, for sandboxes only; getpeername still reports it. Unlike a DNAT rule, which attribution cannot see through, this keeps callers attributed. Off by default."`
+	InjectLinkLocal bool             `name:"inject-link-local-url" env:"IDENTITYD_INJECT_LINK_LOCAL_URL" help:"Tell sandboxes the first --link-local-endpoint's URL (MIREN_IDENTITY_TOKEN_URL) instead of the router's."`
 }
 
 func (s *serveCmd) logger() (*slog.Logger, error) {
@@ -96,6 +103,8 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		Node: s.NodeName, KeyRotationPeriod: s.KeyRotation, KeyPublishDelay: s.KeyPublishDelay, DiscoveryListen: s.DiscoveryListen,
 		MaxTTL: s.MaxTTL, EtcdEndpoints: s.EtcdEndpoints, EtcdPrefix: s.EtcdPrefix, EtcdCA: s.EtcdCA, EtcdCert: s.EtcdCert,
 		EtcdKey: s.EtcdKey, Version: version,
+		CredentialsMount: s.CredsMount, SecretRotation: s.SecretRotation, SecretGrace: s.SecretGrace,
+		LinkLocalEndpoints: s.LinkLocal, InjectLinkLocalURL: s.InjectLinkLocal,
 	})
 }
 
@@ -133,7 +142,8 @@ func main() {
 		kong.Description("Workload-identity token server: kernel-attested callers, secrets that survive restarts."),
 		kong.BindTo(ctx, (*context.Context)(nil)),
 		kong.UsageOnError(),
-		kong.Vars{"default_netns_prefix": controllers.DefaultNetnsPrefix, "default_etcd_prefix": fleetstore.DefaultPrefix},
+		kong.Vars{"default_netns_prefix": controllers.DefaultNetnsPrefix, "default_etcd_prefix": fleetstore.DefaultPrefix,
+			"default_credentials_mount": controllers.DefaultCredentialsMount},
 	)
 	if err := k.Run(); err != nil {
 		fmt.Fprintf(os.Stderr, "identityd: %v\n", err)

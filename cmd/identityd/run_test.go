@@ -216,8 +216,16 @@ func TestIdentityctlRunEnvironment(t *testing.T) {
 		assert.Contains(t, m, "MIREN_OIDC_ISSUER_URL")
 	}
 	assert.NotEqual(t, confined["MIREN_IDENTITY_TOKEN_SECRET"], privileged["MIREN_IDENTITY_TOKEN_SECRET"], "two sandboxes, two secrets")
-	delete(confined, "MIREN_IDENTITY_TOKEN_SECRET")
-	delete(privileged, "MIREN_IDENTITY_TOKEN_SECRET")
+	// The credentials files: at the mount for a confined workload, where
+	// they are on the host for a privileged one (which gets no mount).
+	assert.Equal(t, ow.credsMount+"/secret", confined["MIREN_IDENTITY_TOKEN_SECRET_FILE"])
+	assert.Equal(t, ow.credsMount+"/token", confined["MIREN_IDENTITY_TOKEN_PATH"])
+	assert.True(t, strings.HasPrefix(privileged["MIREN_IDENTITY_TOKEN_SECRET_FILE"], ow.state+"/"), privileged["MIREN_IDENTITY_TOKEN_SECRET_FILE"])
+	assert.True(t, strings.HasPrefix(privileged["MIREN_IDENTITY_TOKEN_PATH"], ow.state+"/"), privileged["MIREN_IDENTITY_TOKEN_PATH"])
+	for _, k := range []string{"MIREN_IDENTITY_TOKEN_SECRET", "MIREN_IDENTITY_TOKEN_SECRET_FILE", "MIREN_IDENTITY_TOKEN_PATH"} {
+		delete(confined, k)
+		delete(privileged, k)
+	}
 	assert.Equal(t, privileged, confined)
 
 	want := map[string]string{}

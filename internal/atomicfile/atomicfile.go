@@ -18,7 +18,14 @@ import (
 const TempPrefix = ".tmp-"
 
 // WriteFile atomically replaces path with data, with permissions perm.
-func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
+func WriteFile(path string, data []byte, perm os.FileMode) error {
+	return WriteFileGroup(path, data, perm, -1)
+}
+
+// WriteFileGroup is WriteFile giving the file to group gid (unchanged if
+// gid is negative) before it takes path's name, so that no reader ever
+// sees it with another group or mode.
+func WriteFileGroup(path string, data []byte, perm os.FileMode, gid int) (err error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, TempPrefix+filepath.Base(path)+"-")
 	if err != nil {
@@ -31,6 +38,11 @@ func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
 			os.Remove(tmp)
 		}
 	}()
+	if gid >= 0 {
+		if err := f.Chown(-1, gid); err != nil {
+			return fmt.Errorf("write %s: give it to group %d: %w", path, gid, err)
+		}
+	}
 	if err := f.Chmod(perm); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}

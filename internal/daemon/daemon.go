@@ -87,6 +87,18 @@ type Config struct {
 	EtcdCA        string
 	EtcdCert      string
 	EtcdKey       string
+	// CredentialsMount is where each sandbox's credentials directory
+	// appears inside it (controllers.DefaultCredentialsMount if empty);
+	// SecretRotation and SecretGrace pace its secret's rotation.
+	CredentialsMount string
+	SecretRotation   time.Duration
+	SecretGrace      time.Duration
+	// LinkLocalEndpoints are addresses and ports (169.254.169.254:80, say)
+	// whose connections from sandboxes the attribution programs send to the
+	// token endpoint; InjectLinkLocalURL tells sandboxes the first one's URL
+	// instead of the router's. See linklocal.go.
+	LinkLocalEndpoints []netip.AddrPort
+	InjectLinkLocalURL bool
 	// Version is recorded in the fleet's node record.
 	Version string
 	Logger  *slog.Logger
@@ -235,14 +247,13 @@ func assemble(ctx context.Context, cfg Config, metrics *prometheus.Registry, clo
 	if err := d.in.SetEndpoints([]netip.AddrPort{d.ep.addr}); err != nil {
 		return nil, err
 	}
+	if d.ep, err = redirectLinkLocal(d.ep, d.in, cfg.LinkLocalEndpoints, cfg.InjectLinkLocalURL, log); err != nil {
+		return nil, err
+	}
 	if d.stores, err = openStores(cfg); err != nil {
 		return nil, err
 	}
 	closers.add(d.stores.close)
-	if d.ctrl, err = controllers.New(ctx, controllerConfig(cfg, d.ep, d.stores, d.fleet)); err != nil {
-		return nil, err
-	}
-	closers.add(func() { d.ctrl.Close() })
 	if d.keys, err = openKeys(ctx, cfg, d.fleet); err != nil {
 		return nil, err
 	}
@@ -250,14 +261,23 @@ func assemble(ctx context.Context, cfg Config, metrics *prometheus.Registry, clo
 	if err := registerFleetMetrics(metrics, d.keySet, d.fleet); err != nil {
 		return nil, err
 	}
-	if err := registerControllerMetrics(metrics, d.ctrl); err != nil {
-		return nil, err
-	}
 	if d.probe, err = newProber(cfg, d.ep.addr, metrics); err != nil {
 		return nil, err
 	}
 	closers.add(d.probe.close)
 	if d.token, err = newTokenServer(cfg, d.ep, d.in, d.stores, d.keySet, metrics, d.probe.observe); err != nil {
+		return nil, err
+	}
+	// The controller comes last: it signs the sandboxes' token files with
+	// the token server.
+	if d.ctrl, err = controllers.New(ctx, controllerConfig(cfg, d.ep, d.stores, d.fleet, d.token)); err != nil {
+		return nil, err
+	}
+	closers.add(func() { d.ctrl.Close() })
+	if err := watchLinkLocalSandboxes(d.in, d.stores.reg, len(cfg.LinkLocalEndpoints) > 0, log); err != nil {
+		return nil, err
+	}
+	if err := registerControllerMetrics(metrics, d.ctrl); err != nil {
 		return nil, err
 	}
 	if d.watch, err = newAttributionWatch(d.in, d.probe.probe, log, metrics); err != nil {
@@ -355,6 +375,12 @@ func checkKeyTiming(cfg Config) error {
 	if cfg.KeyRotationPeriod < 0 || cfg.KeyRotationPeriod > 0 && cfg.KeyRotationPeriod <= cfg.KeyPublishDelay {
 		return fmt.Errorf("key rotation period %s: want 0 (off) or longer than the key publish delay (%s)",
 			cfg.KeyRotationPeriod, cfg.KeyPublishDelay)
+	}
+	// At most two secrets are accepted: a grace window longer than the
+	// period would be cut short by the next rotation.
+	if cfg.SecretGrace < 0 || cfg.SecretRotation < 0 || cfg.SecretRotation > 0 && cfg.SecretGrace >= cfg.SecretRotation {
+		return fmt.Errorf("secret grace %s and rotation period %s: want both 0 or more, and the grace shorter than the period (or the period 0, off)",
+			cfg.SecretGrace, cfg.SecretRotation)
 	}
 	return nil
 }
@@ -454,11 +480,12 @@ func openStores(cfg Config) (*stores, error) {
 
 func (s *stores) close() { s.reg.Close() }
 
-func controllerConfig(cfg Config, ep tokenEndpoint, st *stores, fl *fleet.Store) controllers.Config {
+func controllerConfig(cfg Config, ep tokenEndpoint, st *stores, fl *fleet.Store, tokens controllers.TokenIssuer) controllers.Config {
 	return controllers.Config{
 		StateDir: cfg.StateDir, CgroupParent: cfg.CgroupParent, HostNetns: cfg.HostNetns, NetnsPrefix: cfg.NetnsPrefix,
 		Bridge: cfg.Bridge, Subnet: cfg.Subnet, TokenURL: ep.tokenURL, Issuer: ep.issuer,
 		Registry: st.reg, Secrets: st.secrets, IDs: controllerIDs(fl), Logger: cfg.Logger,
+		CredentialsMount: cfg.CredentialsMount, SecretRotation: cfg.SecretRotation, SecretGrace: cfg.SecretGrace, Tokens: tokens,
 	}
 }
 
@@ -467,8 +494,18 @@ func registerControllerMetrics(reg prometheus.Registerer, ctrl *controllers.Cont
 		Name: "identityd_sandbox_checks_inconclusive_total",
 		Help: "Checks of a sandbox's cgroup or netns, at start and by the resync, that could not be made (the sandbox was kept).",
 	}, func() float64 { return float64(ctrl.InconclusiveChecks()) })
-	if err := reg.Register(inconclusive); err != nil {
-		return fmt.Errorf("register metrics: %w", err)
+	rotations := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "identityd_secret_rotations_total",
+		Help: "Sandbox secrets rotated, on schedule or on demand.",
+	}, func() float64 { return float64(ctrl.SecretRotations()) })
+	tokenFiles := prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "identityd_token_file_failures_total",
+		Help: "Sandbox token files that could not be renewed when due (each is retried with backoff, 1s doubling to 30s).",
+	}, func() float64 { return float64(ctrl.TokenFileFailures()) })
+	for _, c := range []prometheus.Collector{inconclusive, rotations, tokenFiles} {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("register metrics: %w", err)
+		}
 	}
 	return nil
 }

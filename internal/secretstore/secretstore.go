@@ -6,8 +6,10 @@
 // directory does not leak usable secrets. Each sandbox has one file,
 // <dir>/<id>.json (a daemon's <dir> is Dir of its state directory), 0600 in
 // a 0700 directory, replaced atomically. A file
-// holds a list of hashes, each with an optional expiry, so that a rotated
-// secret's predecessor can stay valid for a grace window.
+// holds a list of hashes, the current one first, each with an optional
+// expiry, so that a rotated secret's predecessor can stay valid for a grace
+// window. Rotate replaces the whole list in one atomic write, so a crash
+// leaves either the old pair or the new one.
 package secretstore
 
 import (
@@ -54,6 +56,9 @@ type record struct {
 type hashEntry struct {
 	SHA256   string     `json:"sha256"`
 	NotAfter *time.Time `json:"not_after,omitempty"`
+	// IssuedAt is when the secret was made; absent in records written
+	// before rotation existed.
+	IssuedAt *time.Time `json:"issued_at,omitempty"`
 }
 
 // dirName is the store's directory within a daemon's state directory.
@@ -118,7 +123,12 @@ func (s *Store) Put(id, secret string) error {
 	if err != nil {
 		return fmt.Errorf("store secret: %w", err)
 	}
-	b, err := json.Marshal(record{Version: 1, Hashes: []hashEntry{{SHA256: hashOf(secret)}}})
+	now := s.now().UTC()
+	return s.write(id, p, record{Version: 1, Hashes: []hashEntry{{SHA256: hashOf(secret), IssuedAt: &now}}})
+}
+
+func (s *Store) write(id, p string, rec record) error {
+	b, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
@@ -128,24 +138,119 @@ func (s *Store) Put(id, secret string) error {
 	return nil
 }
 
+// Rotate makes next the current secret of sandbox id, durably, and keeps
+// the one it replaces valid for grace (not at all if grace is zero). Only
+// that one: a secret rotated out earlier, still in its own grace window,
+// is revoked, so that at most two secrets are ever valid. Rotating to the
+// secret that is already current changes nothing, so a rotation replayed
+// after a crash does not cut the grace window short.
+func (s *Store) Rotate(id, next string, grace time.Duration) error {
+	p, rec, err := s.read(id)
+	if err != nil {
+		return fmt.Errorf("rotate secret: %w", err)
+	}
+	h := hashOf(next)
+	cur := rec.Hashes[current(rec)]
+	if cur.SHA256 == h {
+		return nil
+	}
+	now := s.now().UTC()
+	hashes := []hashEntry{{SHA256: h, IssuedAt: &now}}
+	if prev := cur; grace > 0 && (prev.NotAfter == nil || now.Before(*prev.NotAfter)) {
+		until := now.Add(grace)
+		if prev.NotAfter != nil && prev.NotAfter.Before(until) {
+			until = *prev.NotAfter
+		}
+		prev.NotAfter = &until
+		hashes = append(hashes, prev)
+	}
+	return s.write(id, p, record{Version: 1, Hashes: hashes})
+}
+
+// Status is what the store says of a sandbox's secrets, without them.
+type Status struct {
+	// Issued is when the current secret was made; zero if the record
+	// predates rotation.
+	Issued time.Time `json:"issued,omitzero"`
+	// PreviousUntil is when the secret rotated out last stops being
+	// accepted; zero if none is accepted any more.
+	PreviousUntil time.Time `json:"previous_until,omitzero"`
+}
+
+// Status reports when sandbox id's current secret was made and until when
+// its predecessor is accepted.
+func (s *Store) Status(id string) (Status, error) {
+	_, rec, err := s.read(id)
+	if err != nil {
+		return Status{}, err
+	}
+	var st Status
+	cur := current(rec)
+	if t := rec.Hashes[cur].IssuedAt; t != nil {
+		st.Issued = *t
+	}
+	now := s.now()
+	for i, h := range rec.Hashes {
+		if i != cur && h.NotAfter != nil && now.Before(*h.NotAfter) && h.NotAfter.After(st.PreviousUntil) {
+			st.PreviousUntil = *h.NotAfter
+		}
+	}
+	return st, nil
+}
+
+// IsCurrent reports whether secret is sandbox id's current secret (not
+// merely one still accepted).
+func (s *Store) IsCurrent(id, secret string) (bool, error) {
+	_, rec, err := s.read(id)
+	if err != nil {
+		return false, err
+	}
+	want := sha256.Sum256([]byte(secret))
+	got, err := hex.DecodeString(rec.Hashes[current(rec)].SHA256)
+	if err != nil {
+		return false, fmt.Errorf("secret of %s: corrupt hash", id)
+	}
+	return subtle.ConstantTimeCompare(got, want[:]) == 1, nil
+}
+
+// current is the index of the current secret's entry: the first without
+// an expiry (Put and Rotate write it first), else the first.
+func current(rec record) int {
+	for i, h := range rec.Hashes {
+		if h.NotAfter == nil {
+			return i
+		}
+	}
+	return 0
+}
+
+// read loads sandbox id's record.
+func (s *Store) read(id string) (string, record, error) {
+	p, err := s.Path(id)
+	if err != nil {
+		return "", record{}, err
+	}
+	b, err := os.ReadFile(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return p, record{}, fmt.Errorf("secret of %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return p, record{}, fmt.Errorf("read secret of %s: %w", id, err)
+	}
+	rec, err := parse(b)
+	if err != nil {
+		return p, record{}, fmt.Errorf("secret of %s: %w", id, err)
+	}
+	return p, rec, nil
+}
+
 // Verify reports whether bearer is a currently valid secret of sandbox id.
 // The comparison runs in constant time. A missing file is ErrNotFound; an
 // unreadable or corrupt one is an error, never a match.
 func (s *Store) Verify(id, bearer string) (bool, error) {
-	p, err := s.Path(id)
+	p, rec, err := s.read(id)
 	if err != nil {
-		return false, fmt.Errorf("verify secret: %w", err)
-	}
-	b, err := os.ReadFile(p)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, fmt.Errorf("verify secret of %s: %w", id, ErrNotFound)
-	}
-	if err != nil {
-		return false, fmt.Errorf("verify secret of %s: %w", id, err)
-	}
-	rec, err := parse(b)
-	if err != nil {
-		return false, fmt.Errorf("verify secret of %s: %w", id, err)
+		return false, fmt.Errorf("verify: %w", err)
 	}
 	want := sha256.Sum256([]byte(bearer))
 	now := s.now()
