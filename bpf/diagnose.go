@@ -143,6 +143,10 @@ func requirements() []requirement {
 		{"bpf_sock_ops_cb_flags_set in sockops", "4.16", helper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet)},
 		{"bpf_sk_storage_get in cgroup/connect", "", helper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)},
 		{"bpf_get_current_pid_tgid in cgroup/connect", "", helper(ebpf.CGroupSockAddr, asm.FnGetCurrentPidTgid)},
+		// Link-local endpoints: the connect programs read the socket's
+		// cgroup as sockops does, and getpeername hooks (5.8) report the
+		// address a redirected socket named.
+		{"bpf_skc_to_tcp_sock in cgroup/connect", "", helper(ebpf.CGroupSockAddr, asm.FnSkcToTcpSock)},
 	}
 }
 
