@@ -203,6 +203,23 @@ func TestLinkLocalSandboxMembership(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, b.NetnsCookie, rec.NetnsCookie)
 	})
+	t.Run("IPv6-only socket to an IPv4 endpoint", func(t *testing.T) {
+		// Sent to an IPv4-mapped address, which such a socket cannot
+		// reach: connect fails, nothing goes anywhere.
+		require.NoError(t, netnsutil.Do(b.Netns, func() error {
+			fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			defer unix.Close(fd)
+			if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+				return err
+			}
+			err = unix.Connect(fd, &unix.SockaddrInet6{Addr: testLinkLocal6b.As16(), Port: linkLocalPort})
+			assert.ErrorIs(t, err, unix.ENETUNREACH)
+			return nil
+		}))
+	})
 }
 
 func TestLinkLocalConfiguration(t *testing.T) {
