@@ -34,12 +34,20 @@ var kernels = []DebianKernel{
 // that have tests run in the guest.
 var kernelPackages = []string{"bpf", "tokenserver", "controllers", "internal/cgroup2", "internal/registry", "internal/netnsutil", "internal/daemon"}
 
-// guestModules are loaded in the guest before the tests run.
-var guestModules = []string{"veth", "bridge"}
+// guestModules are loaded in the guest before the tests run (it cannot load
+// them on demand). Netfilter's NAT and ctnetlink are for the DNAT tests
+// (bpf's TestNATedConnectionIsExplained).
+var guestModules = []string{"veth", "bridge", "nf_conntrack_netlink", "iptable_nat", "ip6table_nat", "xt_nat", "xt_tcpudp"}
 
 // guestPrograms are host programs the kernel tests run in the guest too:
-// the etcd server of Debian's etcd-server (internal/etcdtest).
-var guestPrograms = []string{"/usr/bin/etcd"}
+// the etcd server of Debian's etcd-server (internal/etcdtest); iptables
+// and ip6tables (legacy: see bpf's dnat) and nsenter, which write the DNAT
+// tests' rules in their own netns, with the extensions those rules use
+// (iptables loads them itself, so ldd does not name them).
+var guestPrograms = []string{"/usr/bin/etcd", "/usr/sbin/iptables-legacy", "/usr/sbin/ip6tables-legacy", "/usr/bin/nsenter",
+	xtables + "libxt_standard.so", xtables + "libxt_tcp.so", xtables + "libxt_DNAT.so"}
+
+const xtables = "/usr/lib/x86_64-linux-gnu/xtables/"
 
 type harness struct {
 	moduleDir string

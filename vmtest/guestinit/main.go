@@ -84,7 +84,8 @@ func run() error {
 		return fmt.Errorf("bring lo up: %w", err)
 	}
 
-	env := append([]string{"PATH=/bin", "HOME=/root", "TMPDIR=/tmp"}, man.Env...)
+	// The host programs (guestPrograms) keep their host paths.
+	env := append([]string{"PATH=/bin:/usr/sbin:/usr/bin", "HOME=/root", "TMPDIR=/tmp"}, man.Env...)
 	for _, t := range man.Tests {
 		fmt.Printf("%s%s\n", vmtest.MarkerBegin, t.Name)
 		cmd := exec.Command(t.Path, append([]string{"-test.v"}, t.Args...)...)
