@@ -1,7 +1,7 @@
 // Package bpf attributes TCP connections to the token server to the cgroup
 // and network namespace of the socket that opened them, as the kernel saw it.
 //
-// Three eBPF programs are attached to the root of the cgroup v2 hierarchy:
+// Five eBPF programs are attached to the root of the cgroup v2 hierarchy:
 //
 //   - sockops, on the client socket of a connection to a configured token
 //     endpoint when its handshake completes (ACTIVE_ESTABLISHED_CB, before
@@ -16,6 +16,12 @@
 //     hands the descriptor to another process.
 //   - cgroup/connect4 and cgroup/connect6 note, for connections to a token
 //     endpoint only, which task called connect(), for the record's pid.
+//     They also send a sandbox's connection to a configured link-local
+//     endpoint ([Installation.SetLinkLocal]) to the token endpoint, before
+//     anything is routed or recorded; which sockets are a sandbox's the
+//     daemon tells them ([Installation.AddSandbox]), by the registry's rule.
+//   - cgroup/getpeername4 and getpeername6 report to a redirected socket
+//     the link-local address it connected to.
 //
 // So the record proves that the socket it names is the one the server is
 // talking to: a handshake that someone else completed for its 4-tuple (with
@@ -27,7 +33,9 @@
 // The server calls [Installation.Lookup] with the accepted connection, and
 // the record is read from the socket by descriptor. Nothing is inferred from
 // the source address: a connection with no record, or one whose owner could
-// not be read, is reported as such and must be refused.
+// not be read, is reported as such and must be refused. One that conntrack
+// says NAT rewrote on its way is reported as a [NATError], which names the
+// likely cause.
 //
 // Programs, links and maps are pinned under a bpffs directory, so attribution
 // continues while no daemon runs, and a restarted daemon adopts what is
