@@ -1,0 +1,480 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"text/tabwriter"
+	"time"
+)
+
+// measurement is one target, one mode, one round.
+type measurement struct {
+	Target   string         `json:"target"`
+	Mode     string         `json:"mode"`
+	Round    int            `json:"round"`
+	Requests int            `json:"requests"`
+	Failures int            `json:"failures"`
+	Errors   map[string]int `json:"errors,omitempty"`
+	Elapsed  float64        `json:"elapsed_s"`
+	// Throughput is successful requests per second.
+	Throughput float64 `json:"throughput"`
+	P50        float64 `json:"p50_ms"`
+	P90        float64 `json:"p90_ms"`
+	P99        float64 `json:"p99_ms"`
+	Max        float64 `json:"max_ms"`
+	// CPU is the server process's CPU seconds over the measured window:
+	// identityd's for identityd, this process's (which serves the
+	// baseline and the bare handler) for the others.
+	CPU float64 `json:"cpu_s"`
+	// CPUPerRequest is CPU microseconds per successful request.
+	CPUPerRequest float64 `json:"cpu_us_per_request"`
+}
+
+// summary is a target and mode over all rounds: min, median and max.
+type summary struct {
+	Target     string     `json:"target"`
+	Mode       string     `json:"mode"`
+	Rounds     int        `json:"rounds"`
+	Throughput [3]float64 `json:"throughput_min_med_max"`
+	P50        float64    `json:"p50_ms_median"`
+	P90        float64    `json:"p90_ms_median"`
+	P99        [3]float64 `json:"p99_ms_min_med_max"`
+	Max        float64    `json:"max_ms_max"`
+	CPUPerReq  float64    `json:"cpu_us_per_request_median"`
+	Failures   int        `json:"failures"`
+}
+
+type ratio struct {
+	Mode string `json:"mode"`
+	// Of medians: identityd / baseline, identityd / bare HTTP, identityd /
+	// the all-cores sign-only rate of its algorithm.
+	VsBaseline float64 `json:"identityd_over_baseline,omitempty"`
+	VsHTTP     float64 `json:"identityd_over_http,omitempty"`
+	VsSign     float64 `json:"identityd_over_sign,omitempty"`
+}
+
+type machine struct {
+	CPUs       int    `json:"cpus"`
+	Kernel     string `json:"kernel"`
+	LoadBefore string `json:"loadavg_before"`
+	LoadAfter  string `json:"loadavg_after"`
+}
+
+type config struct {
+	Sandboxes int    `json:"sandboxes"`
+	Clients   int    `json:"clients_per_sandbox"`
+	Duration  string `json:"duration"`
+	Requests  int    `json:"requests_per_client,omitempty"`
+	Alg       string `json:"alg"`
+	Audience  string `json:"audience"`
+	Rounds    int    `json:"rounds"`
+	Identityd string `json:"identityd"`
+}
+
+// result is everything a run reports (--json prints it).
+type result struct {
+	Config         config        `json:"config"`
+	Machine        machine       `json:"machine"`
+	CreateSeconds  float64       `json:"sandbox_creation_s"`
+	DaemonReady    float64       `json:"daemon_ready_s"`
+	Measurements   []measurement `json:"measurements,omitempty"`
+	Summaries      []summary     `json:"summaries,omitempty"`
+	Ratios         []ratio       `json:"ratios,omitempty"`
+	Sign           []signFloor   `json:"sign_only,omitempty"`
+	SignSummary    []signSummary `json:"sign_only_summary,omitempty"`
+	DaemonPeakRSS  float64       `json:"identityd_peak_rss_mb"`
+	BenchPeakRSS   float64       `json:"bench_process_peak_rss_mb"`
+	Storm          *stormResult  `json:"storm,omitempty"`
+	BaselineTokenB int           `json:"token_bytes"`
+}
+
+type signSummary struct {
+	Alg       string     `json:"alg"`
+	Rate      [3]float64 `json:"rate_min_med_max"`
+	PerSignUS float64    `json:"per_sign_us_median"`
+}
+
+// progressLine keeps one status line on stderr.
+type progressLine struct {
+	mu   sync.Mutex
+	last time.Time
+}
+
+func (p *progressLine) show(force bool, format string, args ...any) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !force && time.Since(p.last) < 200*time.Millisecond {
+		return
+	}
+	p.last = time.Now()
+	fmt.Fprintf(os.Stderr, "\r\033[K%s", fmt.Sprintf(format, args...))
+}
+
+func (p *progressLine) done() { fmt.Fprint(os.Stderr, "\r\033[K") }
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	return strings.Join(f[:min(3, len(f))], " ")
+}
+
+func run(ctx context.Context, r *runCmd) (err error) {
+	if r.Sandboxes < 1 || r.Clients < 1 || r.Rounds < 1 {
+		return errors.New("--sandboxes, --clients and --rounds must be at least 1")
+	}
+	if r.Storm == "" && r.Duration <= 0 && r.Requests <= 0 {
+		return errors.New("give --duration or --requests")
+	}
+	var uname syscall.Utsname
+	syscall.Uname(&uname)
+	res := &result{
+		Config: config{Sandboxes: r.Sandboxes, Clients: r.Clients, Duration: r.Duration.String(), Requests: r.Requests,
+			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds},
+		Machine: machine{CPUs: runtime.NumCPU(), Kernel: charsToString(uname.Release[:]), LoadBefore: loadavg()},
+	}
+	h, err := newHarness(r)
+	if err != nil {
+		return err
+	}
+	res.Config.Identityd = h.bin
+	defer func() {
+		if r.Keep {
+			h.killDaemon(syscall.SIGKILL)
+			fmt.Fprintf(os.Stderr, "kept: %s, host netns %s\n", h.dir, h.world.HostNetns)
+			return
+		}
+		if cerr := h.close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("clean up: %w", cerr))
+		}
+	}()
+	p := &progressLine{}
+	defer p.done()
+	p.show(true, "starting identityd")
+	ready, err := h.startDaemon(ctx)
+	if err != nil {
+		return err
+	}
+	res.DaemonReady = ready.Seconds()
+	begin := time.Now()
+	if err := h.createSandboxes(ctx, r.Sandboxes, r.Parallelism, func(s string) { p.show(false, "%s", s) }); err != nil {
+		return err
+	}
+	res.CreateSeconds = time.Since(begin).Seconds()
+
+	defer h.abortOnCancel(ctx)()
+	switch r.Storm {
+	case "start":
+		res.Storm, err = startStorm(ctx, h, r, p)
+	case "restart":
+		res.Storm, err = restartStorm(ctx, h, r, p)
+	default:
+		err = measureAll(ctx, h, r, res, p)
+	}
+	if err != nil {
+		return err
+	}
+	if h.daemon != nil {
+		if rss, err := peakRSS(h.daemon.Process.Pid); err == nil {
+			res.DaemonPeakRSS = float64(rss) / (1 << 20)
+		}
+	}
+	if rss, err := peakRSS(os.Getpid()); err == nil {
+		res.BenchPeakRSS = float64(rss) / (1 << 20)
+	}
+	res.Machine.LoadAfter = loadavg()
+	p.done()
+	if r.JSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(res)
+	}
+	printResult(res)
+	return nil
+}
+
+func charsToString(b []int8) string {
+	var s strings.Builder
+	for _, c := range b {
+		if c == 0 {
+			break
+		}
+		s.WriteByte(byte(c))
+	}
+	return s.String()
+}
+
+// measureAll runs every target and mode once per round, interleaved, and
+// the sign-only loops.
+func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *progressLine) error {
+	srv, err := startServers(h.world, h.router, h.dir, r.Alg, h.sandboxes)
+	if err != nil {
+		return err
+	}
+	defer srv.close()
+	res.BaselineTokenB = srv.tokenLen
+	modes := []string{"keepalive", "newconn"}
+	if r.Mode != "both" {
+		modes = []string{r.Mode}
+	}
+	for round := 1; round <= r.Rounds; round++ {
+		for _, mode := range modes {
+			for _, target := range r.Targets {
+				m, err := measure(ctx, h, r, target, mode, round, p)
+				if err != nil {
+					return fmt.Errorf("round %d, %s %s: %w", round, target, mode, err)
+				}
+				res.Measurements = append(res.Measurements, m)
+			}
+		}
+		if r.SignOnly > 0 {
+			for _, alg := range signAlgs {
+				p.show(true, "[round %d/%d] sign-only %s", round, r.Rounds, alg)
+				f, err := measureSign(h.dir, alg, r.SignOnly)
+				if err != nil {
+					return err
+				}
+				f.Round = round
+				res.Sign = append(res.Sign, f)
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	summarize(res, r)
+	return nil
+}
+
+// measure runs one target in one mode from every sandbox at once.
+func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, round int, p *progressLine) (measurement, error) {
+	m := measurement{Target: target, Mode: mode, Round: round, Errors: map[string]int{}}
+	pid := os.Getpid()
+	if target == "identityd" {
+		pid = h.daemon.Process.Pid
+	}
+	// Every client starts at the same moment, once all have their job.
+	start := time.Now().Add(100*time.Millisecond + time.Duration(len(h.sandboxes))*50*time.Microsecond)
+	measureFrom := start.Add(r.Warmup)
+	for _, sb := range h.sandboxes {
+		j := job{Kind: "load", URL: targetURL(target, h.router, sb), Secret: sb.secret, Start: start.UnixNano(),
+			Warmup: r.Warmup, Duration: r.Duration, Requests: r.Requests, Clients: r.Clients,
+			KeepAlive: mode == "keepalive", FreshAudience: r.Audience == "fresh"}
+		if err := sb.client.send(j); err != nil {
+			return m, fmt.Errorf("send job: %w", err)
+		}
+	}
+	// The server's CPU over the measured window: from its start to its
+	// end (with --duration) or until every client is done.
+	var cpu0, cpu1 time.Duration
+	var cpuMu sync.Mutex
+	t0 := time.AfterFunc(time.Until(measureFrom), func() {
+		c, _ := procCPU(pid)
+		cpuMu.Lock()
+		cpu0 = c
+		cpuMu.Unlock()
+	})
+	defer t0.Stop()
+	var t1 *time.Timer
+	if r.Duration > 0 {
+		t1 = time.AfterFunc(time.Until(measureFrom.Add(r.Duration)), func() {
+			c, _ := procCPU(pid)
+			cpuMu.Lock()
+			cpu1 = c
+			cpuMu.Unlock()
+		})
+		defer t1.Stop()
+	}
+	counts := make([]atomic.Int64, len(h.sandboxes))
+	var total atomic.Int64
+	reports := make([]report, len(h.sandboxes))
+	errs := make([]error, len(h.sandboxes))
+	var wg sync.WaitGroup
+	label := fmt.Sprintf("[round %d/%d] %-9s %-9s", round, r.Rounds, target, mode)
+	for i, sb := range h.sandboxes {
+		wg.Go(func() {
+			reports[i], errs[i] = sb.client.wait(func(rep report) {
+				total.Add(rep.Progress - counts[i].Swap(rep.Progress))
+				el := time.Since(measureFrom).Seconds()
+				if el > 0 {
+					p.show(false, "%s %8d requests  %8.0f/s  %5.1fs", label, total.Load(), float64(total.Load())/el, el)
+				}
+			})
+		})
+	}
+	wg.Wait()
+	cpuMu.Lock()
+	if r.Duration <= 0 || cpu1 == 0 {
+		cpu1, _ = procCPU(pid)
+	}
+	m.CPU = (cpu1 - cpu0).Seconds()
+	cpuMu.Unlock()
+	if err := errors.Join(errs...); err != nil {
+		return m, err
+	}
+	var lat []int64
+	for _, rep := range reports {
+		lat = append(lat, rep.Latencies...)
+		m.Failures += rep.Failures
+		for k, v := range rep.Errors {
+			if len(m.Errors) < 10 {
+				m.Errors[k] += v
+			}
+		}
+		m.Elapsed = max(m.Elapsed, rep.Elapsed.Seconds())
+	}
+	m.Requests = len(lat)
+	if m.Elapsed > 0 {
+		m.Throughput = float64(m.Requests) / m.Elapsed
+	}
+	if m.Requests > 0 {
+		slices.Sort(lat)
+		m.P50, m.P90, m.P99 = pct(lat, 50), pct(lat, 90), pct(lat, 99)
+		m.Max = float64(lat[len(lat)-1]) / 1e6
+		m.CPUPerRequest = m.CPU * 1e6 / float64(m.Requests)
+	}
+	p.show(true, "%s %8d requests  %8.0f/s  p99 %.2fms", label, m.Requests, m.Throughput, m.P99)
+	return m, ctx.Err()
+}
+
+// pct is the q-th percentile of sorted latencies, in milliseconds.
+func pct(sorted []int64, q float64) float64 {
+	i := int(float64(len(sorted))*q/100+0.5) - 1
+	i = min(max(i, 0), len(sorted)-1)
+	return float64(sorted[i]) / 1e6
+}
+
+func minMedMax(v []float64) [3]float64 {
+	if len(v) == 0 {
+		return [3]float64{}
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return [3]float64{s[0], median(s), s[len(s)-1]}
+}
+
+func median(sorted []float64) float64 {
+	n := len(sorted)
+	if n == 0 {
+		return 0
+	}
+	if n%2 == 1 {
+		return sorted[n/2]
+	}
+	return (sorted[n/2-1] + sorted[n/2]) / 2
+}
+
+func med(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return median(s)
+}
+
+func summarize(res *result, r *runCmd) {
+	type key struct{ target, mode string }
+	var order []key
+	groups := map[key][]measurement{}
+	for _, m := range res.Measurements {
+		k := key{m.Target, m.Mode}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], m)
+	}
+	tput := map[key]float64{}
+	for _, k := range order {
+		ms := groups[k]
+		var t, p50, p90, p99, cpu []float64
+		s := summary{Target: k.target, Mode: k.mode, Rounds: len(ms)}
+		for _, m := range ms {
+			t = append(t, m.Throughput)
+			p50, p90, p99, cpu = append(p50, m.P50), append(p90, m.P90), append(p99, m.P99), append(cpu, m.CPUPerRequest)
+			s.Max = max(s.Max, m.Max)
+			s.Failures += m.Failures
+		}
+		s.Throughput, s.P99 = minMedMax(t), minMedMax(p99)
+		s.P50, s.P90, s.CPUPerReq = med(p50), med(p90), med(cpu)
+		res.Summaries = append(res.Summaries, s)
+		tput[k] = s.Throughput[1]
+	}
+	signRate := map[string]float64{}
+	for _, alg := range signAlgs {
+		var rates, per []float64
+		for _, f := range res.Sign {
+			if f.Alg == alg {
+				rates, per = append(rates, f.Rate), append(per, f.PerSignUS)
+			}
+		}
+		if len(rates) > 0 {
+			res.SignSummary = append(res.SignSummary, signSummary{Alg: alg, Rate: minMedMax(rates), PerSignUS: med(per)})
+			signRate[alg] = med(rates)
+		}
+	}
+	for _, mode := range []string{"keepalive", "newconn"} {
+		id, ok := tput[key{"identityd", mode}]
+		if !ok {
+			continue
+		}
+		rt := ratio{Mode: mode}
+		if b := tput[key{"baseline", mode}]; b > 0 {
+			rt.VsBaseline = id / b
+		}
+		if b := tput[key{"http", mode}]; b > 0 {
+			rt.VsHTTP = id / b
+		}
+		if s := signRate[r.Alg]; s > 0 {
+			rt.VsSign = id / s
+		}
+		res.Ratios = append(res.Ratios, rt)
+	}
+}
+
+func printResult(res *result) {
+	c := res.Config
+	fmt.Printf("identity-bench: %d sandboxes x %d clients, %s per measurement, %d round(s), %s, audience %s\n",
+		c.Sandboxes, c.Clients, c.Duration, c.Rounds, c.Alg, c.Audience)
+	fmt.Printf("machine: %d CPUs, kernel %s, load average %s before, %s after\n",
+		res.Machine.CPUs, res.Machine.Kernel, res.Machine.LoadBefore, res.Machine.LoadAfter)
+	fmt.Printf("identityd ready in %.2fs; %d sandboxes created (and clients started) in %.2fs\n\n",
+		res.DaemonReady, c.Sandboxes, res.CreateSeconds)
+	if len(res.Summaries) > 0 {
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "target\tmode\trounds\treq/s min\tmedian\tmax\tp50 ms\tp90 ms\tp99 ms\tmax ms\tCPU us/req\tfailures\t")
+		for _, s := range res.Summaries {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%.0f\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%.0f\t%d\t\n", s.Target, s.Mode, s.Rounds,
+				s.Throughput[0], s.Throughput[1], s.Throughput[2], s.P50, s.P90, s.P99[1], s.Max, s.CPUPerReq, s.Failures)
+		}
+		tw.Flush()
+		fmt.Println()
+	}
+	if len(res.SignSummary) > 0 {
+		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "sign-only\tus/sign (1 core)\tsigns/s all cores min\tmedian\tmax\t")
+		for _, s := range res.SignSummary {
+			fmt.Fprintf(tw, "%s\t%.1f\t%.0f\t%.0f\t%.0f\t\n", s.Alg, s.PerSignUS, s.Rate[0], s.Rate[1], s.Rate[2])
+		}
+		tw.Flush()
+		fmt.Println()
+	}
+	for _, rt := range res.Ratios {
+		fmt.Printf("ratios (%s, medians): identityd/baseline %.2f  identityd/http %.2f  identityd/sign-only(%s) %.2f\n",
+			rt.Mode, rt.VsBaseline, rt.VsHTTP, c.Alg, rt.VsSign)
+	}
+	if res.Storm != nil {
+		res.Storm.print()
+	}
+	fmt.Printf("peak RSS: identityd %.1f MB, identity-bench (baseline and bare servers) %.1f MB\n", res.DaemonPeakRSS, res.BenchPeakRSS)
+	for _, m := range res.Measurements {
+		for e, n := range m.Errors {
+			fmt.Printf("errors: round %d %s %s: %dx %s\n", m.Round, m.Target, m.Mode, n, e)
+		}
+	}
+}

@@ -1,0 +1,84 @@
+// Command identity-bench measures identityd under load, side by side with
+// its floors. It builds a closed network world (a host netns of its own,
+// see ../../shared/docs/test-network-rules.md), starts a real identityd
+// process in it, creates sandboxes through the admin API and runs clients
+// inside them, then measures, interleaved round by round:
+//
+//  1. identityd as shipped (kernel-attested callers, secrets checked on disk);
+//  2. the same token server with attestation replaced by an in-memory
+//     lookup of the caller's source address and the secrets held in memory
+//     (what the runtime identityd replaces does), in this process;
+//  3. the floors: a bare net/http handler answering a token-sized body on
+//     the same kind of listener, and a sign-only loop per algorithm.
+//
+// It reports throughput, latency percentiles, CPU seconds and peak RSS of
+// the server, as a table or as JSON, and the ratios 1/2, 1/3 and 1/sign.
+// With --storm it measures a start or restart storm instead.
+//
+// Everything it makes (netns, cgroups, pins, state) is removed on exit,
+// also on ^C; leftovers of a killed run are swept by the next one.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"runtime"
+	"syscall"
+	"time"
+
+	"github.com/alecthomas/kong"
+)
+
+type cli struct {
+	Run    runCmd    `cmd:"" default:"withargs" help:"Run the benchmark (the default command)."`
+	Client clientCmd `cmd:"" name:"__client" hidden:"" help:"The in-sandbox load client; the benchmark runs it."`
+}
+
+type runCmd struct {
+	Identityd   string        `help:"identityd binary (default: next to this binary, else on PATH)."`
+	Sandboxes   int           `default:"1" help:"Sandboxes (each a cgroup, a netns and a veth, made by identityd)."`
+	Clients     int           `default:"1" help:"Concurrent clients per sandbox."`
+	Duration    time.Duration `default:"5s" help:"Length of each measurement (0: only --requests bounds it)."`
+	Requests    int           `default:"0" help:"Requests per client per measurement (0: only --duration bounds it)."`
+	Mode        string        `default:"both" enum:"keepalive,newconn,both" help:"keepalive: each client reuses one connection; newconn: a new connection per request; both."`
+	Alg         string        `default:"RS256" enum:"RS256,ES256,EdDSA" help:"Signing algorithm of identityd and of the baseline."`
+	Targets     []string      `default:"identityd,baseline,http" enum:"identityd,baseline,http" help:"Servers to measure, interleaved."`
+	Audience    string        `default:"same" enum:"same,fresh" help:"same: every request names one audience; fresh: a new audience per request."`
+	Rounds      int           `default:"1" help:"Repeat the interleaved measurements this many times (figures give min/median/max)."`
+	Warmup      time.Duration `default:"300ms" help:"Load before each measurement that is not counted."`
+	SignOnly    time.Duration `default:"1s" help:"Length of each sign-only loop per algorithm and round (0: skip)."`
+	Storm       string        `enum:",start,restart" default:"" help:"Measure a storm instead: start (every sandbox asks for its first token at once) or restart (SIGKILL the daemon while every sandbox keeps asking, restart it)."`
+	StormDown   time.Duration `default:"2s" help:"Restart storm: how long the daemon stays dead."`
+	JSON        bool          `name:"json" help:"Print the results as JSON on stdout (the progress line stays on stderr)."`
+	Parallelism int           `default:"16" help:"Sandboxes created (and clients started) at a time."`
+	Keep        bool          `help:"Leave the world behind (daemon killed) for inspection."`
+}
+
+func (r *runCmd) Run(ctx context.Context) error {
+	return run(ctx, r)
+}
+
+func main() {
+	// The load client: re-executed into a sandbox's netns (enterNetns does
+	// not return when it is one).
+	enterNetnsIfAsked()
+	// The daemon is started from this thread with Pdeathsig: keep the
+	// thread for the life of the process, so the daemon dies with us and
+	// not when some other thread ends.
+	runtime.LockOSThread()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	var c cli
+	k := kong.Parse(&c,
+		kong.Name("identity-bench"),
+		kong.Description("Load, floors and storms for identityd, in a closed network world of its own (needs root)."),
+		kong.BindTo(ctx, (*context.Context)(nil)),
+		kong.UsageOnError(),
+	)
+	if err := k.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,222 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// stormResult is what a storm measured.
+type stormResult struct {
+	Kind      string `json:"kind"`
+	Sandboxes int    `json:"sandboxes"`
+	// Served is how many sandboxes got their token.
+	Served int `json:"served"`
+	// Last is the time until the last sandbox had its token: from the
+	// storm's start (start storm) or from the restarted daemon's readiness
+	// (restart storm); P50 the median sandbox's.
+	Last float64 `json:"last_s"`
+	P50  float64 `json:"p50_s"`
+	// Floor is N x the one-core cost of a signature of the algorithm
+	// divided by the cores.
+	Floor     float64 `json:"sign_floor_s"`
+	PerSignUS float64 `json:"per_sign_us"`
+	Cores     int     `json:"cores"`
+	// Restart storm: how long the daemon was dead and took to be ready.
+	Down       float64  `json:"down_s,omitempty"`
+	ReadyAfter float64  `json:"ready_after_start_s,omitempty"`
+	Errors     []string `json:"errors,omitempty"`
+}
+
+func (s *stormResult) print() {
+	fmt.Printf("%s storm, %d sandboxes: %d served; last %.3fs, median %.3fs", s.Kind, s.Sandboxes, s.Served, s.Last, s.P50)
+	if s.Kind == "restart" {
+		fmt.Printf(" after readiness (daemon dead %.1fs, ready %.2fs after its start)", s.Down, s.ReadyAfter)
+	} else {
+		fmt.Print(" after the storm began")
+	}
+	fmt.Printf("\nsignature floor: %d x %.0fus / %d cores = %.3fs; last / floor = %.2f\n",
+		s.Sandboxes, s.PerSignUS, s.Cores, s.Floor, s.Last/max(s.Floor, 1e-9))
+	for _, e := range s.Errors {
+		fmt.Printf("storm error: %s\n", e)
+	}
+}
+
+// measureFloor measures the one-core signature cost and the storm's
+// floor: a signature per sandbox, spread over the cores.
+func (s *stormResult) measureFloor(h *harness, alg string) error {
+	f, err := measureSign(filepath.Join(h.dir, "storm"), alg, time.Second)
+	if err != nil {
+		return err
+	}
+	s.PerSignUS, s.Cores = f.PerSignUS, f.Cores
+	s.Floor = float64(s.Sandboxes) * f.PerSignUS / 1e6 / float64(f.Cores)
+	return nil
+}
+
+// startStorm: every sandbox (made, its client started) asks for its first
+// token at the same moment, with the client package's backoff.
+func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*stormResult, error) {
+	s := &stormResult{Kind: "start", Sandboxes: len(h.sandboxes)}
+	if err := s.measureFloor(h, r.Alg); err != nil {
+		return nil, err
+	}
+	start := time.Now().Add(200*time.Millisecond + time.Duration(len(h.sandboxes))*50*time.Microsecond)
+	for _, sb := range h.sandboxes {
+		if err := sb.client.send(job{Kind: "first", URL: sb.url, Secret: sb.secret, Start: start.UnixNano(), Duration: 2 * time.Minute}); err != nil {
+			return nil, err
+		}
+	}
+	var served atomic.Int64
+	times := make([]float64, len(h.sandboxes))
+	errs := make([]error, len(h.sandboxes))
+	var wg sync.WaitGroup
+	for i, sb := range h.sandboxes {
+		wg.Go(func() {
+			rep, err := sb.client.wait(func(report) {})
+			switch {
+			case err != nil:
+				errs[i] = err
+			case len(rep.Successes) == 0:
+				errs[i] = fmt.Errorf("no token: %s", rep.Error)
+			default:
+				times[i] = time.Unix(0, rep.Successes[0]).Sub(start).Seconds()
+				p.show(false, "start storm: %d/%d sandboxes have a token", served.Add(1), len(h.sandboxes))
+			}
+		})
+	}
+	wg.Wait()
+	s.fill(times, errs)
+	return s, ctx.Err()
+}
+
+// restartStorm: every sandbox asks for a token every interval, each ask
+// retrying with the client package's backoff; the daemon is killed with
+// SIGKILL, stays dead r.StormDown, and is started again. The figure is the
+// time from its readiness until every sandbox has had a token since.
+func restartStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*stormResult, error) {
+	s := &stormResult{Kind: "restart", Sandboxes: len(h.sandboxes)}
+	if err := s.measureFloor(h, r.Alg); err != nil {
+		return nil, err
+	}
+	n := len(h.sandboxes)
+	// Spread the asks over the interval, as workloads started at different
+	// times would.
+	interval := max(r.Duration, time.Second)
+	start := time.Now().Add(200*time.Millisecond + time.Duration(n)*50*time.Microsecond)
+	for i, sb := range h.sandboxes {
+		at := start.Add(interval * time.Duration(i) / time.Duration(n))
+		if err := sb.client.send(job{Kind: "keep", URL: sb.url, Secret: sb.secret, Start: at.UnixNano(), Interval: interval}); err != nil {
+			return nil, err
+		}
+	}
+	var mu sync.Mutex
+	var killedAt, readyAt time.Time
+	first := make([]time.Time, n) // first token after the kill
+	var served atomic.Int64
+	allServed := make(chan struct{})
+	reports := make([]report, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i, sb := range h.sandboxes {
+		wg.Go(func() {
+			reports[i], errs[i] = sb.client.wait(func(rep report) {
+				mu.Lock()
+				defer mu.Unlock()
+				if killedAt.IsZero() || len(rep.Successes) == 0 || !first[i].IsZero() {
+					return
+				}
+				if t := time.Unix(0, rep.Successes[0]); t.After(killedAt) {
+					first[i] = t
+					if served.Add(1) == int64(n) {
+						close(allServed)
+					}
+					p.show(false, "restart storm: %d/%d sandboxes served since the restart", served.Load(), n)
+				}
+			})
+		})
+	}
+	stopAll := func() {
+		for _, sb := range h.sandboxes {
+			sb.client.stop()
+		}
+		wg.Wait()
+	}
+	// Everyone has asked at least once before the kill.
+	p.show(true, "restart storm: %d sandboxes asking every %s", n, interval)
+	if err := sleep(ctx, interval+time.Second); err != nil {
+		stopAll()
+		return nil, err
+	}
+	mu.Lock()
+	killedAt = time.Now()
+	mu.Unlock()
+	h.killDaemon(syscall.SIGKILL)
+	p.show(true, "restart storm: identityd killed with SIGKILL; down for %s", r.StormDown)
+	if err := sleep(ctx, r.StormDown); err != nil {
+		stopAll()
+		return nil, err
+	}
+	s.Down = time.Since(killedAt).Seconds()
+	restartBegin := time.Now()
+	ready, err := h.startDaemon(ctx)
+	if err != nil {
+		stopAll()
+		return nil, fmt.Errorf("restart identityd: %w", err)
+	}
+	readyAt = restartBegin.Add(ready)
+	s.ReadyAfter = ready.Seconds()
+	p.show(true, "restart storm: identityd ready again after %s", ready.Round(time.Millisecond))
+	select {
+	case <-allServed:
+	case <-time.After(90 * time.Second):
+	case <-ctx.Done():
+	}
+	stopAll()
+	times := make([]float64, n)
+	for i := range first {
+		if !first[i].IsZero() {
+			// A token between the kill and the readiness cannot be: the
+			// daemon was dead. Count from readiness.
+			times[i] = max(first[i].Sub(readyAt).Seconds(), 0)
+		} else if errs[i] == nil {
+			errs[i] = errors.New("no token after the restart within 90s")
+		}
+	}
+	s.fill(times, errs)
+	return s, ctx.Err()
+}
+
+func (s *stormResult) fill(times []float64, errs []error) {
+	var ok []float64
+	for i, t := range times {
+		if errs[i] != nil {
+			if len(s.Errors) < 10 {
+				s.Errors = append(s.Errors, errs[i].Error())
+			}
+			continue
+		}
+		ok = append(ok, t)
+	}
+	s.Served = len(ok)
+	if len(ok) > 0 {
+		slices.Sort(ok)
+		s.Last = ok[len(ok)-1]
+		s.P50 = median(ok)
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}

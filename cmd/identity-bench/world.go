@@ -1,0 +1,409 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+
+	"github.com/identityd/identityd/controllers"
+	"github.com/identityd/identityd/internal/netnsutil"
+	"github.com/identityd/identityd/internal/sandboxtest"
+)
+
+// tb lets sandboxtest, which reports to a testing.TB, build the world of a
+// program: cleanups are kept and run by cleanup, and a fatal error ends the
+// goroutine that called it, as in a test. The embedded TB is nil: only the
+// methods below are called by sandboxtest.
+type tb struct {
+	testing.TB
+	mu       sync.Mutex
+	cleanups []func()
+	errs     []error
+}
+
+func (t *tb) Helper()                   {}
+func (t *tb) Name() string              { return "identity-bench" }
+func (t *tb) Log(args ...any)           {}
+func (t *tb) Logf(string, ...any)       {}
+func (t *tb) Errorf(f string, a ...any) { t.fail(fmt.Errorf(f, a...)) }
+func (t *tb) Error(args ...any)         { t.fail(errors.New(fmt.Sprint(args...))) }
+func (t *tb) Fatalf(f string, a ...any) { t.fail(fmt.Errorf(f, a...)); runtime.Goexit() }
+func (t *tb) Fatal(args ...any)         { t.fail(errors.New(fmt.Sprint(args...))); runtime.Goexit() }
+func (t *tb) Skip(args ...any)          { t.Fatal(args...) }
+func (t *tb) Skipf(f string, a ...any)  { t.Fatalf(f, a...) }
+func (t *tb) Cleanup(f func()) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.cleanups = append(t.cleanups, f)
+}
+
+func (t *tb) fail(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.errs = append(t.errs, err)
+}
+
+func (t *tb) err() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return errors.Join(t.errs...)
+}
+
+// do runs f on a goroutine of its own, where Fatalf may end it, and
+// returns the errors reported meanwhile.
+func (t *tb) do(f func()) error {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	<-done
+	return t.err()
+}
+
+// cleanup runs the cleanups, last registered first.
+func (t *tb) cleanup() error {
+	t.mu.Lock()
+	fs := t.cleanups
+	t.cleanups = nil
+	t.errs = nil
+	t.mu.Unlock()
+	for i := len(fs) - 1; i >= 0; i-- {
+		t.do(fs[i])
+	}
+	return t.err()
+}
+
+// harness is the closed world with one identityd in it.
+type harness struct {
+	tb    *tb
+	world *sandboxtest.World
+	bin   string // identityd
+	self  string // this binary, for the load clients
+	args  []string
+	// Names unique to the run, in the form sandboxtest's sweep recognises
+	// (idt<pid>-...), so that a killed run's leftovers go with the next.
+	dir, state, admin, pins, credsMount, netnsPrefix, cgroups string
+	router                                                    netip.Addr
+	alg                                                       string
+
+	daemon    *exec.Cmd
+	daemonLog *os.File
+	exited    chan struct{}
+
+	sandboxes []*benchSandbox
+}
+
+// benchSandbox is one sandbox identityd made, with the load client running
+// in it.
+type benchSandbox struct {
+	created controllers.Created
+	addr    netip.Addr
+	url     string // identityd's token URL, as the sandbox was told
+	secret  string
+	client  *loadClient
+}
+
+func suffix() string {
+	var b [3]byte
+	rand.Read(b[:])
+	return fmt.Sprintf("%x", b)
+}
+
+// newHarness builds the world. Its removal is registered before anything
+// is made, so h.close removes whatever exists.
+func newHarness(r *runCmd) (*harness, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("needs root: creates network namespaces and cgroups, and runs identityd")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	bin := r.Identityd
+	if bin == "" {
+		bin = filepath.Join(filepath.Dir(self), "identityd")
+		if _, err := os.Stat(bin); err != nil {
+			if bin, err = exec.LookPath("identityd"); err != nil {
+				return nil, errors.New("identityd not found next to identity-bench or on PATH (give --identityd)")
+			}
+		}
+	}
+	h := &harness{tb: &tb{}, bin: bin, self: self, alg: r.Alg}
+	if err := h.tb.do(func() { h.world = sandboxtest.New(h.tb) }); err != nil {
+		h.close()
+		return nil, fmt.Errorf("build the closed world: %w", err)
+	}
+	sfx := suffix()
+	if h.dir, err = os.MkdirTemp("", "identity-bench-"); err != nil {
+		h.close()
+		return nil, err
+	}
+	h.state = filepath.Join(h.dir, "state")
+	h.admin = filepath.Join(h.dir, "run", "admin.sock")
+	h.pins = filepath.Join("/sys/fs/bpf", fmt.Sprintf("identityd-bench-%d-%s", os.Getpid(), sfx))
+	h.credsMount = fmt.Sprintf("/run/idt%d-b%s/credentials", os.Getpid(), sfx)
+	h.netnsPrefix = fmt.Sprintf("idt%d-b%s-", os.Getpid(), sfx)
+	h.cgroups = filepath.Join(h.world.CgroupDir, "sandboxes")
+	// A /20 of 10.200.0.0/13: apart from sandboxtest's and the daemon
+	// tests' ranges, room for 4,000 sandboxes.
+	var b [2]byte
+	rand.Read(b[:])
+	subnet := netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 200 + b[0]%8, b[1] & 0xf0, 0}), 20)
+	h.router = subnet.Addr().Next()
+	conns := max(4096, r.Sandboxes*r.Clients*2+256)
+	h.args = []string{"serve",
+		"--state-dir", h.state, "--cgroup-parent", h.cgroups, "--bpf-dir", h.pins,
+		"--admin-socket", h.admin, "--host-netns", h.world.HostNetns, "--netns-prefix", h.netnsPrefix,
+		"--bridge", "idbench0", "--subnet", subnet.String(), "--operator-listen", "",
+		"--log-format", "json", "--signing-alg", r.Alg, "--credentials-mount", h.credsMount,
+		// The benchmark measures the server, not the per-sandbox limits.
+		"--rate-limit", "1000000", "--burst", "1000000",
+		"--max-conns", fmt.Sprint(conns), "--max-conns-per-sandbox", fmt.Sprint(r.Clients*2 + 16),
+		"--max-other-conns", "256",
+	}
+	return h, nil
+}
+
+// startDaemon runs identityd and waits until its admin API answers (after
+// its rebuild, with the token endpoint serving). It is called from the
+// main goroutine, whose thread lives as long as the process (Pdeathsig).
+func (h *harness) startDaemon(ctx context.Context) (time.Duration, error) {
+	if err := os.MkdirAll(h.dir, 0o700); err != nil {
+		return 0, err
+	}
+	logf, err := os.OpenFile(filepath.Join(h.dir, "daemon.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	h.daemonLog = logf
+	h.daemon = exec.Command(h.bin, h.args...)
+	h.daemon.Stdout, h.daemon.Stderr = logf, logf
+	h.daemon.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	begin := time.Now()
+	if err := h.daemon.Start(); err != nil {
+		return 0, fmt.Errorf("start identityd: %w", err)
+	}
+	exited := make(chan struct{})
+	h.exited = exited
+	go func(cmd *exec.Cmd) { cmd.Wait(); close(exited) }(h.daemon)
+	api := controllers.NewAdminClient(h.admin)
+	for {
+		if err := api.Do(ctx, "GET", "/v1/sandboxes", nil, nil); err == nil {
+			return time.Since(begin), nil
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-exited:
+			return 0, fmt.Errorf("identityd exited during start:\n%s", h.logTail())
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Since(begin) > 60*time.Second {
+			return 0, fmt.Errorf("identityd not ready within 60s:\n%s", h.logTail())
+		}
+	}
+}
+
+// killDaemon stops identityd with sig and waits for it.
+func (h *harness) killDaemon(sig syscall.Signal) {
+	if h.daemon == nil || h.daemon.Process == nil {
+		return
+	}
+	h.daemon.Process.Signal(sig)
+	<-h.exited
+	h.daemon = nil
+	if h.daemonLog != nil {
+		h.daemonLog.Close()
+		h.daemonLog = nil
+	}
+}
+
+func (h *harness) logTail() string {
+	b, _ := os.ReadFile(filepath.Join(h.dir, "daemon.log"))
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Join(lines[max(0, len(lines)-15):], "\n")
+}
+
+// createSandboxes makes n sandboxes through the admin API, parallel
+// requests at a time, and starts a load client in each.
+func (h *harness) createSandboxes(ctx context.Context, n, parallel int, progress func(string)) error {
+	api := controllers.NewAdminClient(h.admin)
+	out := make([]*benchSandbox, n)
+	var made atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(max(parallel, 1))
+	for i := range n {
+		g.Go(func() error {
+			var c controllers.Created
+			id := fmt.Sprintf("b%05d", i)
+			if err := api.Do(gctx, "POST", "/v1/sandboxes", controllers.CreateRequest{ID: id, App: "bench", Org: "bench"}, &c); err != nil {
+				return fmt.Errorf("create sandbox %s: %w", id, err)
+			}
+			sb := &benchSandbox{created: c, url: c.Env["MIREN_IDENTITY_TOKEN_URL"], secret: c.Env["MIREN_IDENTITY_TOKEN_SECRET"]}
+			if len(c.Sandbox.Addresses) == 0 || sb.url == "" || sb.secret == "" {
+				return fmt.Errorf("sandbox %s: no address, token URL or secret in %+v", id, c)
+			}
+			for _, p := range c.Sandbox.Addresses {
+				if p.Addr().Is4() {
+					sb.addr = p.Addr()
+				}
+			}
+			lc, err := startLoadClient(h.self, c.Sandbox.CgroupPath, c.Sandbox.NetnsPath)
+			if err != nil {
+				return fmt.Errorf("sandbox %s: %w", id, err)
+			}
+			sb.client = lc
+			out[i] = sb
+			progress(fmt.Sprintf("sandboxes: %d/%d created, clients started", made.Add(1), n))
+			return nil
+		})
+	}
+	err := g.Wait()
+	for _, sb := range out {
+		if sb != nil {
+			h.sandboxes = append(h.sandboxes, sb)
+		}
+	}
+	return err
+}
+
+// close removes everything: clients, daemon, sandboxes' netns, pins,
+// credentials mount point, state, and the world (cgroups and host netns).
+func (h *harness) close() error {
+	var errs []error
+	for _, sb := range h.sandboxes {
+		sb.client.close()
+	}
+	h.killDaemon(syscall.SIGKILL)
+	if h.netnsPrefix != "" {
+		names, err := controllers.ListNetns(h.netnsPrefix)
+		errs = append(errs, err)
+		for _, name := range names {
+			errs = append(errs, netnsutil.DeleteNamed(name))
+		}
+	}
+	if h.pins != "" {
+		if out, err := exec.Command(h.bin, "uninstall", "--bpf-dir", h.pins).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("identityd uninstall: %v: %s", err, out))
+		}
+	}
+	if h.credsMount != "" {
+		os.RemoveAll(filepath.Dir(h.credsMount)) // empty directories: nothing mounts there
+	}
+	if h.dir != "" {
+		errs = append(errs, os.RemoveAll(h.dir))
+	}
+	errs = append(errs, h.tb.cleanup())
+	return errors.Join(errs...)
+}
+
+// loadClient is a client process running in a sandbox's cgroup and netns.
+type loadClient struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	out   *bufio.Reader
+	once  sync.Once
+}
+
+func startLoadClient(self, cgroupDir, netnsPath string) (*loadClient, error) {
+	cg, err := os.Open(cgroupDir)
+	if err != nil {
+		return nil, fmt.Errorf("open cgroup: %w", err)
+	}
+	defer cg.Close()
+	cmd := exec.Command(self, "__client")
+	cmd.Env = append(os.Environ(), netnsEnv+"="+netnsPath, "GOMAXPROCS=2")
+	cmd.Stderr = os.Stderr
+	// In the sandbox's cgroup from its first instruction (CLONE_INTO_CGROUP).
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start load client: %w", err)
+	}
+	return &loadClient{cmd: cmd, stdin: stdin, out: bufio.NewReaderSize(stdout, 1<<20)}, nil
+}
+
+// send hands the client a job.
+func (c *loadClient) send(j job) error {
+	b, err := json.Marshal(j)
+	if err != nil {
+		return err
+	}
+	_, err = c.stdin.Write(append(b, '\n'))
+	return err
+}
+
+// stop ends a "keep" job.
+func (c *loadClient) stop() error {
+	_, err := io.WriteString(c.stdin, "stop\n")
+	return err
+}
+
+// wait reads the client's reports until the final one, passing progress
+// counts to progress.
+func (c *loadClient) wait(progress func(report)) (report, error) {
+	for {
+		line, err := c.out.ReadBytes('\n')
+		if err != nil {
+			return report{}, fmt.Errorf("read load client report: %w", err)
+		}
+		var r report
+		if err := json.Unmarshal(line, &r); err != nil {
+			return report{}, fmt.Errorf("decode load client report: %w", err)
+		}
+		if !r.Done {
+			progress(r)
+			continue
+		}
+		if r.Error != "" && r.Failures == 0 {
+			return r, errors.New(r.Error)
+		}
+		return r, nil
+	}
+}
+
+func (c *loadClient) close() {
+	if c == nil {
+		return
+	}
+	c.once.Do(func() {
+		c.stdin.Close()
+		c.cmd.Process.Kill()
+		c.cmd.Wait()
+	})
+}
+
+// abortOnCancel kills every load client when ctx ends (^C), so that
+// nothing waits for their jobs to run out; the cleanup follows.
+func (h *harness) abortOnCancel(ctx context.Context) (stop func() bool) {
+	return context.AfterFunc(ctx, func() {
+		for _, sb := range h.sandboxes {
+			sb.client.close()
+		}
+	})
+}
