@@ -51,6 +51,7 @@ type auditLine struct {
 	Exp     int64    `json:"exp"`
 	Alg     string   `json:"alg"`
 	Kid     string   `json:"kid"`
+	Cached  bool     `json:"cached"`
 	Remote  string   `json:"remote"`
 	Caller  struct {
 		CgroupID     uint64 `json:"cgroup_id"`
@@ -93,7 +94,8 @@ func TestIssuanceIsAudited(t *testing.T) {
 	sbA, a, secretA := e.sandbox("a", "web", "acme")
 	_, b, _ := e.sandbox("b", "db", "")
 
-	// Two tokens on one keep-alive connection: one line each, same socket.
+	// Two tokens on one keep-alive connection: one line each, same socket;
+	// the second is the first, reused from the cache.
 	resps, err := a.HTTP(sandboxtest.HTTPRequest{Method: "GET", URL: e.issuer + "/v1/token?audience=rp1&audience=rp2&ttl=120",
 		Repeat: 2, Header: map[string]string{"Authorization": bearer(secretA)}})
 	require.NoError(t, err)
@@ -145,7 +147,9 @@ func TestIssuanceIsAudited(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, sbA.Addr4, remote.Addr())
 	}
-	assert.NotEqual(t, lines[0].JTI, lines[1].JTI)
+	assert.Equal(t, lines[0].JTI, lines[1].JTI, "the second request is served from the cache")
+	assert.False(t, lines[0].Cached)
+	assert.True(t, lines[1].Cached)
 	assert.Equal(t, lines[0].Caller.SocketCookie, lines[1].Caller.SocketCookie, "one connection")
 	assert.Equal(t, lines[0].Remote, lines[1].Remote)
 
@@ -169,6 +173,7 @@ func TestIssuanceIsAudited(t *testing.T) {
 	}
 
 	assert.Equal(t, 2.0, testutil.ToFloat64(e.srv.cfg.Metrics.issuedByAlg.WithLabelValues(RS256)))
+	assert.Equal(t, 1.0, testutil.ToFloat64(e.srv.cfg.Metrics.cacheHits.WithLabelValues(RS256)))
 }
 
 // TestAuditNodeIsConfigurable: Config.Node names the host in the lines of
@@ -220,7 +225,8 @@ func BenchmarkAuditLine(b *testing.B) {
 	rec := bpf.Record{CgroupID: 1771718, NetnsCookie: 3147, PID: 21768, TGID: 21768, SocketCookie: 516825}
 	b.ReportAllocs()
 	for b.Loop() {
-		srv.audit("10.136.167.2:52218", "sb-a", c, token, rec)
+		alg, kid := signedBy(token)
+		srv.audit("10.136.167.2:52218", "sb-a", issued{token: token, claims: c, alg: alg, kid: kid}, rec)
 	}
 }
 

@@ -370,6 +370,17 @@ func (k *Keys) Sign(claims any) (string, error) {
 	return jws.CompactSerialize()
 }
 
+// SigningKeyID is the kid of the key that signs now; empty if none does.
+// A token cache compares it with the kid of the tokens it holds.
+func (k *Keys) SigningKeyID() string {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	if sk := k.signerLocked(k.now()); sk != nil {
+		return sk.Key.KeyID
+	}
+	return ""
+}
+
 // farFuture is what [Keys.SignableUntil] answers: a key of this host stays
 // published as long as the daemon that serves it runs.
 var farFuture = time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)

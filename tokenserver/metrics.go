@@ -12,6 +12,7 @@ import (
 type Metrics struct {
 	requests     *prometheus.CounterVec
 	issuedByAlg  *prometheus.CounterVec
+	cacheHits    *prometheus.CounterVec
 	refusals     *prometheus.CounterVec
 	failures     *prometheus.CounterVec
 	latency      prometheus.Histogram
@@ -29,7 +30,11 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 		}, []string{"outcome"}),
 		issuedByAlg: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "identityd_tokens_issued_total",
-			Help: "Tokens issued, by the signing algorithm in their header (RS256, ES256, EdDSA).",
+			Help: "Tokens issued, signed or reused from the token cache, by the signing algorithm in their header (RS256, ES256, EdDSA).",
+		}, []string{"alg"}),
+		cacheHits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "identityd_token_cache_hits_total",
+			Help: "Tokens issued from the token cache (a token signed earlier for the same sandbox, secret, audiences and ttl, reused in the first half of its lifetime), by the signing algorithm in their header.",
 		}, []string{"alg"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "identityd_token_refusals_total",
@@ -52,7 +57,7 @@ func NewMetrics(reg prometheus.Registerer, liveSandboxes func() float64) (*Metri
 	if reg == nil {
 		return m, nil
 	}
-	cs := []prometheus.Collector{m.requests, m.issuedByAlg, m.refusals, m.failures, m.latency, m.connRefusals}
+	cs := []prometheus.Collector{m.requests, m.issuedByAlg, m.cacheHits, m.refusals, m.failures, m.latency, m.connRefusals}
 	if liveSandboxes != nil {
 		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "identityd_live_sandboxes",
@@ -72,7 +77,12 @@ func (m *Metrics) observe(outcome string, d time.Duration) {
 	m.latency.Observe(d.Seconds())
 }
 
-func (m *Metrics) issued(alg string) { m.issuedByAlg.WithLabelValues(alg).Inc() }
+func (m *Metrics) issued(alg string, cached bool) {
+	m.issuedByAlg.WithLabelValues(alg).Inc()
+	if cached {
+		m.cacheHits.WithLabelValues(alg).Inc()
+	}
+}
 
 func (m *Metrics) refused(reason string) { m.refusals.WithLabelValues(reason).Inc() }
 

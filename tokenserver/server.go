@@ -88,6 +88,15 @@ type Config struct {
 	Burst     int
 	// Conns bound the open connections, per caller and in all.
 	Conns ConnLimits
+	// DisableTokenCache makes every request signed anew. By default a
+	// token is reused for a request of the same sandbox, secret,
+	// audiences and ttl while at least half of its lifetime remains and
+	// its key still signs (so its jti repeats within that window); the
+	// KeySet must implement CurrentKey for that.
+	DisableTokenCache bool
+	// TokenCacheBytes bounds the token cache; DefaultTokenCacheBytes if
+	// zero.
+	TokenCacheBytes int
 	// IdleTimeout closes keep-alive connections left idle;
 	// DefaultIdleTimeout if zero.
 	IdleTimeout time.Duration
@@ -110,6 +119,9 @@ type Server struct {
 	log *slog.Logger
 
 	conns *connTable
+	// cache is nil when off (Config.DisableTokenCache, or keys that do
+	// not say which key signs now).
+	cache *tokenCache
 
 	mu        sync.Mutex
 	limiters  map[string]*limiter
@@ -165,10 +177,31 @@ func New(cfg Config) (*Server, error) {
 		cfg.IdleTimeout = DefaultIdleTimeout
 	}
 	cfg.Conns = cfg.Conns.withDefaults()
-	return &Server{
+	if cfg.TokenCacheBytes == 0 {
+		cfg.TokenCacheBytes = DefaultTokenCacheBytes
+	}
+	if cfg.TokenCacheBytes < 0 {
+		return nil, fmt.Errorf("token server: token cache size %d: want 0 (the default) or more", cfg.TokenCacheBytes)
+	}
+	s := &Server{
 		cfg: cfg, log: cfg.Logger.With("node", cfg.Node), limiters: map[string]*limiter{},
 		conns: &connTable{limits: cfg.Conns, sandbox: map[string]int{}},
-	}, nil
+	}
+	if _, ok := cfg.Keys.(CurrentKey); ok && !cfg.DisableTokenCache {
+		s.cache = newTokenCache(cfg.TokenCacheBytes)
+	}
+	return s, nil
+}
+
+// Forget drops the tokens cached for sandbox id. The daemon calls it when
+// the sandbox is deleted and when its secret is rotated, once the secret
+// store has the change: no token asked for before is handed out after.
+// (Without it a token is still never reused across either: the cache is
+// keyed by the sandbox's cgroup and netns and by the secret shown.)
+func (s *Server) Forget(sandboxID string) {
+	if s.cache != nil {
+		s.cache.forget(sandboxID)
+	}
 }
 
 // HTTPServer returns an http.Server for the token endpoint with the
@@ -330,6 +363,7 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		refuse(http.StatusTooManyRequests, msgRateLimited, reasonRateLimited, sb.ID, nil)
 		return
 	}
+	gen := s.cacheGeneration()
 	valid, err := s.cfg.Secrets.Verify(sb.ID, bearer)
 	switch {
 	case errors.Is(err, secretstore.ErrNotFound):
@@ -358,7 +392,7 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	if len(aud) == 0 {
 		aud = s.cfg.DefaultAudience
 	}
-	token, c, err := s.issue(sb, aud, ttl)
+	t, err := s.signOrReuse(sb, bearer, aud, ttl, gen)
 	if err != nil {
 		reason := failSign
 		if errors.Is(err, errKeyPublicationExpiring) {
@@ -370,14 +404,61 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	outcome = "issued"
-	s.audit(r.RemoteAddr, sb.ID, c, token, att.rec)
-	writeJSON(w, http.StatusOK, map[string]string{"value": token})
+	s.audit(r.RemoteAddr, sb.ID, t, att.rec)
+	writeJSON(w, http.StatusOK, map[string]string{"value": t.token})
+}
+
+// issued is a token served, with what its audit line says of it.
+type issued struct {
+	token    string
+	claims   Claims
+	alg, kid string
+	// cached: signed for an earlier request, and reused.
+	cached bool
+}
+
+// cacheGeneration is taken before a request's secret is checked (see
+// tokenCache.generation); zero without a cache.
+func (s *Server) cacheGeneration() uint64 {
+	if s.cache == nil {
+		return 0
+	}
+	return s.cache.generation()
+}
+
+// signOrReuse returns a token for sb, whose secret the request proved:
+// one cached for the same sandbox, secret, audiences and ttl if it may be
+// reused, else a new one, which is cached unless a Forget came after gen.
+func (s *Server) signOrReuse(sb registry.Sandbox, secret string, aud []string, ttl time.Duration, gen uint64) (issued, error) {
+	var kid string
+	if s.cache != nil {
+		kid = s.cfg.Keys.(CurrentKey).SigningKeyID()
+	}
+	if kid == "" {
+		token, c, err := s.issue(sb, aud, ttl)
+		alg, kid := signedBy(token)
+		return issued{token: token, claims: c, alg: alg, kid: kid}, err
+	}
+	key := newCacheKey(sb, secret, aud, ttl)
+	if t, ok := s.cache.get(key, kid, s.cfg.Now().Unix(), s.cfg.Keys.SignableUntil().Unix()); ok {
+		return issued{token: t.token, claims: t.claims, alg: t.alg, kid: t.kid, cached: true}, nil
+	}
+	token, c, err := s.issue(sb, aud, ttl)
+	if err != nil {
+		return issued{}, err
+	}
+	t := &cachedToken{key: key, token: token, claims: c}
+	t.alg, t.kid = signedBy(token)
+	s.cache.put(t, gen)
+	return issued{token: token, claims: c, alg: t.alg, kid: t.kid}, nil
 }
 
 // TokenFor signs a token naming sb for the default audience and lifetime,
 // for the token file kept in the sandbox, and logs its audit line (remote
 // "token-file": no connection asked for it). The sandbox's rate limit does
-// not apply: the daemon paces these itself.
+// not apply: the daemon paces these itself. The token cache is neither
+// read nor filled: the daemon renews the file at half-life, when the cache
+// would hand back the token it replaces.
 func (s *Server) TokenFor(ctx context.Context, sb registry.Sandbox) (string, error) {
 	if err := ctx.Err(); err != nil {
 		return "", err
@@ -391,19 +472,21 @@ func (s *Server) TokenFor(ctx context.Context, sb registry.Sandbox) (string, err
 		s.cfg.Metrics.failed(reason)
 		return "", fmt.Errorf("issue token file of %s: %w", sb.ID, err)
 	}
-	s.audit("token-file", sb.ID, c, token, bpf.Record{})
+	alg, kid := signedBy(token)
+	s.audit("token-file", sb.ID, issued{token: token, claims: c, alg: alg, kid: kid}, bpf.Record{})
 	return token, nil
 }
 
 // audit counts an issued token and logs its line of the audit trail: with
 // the node (on s.log) and the kernel's record of the caller, it answers
 // which process on which host obtained jti X. It never logs the token nor
-// anything of the request but its remote address.
-func (s *Server) audit(remote, sandbox string, c Claims, token string, caller bpf.Record) {
-	alg, kid := signedBy(token)
-	s.cfg.Metrics.issued(alg)
+// anything of the request but its remote address. A token reused from the
+// cache has its line too, with cached=true and the jti it was signed with.
+func (s *Server) audit(remote, sandbox string, t issued, caller bpf.Record) {
+	s.cfg.Metrics.issued(t.alg, t.cached)
+	c := t.claims
 	s.log.Info("token issued", "sandbox", sandbox, "jti", c.ID, "sub", c.Subject, "aud", c.Audience,
-		"iat", c.IssuedAt, "exp", c.Expiry, "alg", alg, "kid", kid, "remote", remote, "caller", caller)
+		"iat", c.IssuedAt, "exp", c.Expiry, "alg", t.alg, "kid", t.kid, "cached", t.cached, "remote", remote, "caller", caller)
 }
 
 // signedBy reads alg and kid from the header of a compact JWS the server

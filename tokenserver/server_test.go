@@ -66,6 +66,8 @@ type envOptions struct {
 	conns    ConnLimits
 	node     string
 	maxTTL   time.Duration
+	now      func() time.Time // the server's clock, time.Now if nil
+	noCache  bool             // Config.DisableTokenCache
 }
 
 func newEnv(t testing.TB, o envOptions) *env {
@@ -123,7 +125,7 @@ func (e *env) serve(o envOptions) {
 	e.srv, err = New(Config{
 		Issuer: e.issuer, Attester: att, Registry: e.reg, Secrets: e.secrets, Keys: keys,
 		Logger: e.log, Metrics: metrics, RateLimit: o.rate, Burst: o.burst, Conns: o.conns, Node: o.node,
-		MaxTTL: o.maxTTL,
+		MaxTTL: o.maxTTL, Now: o.now, DisableTokenCache: o.noCache,
 	})
 	require.NoError(t, err)
 	ln, err := e.w.Listen("tcp", fmt.Sprintf(":%d", port))

@@ -10,6 +10,13 @@
 // expiry, so that a rotated secret's predecessor can stay valid for a grace
 // window. Rotate replaces the whole list in one atomic write, so a crash
 // leaves either the old pair or the new one.
+//
+// A store from Open keeps the records it has read or written in memory, so
+// that checking a secret reads no file: the daemon that opened it is the
+// only writer of its directory, and every write goes through the same
+// methods, which update memory once the disk has the new record. The disk
+// stays the only source at start: a record is read from it the first time
+// it is needed. A store from At reads the disk every time.
 package secretstore
 
 import (
@@ -24,6 +31,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/identityd/identityd/internal/atomicfile"
@@ -41,10 +49,34 @@ var validID = regexp.MustCompile(fmt.Sprintf(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}$`
 // ValidID reports whether id can name a sandbox in the store.
 func ValidID(id string) bool { return validID.MatchString(id) }
 
-// Store is a directory of secret hashes.
+// Store is a directory of secret hashes. It is safe for concurrent use.
 type Store struct {
 	dir string
 	now func() time.Time
+	// mem holds the records already read or written; nil for a store of
+	// At, which reads the disk every time.
+	mem *memory
+}
+
+// memory is the records of a store's directory as its writes left them.
+type memory struct {
+	mu   sync.RWMutex
+	recs map[string]*loaded
+	// gen counts writes, so that a record read from disk while a write of
+	// it was in flight is not kept in place of what the write left.
+	gen uint64
+	// writers serializes the writes of each sandbox (by a stripe of ids),
+	// so that memory ends as the last write left the disk.
+	writers [64]sync.Mutex
+}
+
+// loaded is a record with its hashes decoded.
+type loaded struct {
+	rec  record
+	sums [][sha256.Size]byte
+	// corrupt is why a hash cannot be compared; such a record is never
+	// kept in memory, and never matches.
+	corrupt error
 }
 
 // record is the on-disk form.
@@ -79,12 +111,45 @@ func Open(dir string) (*Store, error) {
 	if err := atomicfile.RemoveTemps(dir); err != nil {
 		return nil, fmt.Errorf("open secret store: remove interrupted writes: %w", err)
 	}
-	return At(dir), nil
+	s := At(dir)
+	s.mem = &memory{recs: map[string]*loaded{}}
+	return s, nil
 }
 
-// At is the store in dir as it is: nothing is created or cleaned up, so
-// that a check such as fsck only reads.
+// At is the store in dir as it is: nothing is created or cleaned up, and
+// nothing is kept in memory, so that a check such as fsck only reads, and
+// reads what is on disk now.
 func At(dir string) *Store { return &Store{dir: dir, now: time.Now} }
+
+// lockWriter serializes the writes of sandbox id; it returns the unlock.
+func (s *Store) lockWriter(id string) func() {
+	if s.mem == nil {
+		return func() {}
+	}
+	h := uint32(2166136261) // FNV-1a
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint32(id[i])) * 16777619
+	}
+	mu := &s.mem.writers[h%uint32(len(s.mem.writers))]
+	mu.Lock()
+	return mu.Unlock
+}
+
+// remember makes l what memory holds of sandbox id (nil: nothing, so the
+// disk is read next time), after a write.
+func (s *Store) remember(id string, l *loaded) {
+	if s.mem == nil {
+		return
+	}
+	s.mem.mu.Lock()
+	defer s.mem.mu.Unlock()
+	s.mem.gen++
+	if l == nil || l.corrupt != nil {
+		delete(s.mem.recs, id)
+		return
+	}
+	s.mem.recs[id] = l
+}
 
 // Path is the file that holds the secrets of sandbox id.
 func (s *Store) Path(id string) (string, error) {
@@ -123,18 +188,25 @@ func (s *Store) Put(id, secret string) error {
 	if err != nil {
 		return fmt.Errorf("store secret: %w", err)
 	}
+	defer s.lockWriter(id)()
 	now := s.now().UTC()
 	return s.write(id, p, record{Version: 1, Hashes: []hashEntry{{SHA256: hashOf(secret), IssuedAt: &now}}})
 }
 
+// write replaces sandbox id's record, on disk then in memory. The caller
+// holds id's writer lock.
 func (s *Store) write(id, p string, rec record) error {
 	b, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
 	if err := atomicfile.WriteFile(p, b, 0o600); err != nil {
+		// The disk may hold either record now: memory forgets it, so
+		// the next check reads what the disk holds.
+		s.remember(id, nil)
 		return fmt.Errorf("store secret of %s: %w", id, err)
 	}
+	s.remember(id, decode(rec))
 	return nil
 }
 
@@ -145,10 +217,16 @@ func (s *Store) write(id, p string, rec record) error {
 // secret that is already current changes nothing, so a rotation replayed
 // after a crash does not cut the grace window short.
 func (s *Store) Rotate(id, next string, grace time.Duration) error {
-	p, rec, err := s.read(id)
+	p, err := s.Path(id)
 	if err != nil {
 		return fmt.Errorf("rotate secret: %w", err)
 	}
+	defer s.lockWriter(id)()
+	l, err := s.load(id)
+	if err != nil {
+		return fmt.Errorf("rotate secret: %w", err)
+	}
+	rec := l.rec
 	h := hashOf(next)
 	cur := rec.Hashes[current(rec)]
 	if cur.SHA256 == h {
@@ -180,10 +258,11 @@ type Status struct {
 // Status reports when sandbox id's current secret was made and until when
 // its predecessor is accepted.
 func (s *Store) Status(id string) (Status, error) {
-	_, rec, err := s.read(id)
+	l, err := s.load(id)
 	if err != nil {
 		return Status{}, err
 	}
+	rec := l.rec
 	var st Status
 	cur := current(rec)
 	if t := rec.Hashes[cur].IssuedAt; t != nil {
@@ -201,16 +280,16 @@ func (s *Store) Status(id string) (Status, error) {
 // IsCurrent reports whether secret is sandbox id's current secret (not
 // merely one still accepted).
 func (s *Store) IsCurrent(id, secret string) (bool, error) {
-	_, rec, err := s.read(id)
+	l, err := s.load(id)
 	if err != nil {
 		return false, err
 	}
-	want := sha256.Sum256([]byte(secret))
-	got, err := hex.DecodeString(rec.Hashes[current(rec)].SHA256)
-	if err != nil {
-		return false, fmt.Errorf("secret of %s: corrupt hash", id)
+	if l.corrupt != nil {
+		return false, fmt.Errorf("secret of %s: %w", id, l.corrupt)
 	}
-	return subtle.ConstantTimeCompare(got, want[:]) == 1, nil
+	want := sha256.Sum256([]byte(secret))
+	got := l.sums[current(l.rec)]
+	return subtle.ConstantTimeCompare(got[:], want[:]) == 1, nil
 }
 
 // current is the index of the current secret's entry: the first without
@@ -224,46 +303,91 @@ func current(rec record) int {
 	return 0
 }
 
-// read loads sandbox id's record.
-func (s *Store) read(id string) (string, record, error) {
+// load returns sandbox id's record: from memory if it is there, else
+// from disk, and then kept in memory unless a write of it went on
+// meanwhile. Records that are missing, unreadable or corrupt are not kept:
+// they are read again next time, and never match.
+func (s *Store) load(id string) (*loaded, error) {
+	if s.mem == nil {
+		return s.read(id)
+	}
+	s.mem.mu.RLock()
+	l, ok := s.mem.recs[id]
+	gen := s.mem.gen
+	s.mem.mu.RUnlock()
+	if ok {
+		return l, nil
+	}
+	l, err := s.read(id)
+	if err != nil || l.corrupt != nil {
+		return l, err
+	}
+	s.mem.mu.Lock()
+	defer s.mem.mu.Unlock()
+	if s.mem.gen == gen {
+		s.mem.recs[id] = l
+	}
+	return l, nil
+}
+
+// read reads sandbox id's record from disk.
+func (s *Store) read(id string) (*loaded, error) {
 	p, err := s.Path(id)
 	if err != nil {
-		return "", record{}, err
+		return nil, err
 	}
 	b, err := os.ReadFile(p)
 	if errors.Is(err, fs.ErrNotExist) {
-		return p, record{}, fmt.Errorf("secret of %s: %w", id, ErrNotFound)
+		return nil, fmt.Errorf("secret of %s: %w", id, ErrNotFound)
 	}
 	if err != nil {
-		return p, record{}, fmt.Errorf("read secret of %s: %w", id, err)
+		return nil, fmt.Errorf("read secret of %s: %w", id, err)
 	}
 	rec, err := parse(b)
 	if err != nil {
-		return p, record{}, fmt.Errorf("secret of %s: %w", id, err)
+		return nil, fmt.Errorf("secret of %s: %w", id, err)
 	}
-	return p, rec, nil
+	l := decode(rec)
+	if l.corrupt != nil {
+		l.corrupt = fmt.Errorf("%w in %s", l.corrupt, p)
+	}
+	return l, nil
+}
+
+// decode decodes rec's hashes, once for every check of them.
+func decode(rec record) *loaded {
+	l := &loaded{rec: rec, sums: make([][sha256.Size]byte, len(rec.Hashes))}
+	for i, h := range rec.Hashes {
+		got, err := hex.DecodeString(h.SHA256)
+		if err != nil || len(got) != sha256.Size {
+			l.corrupt = errors.New("corrupt hash")
+			continue
+		}
+		copy(l.sums[i][:], got)
+	}
+	return l
 }
 
 // Verify reports whether bearer is a currently valid secret of sandbox id.
-// The comparison runs in constant time. A missing file is ErrNotFound; an
-// unreadable or corrupt one is an error, never a match.
+// The comparison runs in constant time; expiries are checked against the
+// clock at each call. A missing record is ErrNotFound; an unreadable or
+// corrupt one is an error, never a match.
 func (s *Store) Verify(id, bearer string) (bool, error) {
-	p, rec, err := s.read(id)
+	l, err := s.load(id)
 	if err != nil {
 		return false, fmt.Errorf("verify: %w", err)
+	}
+	if l.corrupt != nil {
+		return false, fmt.Errorf("verify secret of %s: %w", id, l.corrupt)
 	}
 	want := sha256.Sum256([]byte(bearer))
 	now := s.now()
 	match := 0
-	for _, h := range rec.Hashes {
-		got, err := hex.DecodeString(h.SHA256)
-		if err != nil || len(got) != sha256.Size {
-			return false, fmt.Errorf("verify secret of %s: corrupt hash in %s", id, p)
-		}
+	for i, h := range l.rec.Hashes {
 		valid := h.NotAfter == nil || now.Before(*h.NotAfter)
 		// Every entry is compared, valid or not, so that timing says
 		// nothing about which one matched.
-		if subtle.ConstantTimeCompare(got, want[:]) == 1 && valid {
+		if subtle.ConstantTimeCompare(l.sums[i][:], want[:]) == 1 && valid {
 			match = 1
 		}
 	}
@@ -292,6 +416,14 @@ func (s *Store) Has(id string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	if s.mem != nil {
+		s.mem.mu.RLock()
+		_, ok := s.mem.recs[id]
+		s.mem.mu.RUnlock()
+		if ok {
+			return true, nil
+		}
+	}
 	_, err = os.Stat(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return false, nil
@@ -306,6 +438,11 @@ func (s *Store) Delete(id string) error {
 	if err != nil {
 		return fmt.Errorf("delete secret: %w", err)
 	}
+	defer s.lockWriter(id)()
+	// Memory forgets the record whatever the removal did: the next check
+	// reads the disk, and finds the record gone or, if the removal
+	// failed, still there.
+	defer s.remember(id, nil)
 	if err := atomicfile.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("delete secret of %s: %w", id, err)
 	}

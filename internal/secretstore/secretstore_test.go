@@ -43,8 +43,10 @@ func TestPutVerifyDelete(t *testing.T) {
 	assert.True(t, ok)
 
 	require.NoError(t, s.Delete("sb-1"))
-	_, err = s2.Verify("sb-1", secretA)
+	_, err = s.Verify("sb-1", secretA)
 	assert.ErrorIs(t, err, ErrNotFound)
+	_, err = At(dir).Verify("sb-1", secretA)
+	assert.ErrorIs(t, err, ErrNotFound, "deleted on disk too")
 	require.NoError(t, s.Delete("sb-1"))
 }
 
@@ -91,8 +93,9 @@ func FuzzRecord(f *testing.F) {
 	f.Add([]byte(`{"version":1,"hashes":[{"sha256":"` + hashOf("s") + `"}]}`))
 	f.Add([]byte(`{"version":1,"hashes":[{"sha256":"00","not_after":"2020-01-01T00:00:00Z"}]}`))
 	dir := filepath.Join(f.TempDir(), "secrets")
-	s, err := Open(dir)
-	require.NoError(f, err)
+	require.NoError(f, os.MkdirAll(dir, 0o700))
+	// At reads the file at every check: each input is parsed.
+	s := At(dir)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		p := filepath.Join(dir, "f.json")
 		require.NoError(t, os.WriteFile(p, body, 0o600))
