@@ -236,6 +236,7 @@ func (in *Installation) attach(ctx context.Context) error {
 	if err := fitToKernel(spec); err != nil {
 		return err
 	}
+	applyVariant(spec)
 	for name, m := range in.maps {
 		pin := filepath.Join(mapsDir(opts.PinDir), name)
 		if _, err := os.Lstat(pin); !errors.Is(err, fs.ErrNotExist) {

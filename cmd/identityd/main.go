@@ -93,7 +93,27 @@ func (s *serveCmd) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// SIGHUP: start the binary as it is on disk now, which takes over.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	upgrade := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-hup:
+				select {
+				case upgrade <- struct{}{}:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	}()
 	return daemon.Run(ctx, daemon.Config{
+		Upgrade:  upgrade,
 		StateDir: s.StateDir, CgroupParent: s.CgroupParent, BPFDir: s.BPFDir, Listen: s.Listen,
 		Issuer: s.Issuer, SigningAlg: s.SigningAlg, DefaultAudience: s.DefaultAudience,
 		OperatorListen: s.OperatorListen, AdminSocket: s.AdminSocket, HostNetns: s.HostNetns, NetnsPrefix: s.NetnsPrefix,

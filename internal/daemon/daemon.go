@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -99,6 +98,9 @@ type Config struct {
 	// instead of the router's. See linklocal.go.
 	LinkLocalEndpoints []netip.AddrPort
 	InjectLinkLocalURL bool
+	// Upgrade, when it fires (SIGHUP), starts this daemon's binary as it is
+	// on disk now as its successor, which takes over (handover.go).
+	Upgrade <-chan struct{}
 	// Version is recorded in the fleet's node record.
 	Version string
 	Logger  *slog.Logger
@@ -137,33 +139,78 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 
+	// The sockets of a daemon this one takes over from, or of systemd.
+	inh, err := takeOver(ctx, cfg)
+	if err != nil {
+		return fail(err)
+	}
+	defer inh.closeUnused()
+	failHandover := func(err error) error {
+		if inh.pred != nil {
+			inh.pred.Fail(err)
+		}
+		return fail(err)
+	}
+	var socks sockets
+
 	// The operator endpoint comes up first, so /healthz answers and /readyz
 	// says "not yet" while sandboxes are rebuilt.
 	var ready readiness
 	if cfg.OperatorListen != "" {
-		ln, err := listenService("operator endpoint", cfg.OperatorListen)
+		ln, err := listenOrInherit(inh, sockOperator, "operator endpoint", cfg.OperatorListen)
 		if err != nil {
-			return fail(err)
+			return failHandover(err)
 		}
+		socks.add(sockOperator, ln)
 		log.Info("operator endpoint listening", "addr", ln.Addr().String())
-		servers.serve(g, "operator", ln, &http.Server{Handler: operatorHandler(metrics, ready.err, ready.degraded),
+		servers.serve(g, "operator", netutil.LimitListener(ln, serviceConns), &http.Server{Handler: operatorHandler(metrics, ready.err, ready.degraded),
 			ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 	}
 
-	d, err := assemble(ctx, cfg, metrics, &closers)
+	d, err := assemble(ctx, cfg, inh, metrics, &closers)
 	if err != nil {
-		return fail(err)
+		return failHandover(err)
 	}
-	if err := d.start(gctx, g, &servers); err != nil {
-		return fail(err)
+	if inh.pred != nil {
+		// A successor proves attribution before it serves on the
+		// predecessor's sockets, on a listener of its own.
+		if err := d.proveAttribution(ctx); err != nil {
+			return failHandover(fmt.Errorf("readiness probe before taking over: %w", err))
+		}
+	}
+	succ, err := d.start(gctx, g, &servers, inh, &socks)
+	if err != nil {
+		return failHandover(err)
+	}
+	succ.stop = cancel
+	if inh.pred != nil {
+		if err := inh.pred.Ready(ctx); err != nil {
+			// It may have died meanwhile: this daemon serves either way.
+			log.Warn("the predecessor did not confirm it stopped accepting", "pid", inh.pred.PID, "error", err)
+		} else {
+			log.Info("took over from the predecessor", "pid", inh.pred.PID)
+		}
+		inh.pred.Close()
 	}
 	// Ready means a connection was attributed end to end, once, before the
 	// first "ready"; then every check interval.
 	d.watch.runProbe(ctx)
 	ready.set(d.watch, func() (error, error) { return fleetReadiness(d.keySet, d.fleet) })
 	log.Info("identityd ready", "token_endpoint", d.ep.addr.String(), "issuer", d.ep.issuer, "sandboxes", d.stores.reg.Len(),
-		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond))
-	if err := g.Wait(); err != nil {
+		"admin_socket", cfg.AdminSocket, "startup", time.Since(start).Round(time.Millisecond), "sockets_from", inh.from)
+	notifySystemd("READY=1")
+	g.Go(func() error { return succ.run(gctx) })
+	g.Go(func() error { upgrades(gctx, cfg, cfg.Upgrade); return nil })
+	err = g.Wait()
+	if !d.handedOver.Load() {
+		// Nobody serves on these paths any more; a successor would.
+		for _, p := range []string{cfg.AdminSocket, HandoverSocket(cfg.AdminSocket)} {
+			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+				log.Warn("remove socket", "path", p, "error", rerr)
+			}
+		}
+	}
+	if err != nil {
 		log.Error("identityd stopped", "error", err)
 		return err
 	}
@@ -217,18 +264,21 @@ type parts struct {
 	keySet tokenserver.KeySet
 	probe  *prober
 	token  *tokenserver.Server
-	watch  *attributionWatch
+	// handedOver is set once a successor took over: what this daemon
+	// leaves on its way out is the successor's.
+	handedOver atomic.Bool
+	watch      *attributionWatch
 }
 
 // assemble builds the daemon's pieces in order, each from its own
 // constructor: what sandboxes are told comes from the token listener
 // actually opened; a fleet whose etcd is unreachable, or that records
 // another issuer, stops the start before anything is installed.
-func assemble(ctx context.Context, cfg Config, metrics *prometheus.Registry, closers *closeList) (*parts, error) {
+func assemble(ctx context.Context, cfg Config, inh *inherited, metrics *prometheus.Registry, closers *closeList) (*parts, error) {
 	log := cfg.Logger
 	d := &parts{cfg: cfg}
 	var err error
-	if d.ep, err = openTokenEndpoint(cfg); err != nil {
+	if d.ep, err = openTokenEndpoint(cfg, inh); err != nil {
 		return nil, err
 	}
 	closers.add(func() { d.ep.ln.Close() })
@@ -264,7 +314,11 @@ func assemble(ctx context.Context, cfg Config, metrics *prometheus.Registry, clo
 	if d.probe, err = newProber(cfg, d.ep.addr, metrics); err != nil {
 		return nil, err
 	}
-	closers.add(d.probe.close)
+	closers.add(func() {
+		if !d.handedOver.Load() { // the successor probes from it now
+			d.probe.close()
+		}
+	})
 	if d.token, err = newTokenServer(cfg, d.ep, d.in, d.stores, d.keySet, metrics, d.probe.observe); err != nil {
 		return nil, err
 	}
@@ -286,32 +340,40 @@ func assemble(ctx context.Context, cfg Config, metrics *prometheus.Registry, clo
 	return d, nil
 }
 
-// start runs the servers and the background loops as tasks of g.
-func (d *parts) start(gctx context.Context, g *errgroup.Group, servers *serverSet) error {
+// start runs the servers as tasks of g and the background loops, and
+// returns what hands them over to a successor.
+func (d *parts) start(gctx context.Context, g *errgroup.Group, servers *serverSet, inh *inherited, socks *sockets) (*successors, error) {
 	cfg, log := d.cfg, d.cfg.Logger
+	socks.add(sockToken, d.ep.ln)
 	servers.serve(g, "token", d.token.Listener(d.ep.ln), d.token.HTTPServer())
 	if cfg.DiscoveryListen != "" {
-		ln, err := listenService("discovery endpoint", cfg.DiscoveryListen)
+		ln, err := listenOrInherit(inh, sockDiscovery, "discovery endpoint", cfg.DiscoveryListen)
 		if err != nil {
-			return err
+			return nil, err
 		}
+		socks.add(sockDiscovery, ln)
 		log.Info("discovery endpoint listening", "addr", ln.Addr().String())
-		servers.serve(g, "discovery", ln, discoveryServer(d.token))
+		servers.serve(g, "discovery", netutil.LimitListener(ln, serviceConns), discoveryServer(d.token))
 	}
-	adminLn, err := controllers.ListenAdmin(cfg.AdminSocket)
+	adminLn, ok, err := inh.listener(sockAdmin, cfg.AdminSocket)
+	if err == nil && !ok {
+		adminLn, err = controllers.ListenAdmin(cfg.AdminSocket)
+	}
 	if err != nil {
-		return err
+		return nil, err
 	}
-	servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), &http.Server{
-		Handler: adminHandler(d.ctrl, d.keys, d.fleet, log), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
+	// The socket's file must outlive this listener when a successor takes
+	// it over.
+	adminLn.(*net.UnixListener).SetUnlinkOnClose(false)
+	socks.add(sockAdmin, adminLn)
+	admin := servers.serve(g, "admin", netutil.LimitListener(adminLn, serviceConns), d.adminServer())
+	return &successors{d: d, socks: socks, servers: servers, g: g, admin: admin,
+		bg: d.startBackground(gctx), bgCtx: gctx}, nil
+}
 
-	g.Go(func() error { d.ctrl.Run(gctx); return nil })
-	g.Go(func() error { d.keys.RotateEvery(gctx, cfg.KeyRotationPeriod, log); return nil })
-	if d.fleet != nil {
-		g.Go(func() error { retireLoop(gctx, d.keys, d.fleet); return nil })
-	}
-	g.Go(func() error { d.watch.Run(gctx, cfg.CheckInterval); return nil })
-	return nil
+// adminServer serves the admin API.
+func (d *parts) adminServer() *http.Server {
+	return &http.Server{Handler: adminHandler(d.ctrl, d.keys, d.fleet, d.cfg.Logger), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
 }
 
 // checkHost refuses to start where the daemon cannot keep its promises,
@@ -347,15 +409,20 @@ func newMetricsRegistry() (*prometheus.Registry, error) {
 	return reg, nil
 }
 
-// listenService opens the operator or the discovery endpoint. Anyone who
-// can reach it can connect there: past the cap, new connections wait in the
-// kernel's backlog, holding none of the daemon's descriptors.
-func listenService(what, addr string) (net.Listener, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
+// listenOrInherit opens the operator or the discovery endpoint, or takes
+// the inherited socket of that name if it is bound there. Serve it through
+// netutil.LimitListener: anyone who can reach it can connect there, and
+// past the cap new connections wait in the kernel's backlog, holding none
+// of the daemon's descriptors.
+func listenOrInherit(inh *inherited, name, what, addr string) (net.Listener, error) {
+	ln, ok, err := inh.listener(name, addr)
+	if err != nil || ok {
+		return ln, err
+	}
+	if ln, err = net.Listen("tcp", addr); err != nil {
 		return nil, fmt.Errorf("%s: %w", what, err)
 	}
-	return netutil.LimitListener(ln, serviceConns), nil
+	return ln, nil
 }
 
 // discoveryServer serves discovery and the JWKS only: nothing there is
@@ -419,7 +486,7 @@ type tokenEndpoint struct {
 // openTokenEndpoint prepares the router address in the host netns, binds the
 // token endpoint there (or to --listen), and derives the URL and the issuer
 // from the address actually bound.
-func openTokenEndpoint(cfg Config) (tokenEndpoint, error) {
+func openTokenEndpoint(cfg Config, inh *inherited) (tokenEndpoint, error) {
 	router, err := controllers.PrepareHost(controllers.Config{HostNetns: cfg.HostNetns, Bridge: cfg.Bridge, Subnet: cfg.Subnet, Logger: cfg.Logger})
 	if err != nil {
 		return tokenEndpoint{}, err
@@ -428,14 +495,16 @@ func openTokenEndpoint(cfg Config) (tokenEndpoint, error) {
 	if listen == "" {
 		listen = netip.AddrPortFrom(router, controllers.DefaultTokenPort).String()
 	}
-	var ln net.Listener
+	ln, ok, err := inh.listener(sockToken, listen)
 	bind := func() (err error) {
 		ln, err = net.Listen("tcp", listen)
 		return err
 	}
-	if cfg.HostNetns != "" {
+	switch {
+	case err != nil || ok:
+	case cfg.HostNetns != "":
 		err = netnsutil.Do(cfg.HostNetns, bind)
-	} else {
+	default:
 		err = bind()
 	}
 	if err != nil {
@@ -562,46 +631,6 @@ func (r *readiness) degraded() error {
 	}
 	_, degraded := (*f)()
 	return degraded
-}
-
-// serverSet runs HTTP servers as tasks of one group and shuts them all down
-// gracefully when the group's context ends, which also happens when any of
-// them fails.
-type serverSet struct {
-	mu      sync.Mutex
-	servers []*http.Server
-}
-
-// serve runs srv on ln as a task of g. A server that stops for any reason
-// but a shutdown is an error, and ends the group.
-func (s *serverSet) serve(g *errgroup.Group, name string, ln net.Listener, srv *http.Server) {
-	s.mu.Lock()
-	s.servers = append(s.servers, srv)
-	s.mu.Unlock()
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("%s server stopped: %w", name, err)
-		}
-		return nil
-	})
-}
-
-// shutdownWhenDone waits for ctx to end, then stops every server, letting
-// in-flight requests finish within shutdownGrace.
-func (s *serverSet) shutdownWhenDone(ctx context.Context, log *slog.Logger) error {
-	<-ctx.Done()
-	log.Info("identityd stopping: finishing in-flight requests")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
-	defer cancel()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var errs []error
-	for _, srv := range s.servers {
-		if err := srv.Shutdown(shutdownCtx); err != nil {
-			errs = append(errs, fmt.Errorf("shut down: %w", err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 // LogLevel parses a --log-level value.

@@ -50,7 +50,6 @@ type prober struct {
 	exe         string // this binary, run as the probe's client
 	hostNetns   string
 	cgroupDir   string
-	cgroupID    uint64
 	netnsCookie uint64
 	dest        netip.AddrPort
 	source      netip.Addr
@@ -89,7 +88,7 @@ func newProber(cfg Config, endpoint netip.AddrPort, reg prometheus.Registerer) (
 	if err := os.MkdirAll(p.cgroupDir, 0o755); err != nil {
 		return nil, fmt.Errorf("readiness probe: create cgroup %s: %w", p.cgroupDir, err)
 	}
-	if p.cgroupID, err = cgroup2.ID(p.cgroupDir); err != nil {
+	if _, err = cgroup2.ID(p.cgroupDir); err != nil {
 		return nil, fmt.Errorf("readiness probe: %w", err)
 	}
 	nsPath := p.hostNetns
@@ -133,7 +132,17 @@ func (p *prober) observe(remote netip.AddrPort, rec bpf.Record, err error) bool 
 // probe runs one probe and says what is wrong with the attribution path, if
 // anything; failures are counted and logged.
 func (p *prober) probe(ctx context.Context) error {
-	reason, err := p.run(ctx)
+	return p.probeTo(ctx, p.dest)
+}
+
+// probeAt is probe to another port of the token endpoint's address: a
+// listener a successor serves before it takes the endpoint over.
+func (p *prober) probeAt(ctx context.Context, port uint16) error {
+	return p.probeTo(ctx, netip.AddrPortFrom(p.dest.Addr(), port))
+}
+
+func (p *prober) probeTo(ctx context.Context, dest netip.AddrPort) error {
+	reason, err := p.run(ctx, dest)
 	if err != nil {
 		p.failures.WithLabelValues(reason).Inc()
 		p.log.Error("readiness probe failed: the token endpoint would not attribute a sandbox's connection", "reason", reason, "error", err)
@@ -141,15 +150,24 @@ func (p *prober) probe(ctx context.Context) error {
 	return err
 }
 
-func (p *prober) run(ctx context.Context) (string, error) {
+func (p *prober) run(ctx context.Context, dest netip.AddrPort) (string, error) {
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
+	// Made again if missing (a predecessor that handed over removes it
+	// when it exits), and its id read each time.
+	if err := os.MkdirAll(p.cgroupDir, 0o755); err != nil {
+		return "probe_error", fmt.Errorf("create the probe's cgroup: %w", err)
+	}
 	cgroup, err := os.Open(p.cgroupDir)
 	if err != nil {
 		return "probe_error", fmt.Errorf("open the probe's cgroup: %w", err)
 	}
 	defer cgroup.Close()
-	args := []string{ProbeCommand, "--bind", p.source.String(), "--connect", p.dest.String()}
+	cgroupID, err := cgroup2.ID(p.cgroupDir)
+	if err != nil {
+		return "probe_error", err
+	}
+	args := []string{ProbeCommand, "--bind", p.source.String(), "--connect", dest.String()}
 	if p.hostNetns != "" {
 		args = append(args, "--netns", p.hostNetns)
 	}
@@ -205,9 +223,9 @@ func (p *prober) run(ctx context.Context) (string, error) {
 			return "unattested", fmt.Errorf("the probe's connection from %s: %w", local, r.err)
 		case r.err != nil:
 			return "no_record", fmt.Errorf("the probe's connection from %s: %w", local, r.err)
-		case r.rec.CgroupID != p.cgroupID || r.rec.NetnsCookie != p.netnsCookie:
+		case r.rec.CgroupID != cgroupID || r.rec.NetnsCookie != p.netnsCookie:
 			return "wrong_caller", fmt.Errorf("the probe's connection from %s was attributed to cgroup %d, netns %d; it came from cgroup %d (%s), netns %d",
-				local, r.rec.CgroupID, r.rec.NetnsCookie, p.cgroupID, p.cgroupDir, p.netnsCookie)
+				local, r.rec.CgroupID, r.rec.NetnsCookie, cgroupID, p.cgroupDir, p.netnsCookie)
 		}
 		return "", nil
 	}

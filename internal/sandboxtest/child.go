@@ -199,6 +199,8 @@ type Attempt struct {
 	Start  int64 `json:"start"`
 	End    int64 `json:"end"`
 	Status int   `json:"status"`
+	// Error is why there was no HTTP answer (Status 0).
+	Error string `json:"error,omitempty"`
 }
 
 // Poll makes req every interval, each time on a new connection, for
@@ -461,6 +463,8 @@ func servePoll(arg string) (string, error) {
 		a.End = time.Now().UnixNano()
 		if err == nil {
 			a.Status = resps[0].Status
+		} else {
+			a.Error = err.Error()
 		}
 		out = append(out, a)
 	}
