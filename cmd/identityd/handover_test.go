@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 
 	"github.com/identityd/identityd/controllers"
 	"github.com/identityd/identityd/internal/daemon"
+	"github.com/identityd/identityd/internal/etcdtest"
 	"github.com/identityd/identityd/internal/sandboxtest"
 )
 
@@ -375,4 +377,65 @@ func TestSocketActivation(t *testing.T) {
 	assert.Contains(t, ow.stderr.String(), `"sockets_from":"systemd"`)
 	token.Close()
 	admin.Close()
+}
+
+// TestHandoverInFleet: a node of a fleet hands over five times (a new
+// process, then SIGHUP, alternately) while another node's JWKS, the union
+// of the fleet's keys, is read every 20 ms: the node keeps its name and its
+// key (no new kid, none withdrawn even for a moment), and its sandboxes'
+// tokens keep verifying.
+func TestHandoverInFleet(t *testing.T) {
+	etcd := etcdtest.Start(t, 1)
+	prefix := "/identityd-fleet-" + suffix() + "/"
+	disc1, disc2 := freeLoopbackAside(t), freeLoopbackAside(t)
+	issuer := "http://" + disc1
+	w1 := fleetWorld(t, etcd, prefix, issuer, "node1-"+suffix(), disc1)
+	r := newHandoverRig(t, w1)
+	r.start()
+	w1.waitReady()
+	w2 := fleetWorld(t, etcd, prefix, issuer, "node2-"+suffix(), disc2)
+	w2.start()
+	w2.waitReady()
+	var before []string
+	require.Eventually(t, func() bool { before = jwksKids(t, disc2); return len(before) == 2 }, 10*time.Second, 20*time.Millisecond)
+
+	sb := w1.create("fleet-ho-"+suffix(), "web")
+	client := sandboxtest.StartClient(t, sb.Sandbox.CgroupPath, sb.Sandbox.NetnsPath)
+	_, kid := header(t, tokenFrom(t, client, sb.Env, ""))
+	require.Contains(t, before, kid)
+
+	var stop atomic.Bool
+	var reads atomic.Int64
+	var gaps []string
+	var mu sync.Mutex
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for !stop.Load() {
+			var set jwks
+			if status, _ := getJSON(t, "http://"+disc2+"/.well-known/jwks.json", &set); status == http.StatusOK {
+				if kids := set.kids(); !slices.Equal(kids, before) {
+					mu.Lock()
+					gaps = append(gaps, fmt.Sprint(kids))
+					mu.Unlock()
+				}
+				reads.Add(1)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	for i := range 5 {
+		if i%2 == 0 {
+			r.start()
+		} else {
+			r.hup()
+		}
+		_, k := header(t, tokenFrom(t, client, sb.Env, ""))
+		assert.Equal(t, kid, k, "handover %d: the same key signs", i)
+	}
+	stop.Store(true)
+	<-done
+	t.Logf("%d reads of node 2's JWKS across 5 handovers of node 1", reads.Load())
+	assert.Empty(t, gaps, "node 2's JWKS never changed")
+	assert.Equal(t, before, jwksKids(t, disc1), "node 1 serves the same keys")
 }
