@@ -31,7 +31,7 @@ type CurrentKey interface {
 // knows it, cgroup and netns included, so that a sandbox recreated under
 // the same id is another), secret shown (so that a rotated secret's
 // successor is never answered with a token asked for with the old one),
-// audience list and lifetime. A token is reused while at least half of
+// audience list and lifetime. A token is reused while more than half of
 // its lifetime remains, the key that signed it still signs, and its exp is
 // within the keys' guaranteed publication. It is bounded in bytes, least
 // recently used out first, and safe for concurrent use.
@@ -106,9 +106,10 @@ func (c *tokenCache) get(k cacheKey, kid string, now, until int64) (*cachedToken
 	t := e.Value.(*cachedToken)
 	cl := t.claims
 	// Reused only in the first half of its lifetime (so that a client
-	// renewing at half-life gets a fresh one), never before its iat (a
-	// clock set back), never past what the keys guarantee.
-	if now < cl.IssuedAt || 2*(cl.Expiry-now) < cl.Expiry-cl.IssuedAt || cl.Expiry > until {
+	// renewing at half-life, to the second, gets a fresh one), never
+	// before its iat (a clock set back), never past what the keys
+	// guarantee.
+	if now < cl.IssuedAt || 2*(cl.Expiry-now) <= cl.Expiry-cl.IssuedAt || cl.Expiry > until {
 		c.removeLocked(e)
 		return nil, false
 	}

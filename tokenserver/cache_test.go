@@ -38,8 +38,8 @@ func (c *fixedClock) set(t time.Time) {
 }
 
 // TestTokenCache: through the real server and kernel, a repeated request
-// gets the same token while at least half of its lifetime remains, and a
-// new one after; other audience lists and lifetimes get tokens of their
+// gets the same token while more than half of its lifetime remains, and a
+// new one from half-life on; other audience lists and lifetimes get tokens of their
 // own; Forget, an emergency key rotation and a secret rotation are seen at
 // once; a request whose secret fails never gets the cached token; and
 // every token served has its audit line and is counted.
@@ -68,14 +68,14 @@ func TestTokenCache(t *testing.T) {
 	}
 	assert.Equal(t, get("?ttl=60", secretA)["jti"], get("?ttl=5", secretA)["jti"], "both ask for the minimum lifetime")
 
-	// Half of the lifetime (3600s) left: reused; less: a new one.
+	// More than half of the lifetime (3600s) left: reused; half: a new one.
 	iat := int64(first["iat"].(float64))
+	clk.set(time.Unix(iat+1799, 0))
+	assert.Equal(t, first["jti"], get("", secretA)["jti"], "more than half of the lifetime left")
 	clk.set(time.Unix(iat+1800, 0))
-	assert.Equal(t, first["jti"], get("", secretA)["jti"], "half of the lifetime left")
-	clk.set(time.Unix(iat+1801, 0))
 	second := get("", secretA)
-	assert.NotEqual(t, first["jti"], second["jti"], "less than half left")
-	assert.EqualValues(t, iat+1801, second["iat"])
+	assert.NotEqual(t, first["jti"], second["jti"], "at half-life")
+	assert.EqualValues(t, iat+1800, second["iat"])
 	assert.Equal(t, second["jti"], get("", secretA)["jti"])
 
 	// Forget (a deletion or rotation the controller reports).
@@ -285,7 +285,7 @@ func TestTokenCacheBounded(t *testing.T) {
 }
 
 // TestTokenCacheRules is the reuse rule alone: the first half of the
-// lifetime, not before iat, not past the publication, the same key, and
+// lifetime (half-life itself excluded), not before iat, not past the publication, the same key, and
 // not kept when a Forget came between the check and the signature.
 func TestTokenCacheRules(t *testing.T) {
 	sb := registry.Sandbox{ID: "sb"}
@@ -296,7 +296,8 @@ func TestTokenCacheRules(t *testing.T) {
 		want       bool
 	}{
 		{"fresh", "k", 1000, 1 << 40, true},
-		{"half left", "k", 1000 + 1800, 1 << 40, true},
+		{"just over half left", "k", 1000 + 1799, 1 << 40, true},
+		{"half left", "k", 1000 + 1800, 1 << 40, false},
 		{"less than half", "k", 1000 + 1801, 1 << 40, false},
 		{"before iat", "k", 999, 1 << 40, false},
 		{"exp past the publication", "k", 1000, 1000 + 3599, false},

@@ -90,7 +90,7 @@ type Config struct {
 	Conns ConnLimits
 	// DisableTokenCache makes every request signed anew. By default a
 	// token is reused for a request of the same sandbox, secret,
-	// audiences and ttl while at least half of its lifetime remains and
+	// audiences and ttl while more than half of its lifetime remains and
 	// its key still signs (so its jti repeats within that window); the
 	// KeySet must implement CurrentKey for that.
 	DisableTokenCache bool
