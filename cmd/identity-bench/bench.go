@@ -165,7 +165,7 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	}
 	res.DaemonReady = ready.Seconds()
 	begin := time.Now()
-	if err := h.createSandboxes(ctx, r.Sandboxes, r.Parallelism, func(s string) { p.show(false, "%s", s) }); err != nil {
+	if err := h.createSandboxes(ctx, r.Sandboxes, r.Parallelism, !r.DynamicNeighbours, func(s string) { p.show(false, "%s", s) }); err != nil {
 		return err
 	}
 	res.CreateSeconds = time.Since(begin).Seconds()
@@ -464,9 +464,15 @@ func printResult(res *result) {
 		tw.Flush()
 		fmt.Println()
 	}
+	ratioText := func(v float64) string {
+		if v == 0 {
+			return "n/a"
+		}
+		return fmt.Sprintf("%.2f", v)
+	}
 	for _, rt := range res.Ratios {
-		fmt.Printf("ratios (%s, medians): identityd/baseline %.2f  identityd/http %.2f  identityd/sign-only(%s) %.2f\n",
-			rt.Mode, rt.VsBaseline, rt.VsHTTP, c.Alg, rt.VsSign)
+		fmt.Printf("ratios (%s, medians): identityd/baseline %s  identityd/http %s  identityd/sign-only(%s, all cores) %s\n",
+			rt.Mode, ratioText(rt.VsBaseline), ratioText(rt.VsHTTP), c.Alg, ratioText(rt.VsSign))
 	}
 	if res.Storm != nil {
 		res.Storm.print()

@@ -190,7 +190,7 @@ func runLoad(ctx context.Context, j job, out *replies) report {
 			res.errs = map[string]int{}
 			tr := &http.Transport{DisableKeepAlives: !j.KeepAlive, MaxIdleConnsPerHost: 1, DisableCompression: true}
 			defer tr.CloseIdleConnections()
-			hc := &http.Client{Transport: tr, Timeout: 30 * time.Second}
+			hc := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 			for i := 0; ; i++ {
 				now := time.Now()
 				measuring := !now.Before(measureFrom)
@@ -234,7 +234,12 @@ func runLoad(ctx context.Context, j job, out *replies) report {
 			last = res.last
 		}
 	}
-	if last.After(measureFrom) {
+	// With a duration, the window is the duration: a request that ran
+	// over it (a stall) does not stretch it.
+	switch {
+	case j.Duration > 0:
+		r.Elapsed = j.Duration
+	case last.After(measureFrom):
 		r.Elapsed = last.Sub(measureFrom)
 	}
 	return r

@@ -54,6 +54,8 @@ type runCmd struct {
 	JSON        bool          `name:"json" help:"Print the results as JSON on stdout (the progress line stays on stderr)."`
 	Parallelism int           `default:"16" help:"Sandboxes created (and clients started) at a time."`
 	Keep        bool          `help:"Leave the world behind (daemon killed) for inspection."`
+
+	DynamicNeighbours bool `help:"Leave the veths' neighbour entries to ARP, as identityd sets them up. By default both ends get permanent entries: the kernel's IPv4 neighbour table is shared by all namespaces and overflows at gc_thresh3 (1,024 by default), which about 500 sandboxes reach."`
 }
 
 func (r *runCmd) Run(ctx context.Context) error {

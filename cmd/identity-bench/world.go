@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/identityd/identityd/controllers"
@@ -109,6 +110,7 @@ type harness struct {
 	exited    chan struct{}
 
 	sandboxes []*benchSandbox
+	neighMu   sync.Mutex
 }
 
 // benchSandbox is one sandbox identityd made, with the load client running
@@ -244,7 +246,7 @@ func (h *harness) logTail() string {
 
 // createSandboxes makes n sandboxes through the admin API, parallel
 // requests at a time, and starts a load client in each.
-func (h *harness) createSandboxes(ctx context.Context, n, parallel int, progress func(string)) error {
+func (h *harness) createSandboxes(ctx context.Context, n, parallel int, pinNeighbours bool, progress func(string)) error {
 	api := controllers.NewAdminClient(h.admin)
 	out := make([]*benchSandbox, n)
 	var made atomic.Int64
@@ -266,6 +268,11 @@ func (h *harness) createSandboxes(ctx context.Context, n, parallel int, progress
 					sb.addr = p.Addr()
 				}
 			}
+			if pinNeighbours {
+				if err := h.pinNeighbours(sb); err != nil {
+					return fmt.Errorf("sandbox %s: %w", id, err)
+				}
+			}
 			lc, err := startLoadClient(h.self, c.Sandbox.CgroupPath, c.Sandbox.NetnsPath)
 			if err != nil {
 				return fmt.Errorf("sandbox %s: %w", id, err)
@@ -283,6 +290,44 @@ func (h *harness) createSandboxes(ctx context.Context, n, parallel int, progress
 		}
 	}
 	return err
+}
+
+// pinNeighbours gives both ends of the sandbox's veth a permanent
+// neighbour entry for the other. The kernel's IPv4 neighbour table is one
+// for all network namespaces, and at gc_thresh3 (1,024 by default) it
+// overflows: with a thousand sandboxes, two dynamic entries each, new
+// connections fail ("no route to host") or stall, here and in every other
+// namespace of the machine. Permanent entries are not counted against it.
+func (h *harness) pinNeighbours(sb *benchSandbox) error {
+	h.neighMu.Lock()
+	defer h.neighMu.Unlock()
+	host, err := netnsutil.Handle(h.world.HostNetns)
+	if err != nil {
+		return err
+	}
+	defer host.Close()
+	inner, err := netnsutil.Handle(sb.created.Sandbox.NetnsPath)
+	if err != nil {
+		return err
+	}
+	defer inner.Close()
+	veth, err := host.LinkByName(sb.created.Sandbox.Veth)
+	if err != nil {
+		return fmt.Errorf("host veth %s: %w", sb.created.Sandbox.Veth, err)
+	}
+	eth0, err := inner.LinkByName("eth0")
+	if err != nil {
+		return fmt.Errorf("sandbox eth0: %w", err)
+	}
+	if err := host.NeighSet(&netlink.Neigh{LinkIndex: veth.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		IP: sb.addr.AsSlice(), HardwareAddr: eth0.Attrs().HardwareAddr}); err != nil {
+		return fmt.Errorf("pin neighbour %s on %s: %w", sb.addr, sb.created.Sandbox.Veth, err)
+	}
+	if err := inner.NeighSet(&netlink.Neigh{LinkIndex: eth0.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		IP: h.router.AsSlice(), HardwareAddr: veth.Attrs().HardwareAddr}); err != nil {
+		return fmt.Errorf("pin neighbour %s in the sandbox: %w", h.router, err)
+	}
+	return nil
 }
 
 // close removes everything: clients, daemon, sandboxes' netns, pins,
