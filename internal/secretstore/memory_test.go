@@ -15,9 +15,9 @@ import (
 
 // TestChecksReadNoFile: once a store of Open has written or read a record,
 // its checks answer from memory: a file changed behind its back (here,
-// corrupted) changes nothing for it, while At, which reads the disk, and a
-// restarted store, which starts from the disk, see the file as it is and
-// fail closed.
+// corrupted) changes nothing for it, while At, which reads the disk, a
+// restarted store, which starts from the disk, and the store itself after
+// Reload see the file as it is and fail closed.
 func TestChecksReadNoFile(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "secrets")
 	s, err := Open(dir)
@@ -36,7 +36,7 @@ func TestChecksReadNoFile(t *testing.T) {
 	_, err = s.Status("sb")
 	require.NoError(t, err)
 
-	for name, other := range map[string]*Store{"At": At(dir), "a restarted store": must(Open(dir))} {
+	for name, other := range map[string]*Store{"At": At(dir), "a restarted store": must(Open(dir)), "a reloaded store": reloaded(s)} {
 		for range 2 {
 			ok, err := other.Verify("sb", secretA)
 			assert.ErrorContains(t, err, "corrupt hash", name)
@@ -180,6 +180,11 @@ func TestConcurrentChecksAndWrites(t *testing.T) {
 }
 
 func isNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
+
+func reloaded(s *Store) *Store {
+	s.Reload()
+	return s
+}
 
 func must[T any](v T, err error) T {
 	if err != nil {

@@ -121,6 +121,20 @@ func Open(dir string) (*Store, error) {
 // reads what is on disk now.
 func At(dir string) *Store { return &Store{dir: dir, now: time.Now} }
 
+// Reload drops what the store holds in memory, so that the next checks
+// read the disk. A daemon calls it when it takes up writing again after
+// another process may have written the directory: a predecessor that
+// resumes after its successor failed to take over.
+func (s *Store) Reload() {
+	if s.mem == nil {
+		return
+	}
+	s.mem.mu.Lock()
+	defer s.mem.mu.Unlock()
+	s.mem.gen++
+	clear(s.mem.recs)
+}
+
 // lockWriter serializes the writes of sandbox id; it returns the unlock.
 func (s *Store) lockWriter(id string) func() {
 	if s.mem == nil {
