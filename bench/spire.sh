@@ -4,6 +4,9 @@
 #
 # Usage (as root, from the repository root):
 #   bench/spire.sh [--alg RS256|ES256] [--clients "1 4 16"] [--duration 3s] [--rounds 3] [--out DIR]
+# Environment: SPIRE_BIN (where SPIRE's binaries are, or are built to),
+# IDENTITY_BENCH_BIN (a directory with identityd and identity-bench to use
+# instead of building them from the working tree).
 #
 # What it does:
 #   1. Builds spire-server and spire-agent v1.13.3 from the Go module proxy
@@ -79,9 +82,15 @@ if [ ! -x "$SPIRE_BIN/spire-server" ] || [ ! -x "$SPIRE_BIN/spire-agent" ]; then
 		go get "github.com/spiffe/spire/cmd/spire-server@$SPIRE_VERSION" "github.com/spiffe/spire/cmd/spire-agent@$SPIRE_VERSION" &&
 		go build -o "$SPIRE_BIN/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent)
 fi
-log "building spire-load, identityd, identity-bench"
+log "building spire-load"
 (cd "$REPO/bench/spire" && go build -o "$TMP/bin/spire-load" .)
-(cd "$REPO" && go build -o "$TMP/bin/" ./cmd/identityd ./cmd/identity-bench)
+if [ -n "${IDENTITY_BENCH_BIN:-}" ]; then
+	# identityd and identity-bench built elsewhere (from a given commit, say).
+	cp "$IDENTITY_BENCH_BIN/identityd" "$IDENTITY_BENCH_BIN/identity-bench" "$TMP/bin/"
+else
+	log "building identityd and identity-bench from the working tree"
+	(cd "$REPO" && go build -o "$TMP/bin/" ./cmd/identityd ./cmd/identity-bench)
+fi
 
 # 2. SPIRE server and agent.
 PORT=$((20000 + RANDOM % 20000))
@@ -188,16 +197,16 @@ done
 # 4. The table: medians over rounds, [min-max] of throughput.
 echo "identityd vs SPIRE $SPIRE_VERSION, $ALG, $DURATION per run, $ROUNDS round(s); load average $(cut -d' ' -f1-3 /proc/loadavg)"
 jq -rs '
+	def r2: (. * 100 | floor) / 100;
+	def med: sort | .[(length / 2) | floor];
+	def row($x): "\($x.tm | floor)/s [\($x.t[0] | floor)-\($x.t[-1] | floor)] p50 \($x.p50 | med | r2)ms p99 \($x.p99 | med | r2)ms \($x.cpu | med | floor)us-CPU/req \($x.rss | floor)MB";
 	group_by([.mode, .clients, .system]) | map({
 		mode: .[0].mode, clients: .[0].clients, system: .[0].system,
-		t: (map(.throughput) | sort), p50: (map(.p50_ms) | sort), p99: (map(.p99_ms) | sort),
-		cpu: (map(.cpu_us_per_request) | sort),
+		t: (map(.throughput) | sort), p50: map(.p50_ms), p99: map(.p99_ms), cpu: map(.cpu_us_per_request),
 		rss: (map(.peak_rss_mb // ((.agent_peak_rss_mb // 0) + (.server_peak_rss_mb // 0))) | max)
-	}) | map(. + {tm: .t[(.t | length) / 2 | floor]}) |
+	}) | map(. + {tm: (.t | med)}) |
 	group_by([.mode, .clients]) | .[] |
 	(map(select(.system == "identityd"))[0]) as $i | (map(select(.system == "spire"))[0]) as $s |
-	"\($i.mode)\tK=\($i.clients)\tidentityd \($i.tm | floor)/s [\($i.t[0] | floor)-\($i.t[-1] | floor)] p50 \($i.p50[(($i.p50|length)/2)|floor])ms p99 \($i.p99[(($i.p99|length)/2)|floor])ms \($i.cpu[(($i.cpu|length)/2)|floor] | floor)us CPU/req \($i.rss | floor)MB" +
-	"\tspire \($s.tm | floor)/s [\($s.t[0] | floor)-\($s.t[-1] | floor)] p50 \($s.p50[(($s.p50|length)/2)|floor])ms p99 \($s.p99[(($s.p99|length)/2)|floor])ms \($s.cpu[(($s.cpu|length)/2)|floor] | floor)us CPU/req \($s.rss | floor)MB" +
-	"\tidentityd/spire \(($i.tm / $s.tm * 100 | floor) / 100)"
+	"\($i.mode)\tK=\($i.clients)\tidentityd \(row($i))\tspire \(row($s))\tidentityd/spire \($i.tm / $s.tm | r2)"
 ' "$OUT/results.jsonl" | column -t -s $'\t'
 echo "raw results: $OUT/results.jsonl"

@@ -192,6 +192,15 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	}
 	res.Machine.LoadAfter = loadavg()
 	p.done()
+	if r.JSONOut != "" {
+		b, err := json.MarshalIndent(res, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(r.JSONOut, append(b, '\n'), 0o644); err != nil {
+			return fmt.Errorf("write results: %w", err)
+		}
+	}
 	if r.JSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")

@@ -51,7 +51,9 @@ type runCmd struct {
 	SignOnly    time.Duration `default:"1s" help:"Length of each sign-only loop per algorithm and round (0: skip)."`
 	Storm       string        `enum:",start,restart" default:"" help:"Measure a storm instead: start (every sandbox asks for its first token at once) or restart (SIGKILL the daemon while every sandbox keeps asking, restart it)."`
 	StormDown   time.Duration `default:"2s" help:"Restart storm: how long the daemon stays dead."`
+	StormEvery  time.Duration `default:"5s" help:"Restart storm: each sandbox asks for a token this often (spread over the interval), before and after the kill."`
 	JSON        bool          `name:"json" help:"Print the results as JSON on stdout (the progress line stays on stderr)."`
+	JSONOut     string        `name:"json-out" help:"Also write the results as JSON to this file."`
 	Parallelism int           `default:"16" help:"Sandboxes created (and clients started) at a time."`
 	Keep        bool          `help:"Leave the world behind (daemon killed) for inspection."`
 

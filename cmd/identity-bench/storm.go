@@ -108,7 +108,7 @@ func restartStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (
 	n := len(h.sandboxes)
 	// Spread the asks over the interval, as workloads started at different
 	// times would.
-	interval := max(r.Duration, time.Second)
+	interval := max(r.StormEvery, 100*time.Millisecond)
 	start := time.Now().Add(200*time.Millisecond + time.Duration(n)*50*time.Microsecond)
 	for i, sb := range h.sandboxes {
 		at := start.Add(interval * time.Duration(i) / time.Duration(n))
