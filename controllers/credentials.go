@@ -28,10 +28,13 @@ import (
 // appears inside it, unless configured otherwise.
 const DefaultCredentialsMount = "/run/secrets/identityd"
 
-// TokenIssuer signs the token kept in a sandbox's token file: the default
-// audience and lifetime. *tokenserver.Server is the real one.
+// TokenIssuer signs the token kept in a sandbox's token file (the default
+// audience and lifetime), and forgets the tokens it cached for a sandbox
+// whose secret was rotated or that is gone. *tokenserver.Server is the
+// real one.
 type TokenIssuer interface {
 	TokenFor(ctx context.Context, sb registry.Sandbox) (string, error)
+	Forget(sandboxID string)
 }
 
 // Credentials says where a sandbox's credentials directory is on the host
@@ -96,6 +99,7 @@ func (c *Controller) makeCredentials(r *Record, gid uint32, secret string) error
 // directories no record names.
 func (c *Controller) dropCredentials(id, doing string) {
 	delete(c.schedule, id)
+	c.forgetTokens(id)
 	if err := c.creds.Remove(id); err != nil {
 		c.log.Warn(doing+": remove the credentials directory; removed at the next start", "sandbox", id, "error", err)
 	}
@@ -240,11 +244,19 @@ func (c *Controller) rotate(r *Record, grace time.Duration, why string) error {
 	}
 	c.at("rotate:published")
 	c.rotations.Add(1)
+	c.forgetTokens(r.ID)
 	if s := c.schedule[r.ID]; s != nil && c.cfg.SecretRotation > 0 {
 		s.rotate = time.Now().Add(c.cfg.SecretRotation)
 	}
 	c.log.Info("secret rotated", "sandbox", r.ID, "why", why, "previous_accepted_for", grace)
 	return nil
+}
+
+// forgetTokens drops the tokens the token server cached for sandbox id.
+func (c *Controller) forgetTokens(id string) {
+	if c.cfg.Tokens != nil {
+		c.cfg.Tokens.Forget(id)
+	}
 }
 
 // SecretRotations counts the secrets rotated since the start, on schedule

@@ -30,8 +30,9 @@ type fakeTokens struct {
 	signer jose.Signer
 
 	mu     sync.Mutex
-	issued map[string]int
-	fail   bool
+	issued    map[string]int
+	fail      bool
+	forgotten []string
 }
 
 func newFakeTokens(t *testing.T, ttl time.Duration) *fakeTokens {
@@ -52,6 +53,12 @@ func (f *fakeTokens) TokenFor(ctx context.Context, sb registry.Sandbox) (string,
 	now := time.Now()
 	return jwt.Signed(f.signer).Claims(jwt.Claims{Subject: "sandbox:" + sb.ID,
 		IssuedAt: jwt.NewNumericDate(now), Expiry: jwt.NewNumericDate(now.Add(f.ttl))}).Serialize()
+}
+
+func (f *fakeTokens) Forget(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.forgotten = append(f.forgotten, id)
 }
 
 func (f *fakeTokens) count(id string) int {
@@ -108,6 +115,9 @@ func TestCredentialsDirectory(t *testing.T) {
 
 	require.NoError(t, c.Delete(ctx, cr.Sandbox.ID, true))
 	assert.NoDirExists(t, cr.Credentials.Dir, "a deleted sandbox's credentials go with it")
+	tokens.mu.Lock()
+	assert.Contains(t, tokens.forgotten, cr.Sandbox.ID, "and the tokens cached for it")
+	tokens.mu.Unlock()
 	require.NoError(t, c.Delete(ctx, ad.Sandbox.ID, false))
 	assert.NoDirExists(t, ad.Credentials.Dir)
 }

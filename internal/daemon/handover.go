@@ -354,6 +354,10 @@ func (s *successors) handOver(ctx context.Context, succ *handover.Successor) boo
 	// made meanwhile wait in its backlog for the admin API's return.
 	resumeErr := s.resumeAdmin(files[sockAdmin])
 	closeFiles(files)
+	// The successor's start may have written the state directory (a
+	// finished rotation, a sandbox retired): secrets are read from disk
+	// again, and the resync catches up with the rest.
+	s.d.stores.secrets.Reload()
 	s.bg = s.d.startBackground(s.bgCtx)
 	if resumeErr != nil {
 		log.Error("handover failed and the admin API cannot be served again; stopping", "error", resumeErr)
