@@ -29,7 +29,7 @@ type fakeTokens struct {
 	ttl    time.Duration
 	signer jose.Signer
 
-	mu     sync.Mutex
+	mu        sync.Mutex
 	issued    map[string]int
 	fail      bool
 	forgotten []string
