@@ -91,10 +91,14 @@ func run(socket string, k int, warmup, d time.Duration, mode string, agentPid, s
 	}
 	outs := make([]out, k)
 	var wg sync.WaitGroup
+	// CPU over the measured window: read at its start, and once every
+	// client is done (at its end, give or take one request).
 	var a0, s0 time.Duration
-	cpuAt := time.AfterFunc(time.Until(from), func() { a0, s0 = procCPU(agentPid), procCPU(serverPid) })
-	var a1, s1 time.Duration
-	cpuEnd := time.AfterFunc(time.Until(end), func() { a1, s1 = procCPU(agentPid), procCPU(serverPid) })
+	atStart := make(chan struct{})
+	time.AfterFunc(time.Until(from), func() {
+		a0, s0 = procCPU(agentPid), procCPU(serverPid)
+		close(atStart)
+	})
 	for g := range k {
 		wg.Add(1)
 		go func() {
@@ -125,9 +129,9 @@ func run(socket string, k int, warmup, d time.Duration, mode string, agentPid, s
 		}()
 	}
 	wg.Wait()
+	a1, s1 := procCPU(agentPid), procCPU(serverPid)
 	elapsed := time.Since(from)
-	cpuAt.Stop()
-	cpuEnd.Stop()
+	<-atStart
 	var lat []int64
 	for _, o := range outs {
 		lat = append(lat, o.lat...)
