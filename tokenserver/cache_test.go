@@ -176,23 +176,35 @@ func (k *movableKeys) SignableUntil() time.Time { return time.Unix(k.until.Load(
 
 // TestTokenCacheNeverOutlivesPublication: a cached token whose exp is past
 // what the keys now guarantee is not reused; the next one is clamped, and
-// reused while it fits.
+// reused while it fits. Once the publication no longer covers the minimum
+// lifetime, nothing is reused either: the request fails as a signature
+// would.
 func TestTokenCacheNeverOutlivesPublication(t *testing.T) {
 	e := newEnv(t, envOptions{})
 	keys := &movableKeys{Keys: e.keys}
 	keys.until.Store(farFuture.Unix())
+	clk := &fixedClock{t: time.Now().Truncate(time.Second)}
 	e.stop()
-	e.serve(envOptions{keys: keys})
+	e.serve(envOptions{keys: keys, now: clk.now, rate: rate.Inf, burst: 1})
 	_, a, secretA := e.sandbox("a", "web", "")
 	first := claims(t, tokenOf(t, e.get(a, "GET", "", bearer(secretA))))
 	assert.Equal(t, first["jti"], claims(t, tokenOf(t, e.get(a, "GET", "", bearer(secretA))))["jti"])
 
-	until := time.Now().Add(10 * time.Minute).Unix()
+	until := clk.now().Add(10 * time.Minute).Unix()
 	keys.until.Store(until)
 	second := claims(t, tokenOf(t, e.get(a, "GET", "", bearer(secretA))))
 	assert.NotEqual(t, first["jti"], second["jti"], "first's exp is past the publication")
 	assert.EqualValues(t, until, second["exp"])
 	assert.Equal(t, second["jti"], claims(t, tokenOf(t, e.get(a, "GET", "", bearer(secretA))))["jti"])
+
+	// A 60s token, published exactly as long: reused while the
+	// publication covers MinTTL, refused after, like a signature.
+	short := claims(t, tokenOf(t, e.get(a, "GET", "?ttl=60", bearer(secretA))))
+	keys.until.Store(int64(short["exp"].(float64)))
+	assert.Equal(t, short["jti"], claims(t, tokenOf(t, e.get(a, "GET", "?ttl=60", bearer(secretA))))["jti"])
+	clk.set(clk.now().Add(2 * time.Second))
+	assertError(t, e.get(a, "GET", "?ttl=60", bearer(secretA)), http.StatusInternalServerError, msgIssueFailed)
+	assert.Equal(t, 1.0, testutil.ToFloat64(e.srv.cfg.Metrics.failures.WithLabelValues(failKeyPublication)))
 }
 
 // TestTokenCacheNeedsCurrentKey: keys that cannot say which key signs get

@@ -440,8 +440,14 @@ func (s *Server) signOrReuse(sb registry.Sandbox, secret string, aud []string, t
 		return issued{token: token, claims: c, alg: alg, kid: kid}, err
 	}
 	key := newCacheKey(sb, secret, aud, ttl)
-	if t, ok := s.cache.get(key, kid, s.cfg.Now().Unix(), s.cfg.Keys.SignableUntil().Unix()); ok {
-		return issued{token: t.token, claims: t.claims, alg: t.alg, kid: t.kid, cached: true}, nil
+	now, until := s.cfg.Now().Unix(), s.cfg.Keys.SignableUntil().Unix()
+	// Nothing is reused once nothing would be signed (the key's
+	// publication no longer covers MinTTL): the refusal, its 500 and its
+	// log line are what tell the operator, cache or not.
+	if until-now >= int64(MinTTL/time.Second) {
+		if t, ok := s.cache.get(key, kid, now, until); ok {
+			return issued{token: t.token, claims: t.claims, alg: t.alg, kid: t.kid, cached: true}, nil
+		}
 	}
 	token, c, err := s.issue(sb, aud, ttl)
 	if err != nil {
