@@ -436,8 +436,8 @@ func (s *Server) signOrReuse(sb registry.Sandbox, secret string, aud []string, t
 	}
 	if kid == "" {
 		token, c, err := s.issue(sb, aud, ttl)
-		alg, kid := signedBy(token)
-		return issued{token: token, claims: c, alg: alg, kid: kid}, err
+		alg, signer := signedBy(token)
+		return issued{token: token, claims: c, alg: alg, kid: signer}, err
 	}
 	key := newCacheKey(sb, secret, aud, ttl)
 	now, until := s.cfg.Now().Unix(), s.cfg.Keys.SignableUntil().Unix()
