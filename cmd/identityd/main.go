@@ -66,6 +66,7 @@ type serveCmd struct {
 	EtcdCert        string        `env:"IDENTITYD_ETCD_CERT" help:"Client certificate (PEM) for etcd; with --etcd-key."`
 	EtcdKey         string        `env:"IDENTITYD_ETCD_KEY" help:"Client key (PEM) for etcd; with --etcd-cert."`
 	SecretRotation  time.Duration `name:"secret-rotation-period" default:"24h" env:"IDENTITYD_SECRET_ROTATION_PERIOD" help:"Replace each sandbox's secret when it is this old; the sandbox reads the new one from its secret file (MIREN_IDENTITY_TOKEN_SECRET_FILE). The secret in the environment is the first one: it stops working when the first rotation's grace window ends. 0: only identityctl rotate."`
+	NoTokenCache    bool          `env:"IDENTITYD_NO_TOKEN_CACHE" help:"Sign every token request anew (a new jti each time). By default a token is reused for the same sandbox, secret, audiences and ttl while more than half of its lifetime remains and its key still signs, as SPIRE's agent does."`
 	SecretGrace     time.Duration `default:"1h" env:"IDENTITYD_SECRET_GRACE" help:"How long a replaced secret is still accepted."`
 	CredsMount      string        `name:"credentials-mount" default:"${default_credentials_mount}" env:"IDENTITYD_CREDENTIALS_MOUNT" help:"Where each sandbox's credentials directory (secret and token files) appears inside it; identityctl run mounts it there, and an adoption may name another."`
 	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
@@ -124,7 +125,7 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		MaxTTL: s.MaxTTL, EtcdEndpoints: s.EtcdEndpoints, EtcdPrefix: s.EtcdPrefix, EtcdCA: s.EtcdCA, EtcdCert: s.EtcdCert,
 		EtcdKey: s.EtcdKey, Version: version,
 		CredentialsMount: s.CredsMount, SecretRotation: s.SecretRotation, SecretGrace: s.SecretGrace,
-		LinkLocalEndpoints: s.LinkLocal, InjectLinkLocalURL: s.InjectLinkLocal,
+		LinkLocalEndpoints: s.LinkLocal, InjectLinkLocalURL: s.InjectLinkLocal, NoTokenCache: s.NoTokenCache,
 	})
 }
 

@@ -98,6 +98,9 @@ type Config struct {
 	// instead of the router's. See linklocal.go.
 	LinkLocalEndpoints []netip.AddrPort
 	InjectLinkLocalURL bool
+	// NoTokenCache signs every token request anew instead of reusing a
+	// token for a repeated request (tokenserver's cache).
+	NoTokenCache bool
 	// Upgrade, when it fires (SIGHUP), starts this daemon's binary as it is
 	// on disk now as its successor, which takes over (handover.go).
 	Upgrade <-chan struct{}
@@ -593,7 +596,7 @@ func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stor
 		Issuer: ep.issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: st.reg,
 		Secrets: st.secrets, Keys: keys, Logger: cfg.Logger, Metrics: metrics,
 		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
-		Probe: probe, Node: cfg.Node, MaxTTL: cfg.MaxTTL,
+		Probe: probe, Node: cfg.Node, MaxTTL: cfg.MaxTTL, DisableTokenCache: cfg.NoTokenCache,
 	})
 }
 
