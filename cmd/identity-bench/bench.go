@@ -448,8 +448,12 @@ func summarize(res *result, r *runCmd) {
 
 func printResult(res *result) {
 	c := res.Config
-	fmt.Printf("identity-bench: %d sandboxes x %d clients, %s per measurement, %d round(s), %s, audience %s\n",
-		c.Sandboxes, c.Clients, c.Duration, c.Rounds, c.Alg, c.Audience)
+	if res.Storm != nil {
+		fmt.Printf("identity-bench: %s storm, %d sandboxes, %s\n", res.Storm.Kind, c.Sandboxes, c.Alg)
+	} else {
+		fmt.Printf("identity-bench: %d sandboxes x %d clients, %s per measurement, %d round(s), %s, audience %s\n",
+			c.Sandboxes, c.Clients, c.Duration, c.Rounds, c.Alg, c.Audience)
+	}
 	fmt.Printf("machine: %d CPUs, kernel %s, load average %s before, %s after\n",
 		res.Machine.CPUs, res.Machine.Kernel, res.Machine.LoadBefore, res.Machine.LoadAfter)
 	fmt.Printf("identityd ready in %.2fs; %d sandboxes created (and clients started) in %.2fs\n\n",
