@@ -112,7 +112,7 @@ func run(socket string, k int, warmup, d time.Duration, mode string, agentPid, s
 				}
 				aud := "bench"
 				if mode == "fresh" {
-					aud = fmt.Sprintf("bench-%d-%d-%d", os.Getpid(), g, i)
+					aud = fmt.Sprintf("bench-%d-%d-%d-%d", start.UnixNano(), os.Getpid(), g, i)
 				}
 				_, err := cs[g].FetchJWTSVID(ctx, jwtsvid.Params{Audience: aud})
 				t1 := time.Now()

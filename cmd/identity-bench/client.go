@@ -199,7 +199,9 @@ func runLoad(ctx context.Context, j job, out *replies) report {
 				}
 				aud := audience
 				if j.FreshAudience {
-					aud = fmt.Sprintf("bench-%d-%d-%d", os.Getpid(), g, i)
+					// Unique across jobs too: a token cache keeps earlier
+					// rounds' tokens.
+					aud = fmt.Sprintf("bench-%d-%d-%d-%d", j.Start, os.Getpid(), g, i)
 				}
 				t0 := time.Now()
 				err := fetch(ctx, hc, j.URL+"?audience="+url.QueryEscape(aud), j.Secret)

@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -148,6 +149,7 @@ func newHarness(r *runCmd) (*harness, error) {
 			}
 		}
 	}
+	sweepDeadRuns(bin)
 	h := &harness{tb: &tb{}, bin: bin, self: self, alg: r.Alg}
 	if err := h.tb.do(func() { h.world = sandboxtest.New(h.tb) }); err != nil {
 		h.close()
@@ -182,6 +184,38 @@ func newHarness(r *runCmd) (*harness, error) {
 		"--max-other-conns", "256",
 	}
 	return h, nil
+}
+
+// sweepDeadRuns removes the pins and credentials mount points of earlier
+// runs that were killed before their cleanup (their netns and cgroups carry
+// the dead pid too, and sandboxtest.New sweeps those).
+func sweepDeadRuns(bin string) {
+	dead := func(name, prefix string) bool {
+		rest, ok := strings.CutPrefix(name, prefix)
+		if !ok {
+			return false
+		}
+		pidStr, _, _ := strings.Cut(rest, "-")
+		pid, err := strconv.Atoi(pidStr)
+		return err == nil && pid != os.Getpid() && syscall.Kill(pid, 0) == syscall.ESRCH
+	}
+	if entries, err := os.ReadDir("/sys/fs/bpf"); err == nil {
+		for _, e := range entries {
+			if dead(e.Name(), "identityd-bench-") {
+				exec.Command(bin, "uninstall", "--bpf-dir", filepath.Join("/sys/fs/bpf", e.Name())).Run()
+			}
+		}
+	}
+	if entries, err := os.ReadDir("/run"); err == nil {
+		for _, e := range entries {
+			// idt<pid>-b<suffix>: a bench run's (tests' are idt<pid>-<hex>).
+			// Only empty directories: never descend into a mount.
+			if rest, _, ok := strings.Cut(e.Name(), "-b"); ok && dead(rest+"-", "idt") {
+				os.Remove(filepath.Join("/run", e.Name(), "credentials"))
+				os.Remove(filepath.Join("/run", e.Name()))
+			}
+		}
+	}
 }
 
 // startDaemon runs identityd and waits until its admin API answers (after
