@@ -38,6 +38,7 @@ type cli struct {
 
 type runCmd struct {
 	Identityd   string        `help:"identityd binary (default: next to this binary, else on PATH)."`
+	DaemonArgs  []string      `name:"identityd-arg" help:"An extra argument for identityd serve (repeatable), e.g. --identityd-arg=--no-token-cache."`
 	Sandboxes   int           `default:"1" help:"Sandboxes (each a cgroup, a netns and a veth, made by identityd)."`
 	Clients     int           `default:"1" help:"Concurrent clients per sandbox."`
 	Duration    time.Duration `default:"5s" help:"Length of each measurement (0: only --requests bounds it)."`

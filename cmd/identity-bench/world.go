@@ -183,6 +183,7 @@ func newHarness(r *runCmd) (*harness, error) {
 		"--max-conns", fmt.Sprint(conns), "--max-conns-per-sandbox", fmt.Sprint(r.Clients*2 + 16),
 		"--max-other-conns", "256",
 	}
+	h.args = append(h.args, r.DaemonArgs...)
 	return h, nil
 }
 
