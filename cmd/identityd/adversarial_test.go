@@ -125,12 +125,19 @@ func TestImpostorsAreRefused(t *testing.T) {
 		assert.Equal(t, a.Sandbox.ID, claimsOf(t, body)["sandbox_id"])
 	})
 	t.Run("A's cgroup re-created by someone else", func(t *testing.T) {
-		x := ow.create("e2e-x-"+tag, "victim")
-		require.NoError(t, os.Remove(x.Sandbox.CgroupPath))
-		require.NoError(t, os.Mkdir(x.Sandbox.CgroupPath, 0o755))
-		newID, err := cgroup2.ID(x.Sandbox.CgroupPath)
+		// Adopted, not created: the resync retires it once it sees the
+		// new cgroup, and retiring an adopted sandbox leaves its netns and
+		// link, so the refusal below is the same whether or not that has
+		// happened yet (a created one's netns would go with it).
+		other := ow.w.AddSandbox("x")
+		var x controllers.Created
+		require.NoError(t, controllers.NewAdminClient(ow.admin).Do(context.Background(), "POST", "/v1/sandboxes/adopt",
+			controllers.AdoptRequest{ID: "e2e-x-" + tag, App: "victim", CgroupPath: other.CgroupDir}, &x))
+		require.NoError(t, os.Remove(other.CgroupDir))
+		require.NoError(t, os.Mkdir(other.CgroupDir, 0o755))
+		newID, err := cgroup2.ID(other.CgroupDir)
 		require.NoError(t, err)
-		cx := sandboxtest.StartClient(t, x.Sandbox.CgroupPath, x.Sandbox.NetnsPath)
+		cx := sandboxtest.StartClient(t, other.CgroupDir, other.Netns)
 		status, body := get(t, cx, x.Env, x.Env["MIREN_IDENTITY_TOKEN_SECRET"], "")
 		expect(t, status, body, 403, "unknown source address", "unknown_sandbox", newID)
 	})
