@@ -12,6 +12,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/stretchr/testify/assert"
@@ -175,22 +176,27 @@ func TestLinkLocalEndpoint(t *testing.T) {
 
 		status, body := fetchFrom(t, ca, "http://"+llDNATed.String()+"/v1/token", a.Env)
 		assert.Equal(t, http.StatusForbidden, status, body)
-		var found bool
-		for _, line := range strings.Split(ow.stderr.String(), "\n") {
-			var r struct {
-				Msg    string `json:"msg"`
-				Reason string `json:"reason"`
-				Error  string `json:"error"`
-			}
-			if json.Unmarshal([]byte(line), &r) != nil || r.Msg != "token request refused" || !strings.Contains(r.Error, "NAT") {
-				continue
-			}
-			found = true
-			assert.Equal(t, "no_record", r.Reason)
-			assert.Contains(t, r.Error, llDNATed.String(), "the log names where the client sent it")
-			assert.Contains(t, r.Error, "--link-local-endpoint")
-			t.Log(r.Error)
+		type refusalLine struct {
+			Msg    string `json:"msg"`
+			Reason string `json:"reason"`
+			Error  string `json:"error"`
 		}
-		assert.True(t, found, "no refusal names NAT:\n%s", ow.stderr)
+		// The daemon's stderr arrives through a pipe: its line may come
+		// after the answer.
+		var found *refusalLine
+		require.Eventually(t, func() bool {
+			for _, line := range strings.Split(ow.stderr.String(), "\n") {
+				var r refusalLine
+				if json.Unmarshal([]byte(line), &r) == nil && r.Msg == "token request refused" && strings.Contains(r.Error, "NAT") {
+					found = &r
+					return true
+				}
+			}
+			return false
+		}, 5*time.Second, 10*time.Millisecond, "no refusal names NAT:\n%s", ow.stderr)
+		assert.Equal(t, "no_record", found.Reason)
+		assert.Contains(t, found.Error, llDNATed.String(), "the log names where the client sent it")
+		assert.Contains(t, found.Error, "--link-local-endpoint")
+		t.Log(found.Error)
 	})
 }
