@@ -134,15 +134,6 @@ func (d *Dirs) Create(id string, gid uint32, secret string) error {
 	return d.write(id, SecretFile, []byte(secret+"\n"))
 }
 
-// Exists reports whether sandbox id has a directory.
-func (d *Dirs) Exists(id string) (bool, error) {
-	_, err := os.Lstat(d.Path(id))
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
 // Group is the group that may read sandbox id's files.
 func (d *Dirs) Group(id string) (uint32, error) {
 	st, err := os.Lstat(d.Path(id))
