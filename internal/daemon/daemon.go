@@ -224,6 +224,14 @@ func Run(ctx context.Context, cfg Config) error {
 // prepare checks cfg and the host before anything is made, and fills in
 // the defaults that depend on the host.
 func prepare(cfg Config) (Config, error) {
+	// First, before the start opens a descriptor: under a limit too low
+	// for the daemon the refusal then says what to raise, not which open
+	// happened to fail first.
+	conns, err := connLimits(cfg.Conns, cfg.Logger)
+	if err != nil {
+		return cfg, err
+	}
+	cfg.Conns = conns
 	if err := checkHost(cfg); err != nil {
 		return cfg, err
 	}
@@ -588,14 +596,10 @@ func newTokenServer(cfg Config, ep tokenEndpoint, in *bpf.Installation, st *stor
 	if err != nil {
 		return nil, err
 	}
-	conns, err := connLimits(cfg.Conns, cfg.Logger)
-	if err != nil {
-		return nil, err
-	}
 	return tokenserver.New(tokenserver.Config{
 		Issuer: ep.issuer, DefaultAudience: cfg.DefaultAudience, Attester: in, Registry: st.reg,
 		Secrets: st.secrets, Keys: keys, Logger: cfg.Logger, Metrics: metrics,
-		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: conns, IdleTimeout: cfg.IdleTimeout,
+		RateLimit: rate.Limit(cfg.RateLimit), Burst: cfg.Burst, Conns: cfg.Conns, IdleTimeout: cfg.IdleTimeout,
 		Probe: probe, Node: cfg.Node, MaxTTL: cfg.MaxTTL, DisableTokenCache: cfg.NoTokenCache,
 	})
 }
