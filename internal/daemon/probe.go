@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -151,6 +152,12 @@ func (p *prober) probeTo(ctx context.Context, dest netip.AddrPort) error {
 }
 
 func (p *prober) run(ctx context.Context, dest netip.AddrPort) (string, error) {
+	// Pdeathsig fires when the OS thread that forked the client ends, not
+	// the process: netnsutil's locked goroutines end their threads, and one
+	// of them could be the thread this goroutine forked from. Held locked
+	// until the client is waited for, the thread is nobody else's.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
 	// Made again if missing (a predecessor that handed over removes it
