@@ -45,6 +45,14 @@ type RoutedLink struct {
 // eth0 with Addr/32, an on-link route to Router and a default route via
 // Router; lo is brought up too.
 //
+// Both ends get a permanent neighbour entry for the other, from the MACs
+// the kernel gave them (see PinNeighbours): the kernel's IPv4 neighbour
+// table is one for every network namespace of the machine, and the
+// dynamic entries ARP would leave, two per sandbox, would reach its
+// gc_thresh3 (1,024 by default) at about 500 sandboxes, after which new
+// connections fail everywhere on the machine. Permanent entries are not
+// counted against it.
+//
 // It refuses (ErrLooseRPFilter) when the host netns's
 // net.ipv4.conf.all.rp_filter is 2, and on failure removes what it made.
 func AttachRouted(host *netlink.Handle, l RoutedLink) (err error) {
@@ -120,7 +128,59 @@ func AttachRouted(host *netlink.Handle, l RoutedLink) (err error) {
 			if err := h.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: l.Router.Addr().AsSlice()}); err != nil {
 				return fmt.Errorf("default route via %s in %s: %w", l.Router, l.Netns, err)
 			}
+			if err := pin(host, hostEnd, h, link, l); err != nil {
+				return err
+			}
 		}
+	}
+	return nil
+}
+
+// PinNeighbours gives both ends of the routed link l, made by
+// AttachRouted, a permanent neighbour entry for the other, as AttachRouted
+// does: the host end one for l.Addr, the sandbox's end one for l.Router.
+// It is for links made before AttachRouted did so; entries already there
+// are replaced, so it can be called again. The sandbox's end is found as
+// the host end's peer, whatever the sandbox named it.
+//
+// The sandbox is root in its netns and may delete or change its own entry
+// afterwards, or its end's MAC: that only breaks, or leaves to ARP, its
+// own link, since the host's entry is on that link alone.
+func PinNeighbours(host *netlink.Handle, l RoutedLink) error {
+	if !l.Addr.Is4() || !l.Router.Addr().Is4() {
+		return fmt.Errorf("pin neighbours of %s: addresses %s and %s: routed links are IPv4 only", l.Veth, l.Addr, l.Router)
+	}
+	hostEnd, err := host.LinkByName(l.Veth)
+	if err != nil {
+		return fmt.Errorf("find veth %s: %w", l.Veth, err)
+	}
+	h, err := Handle(l.Netns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	peer, err := h.LinkByIndex(hostEnd.Attrs().ParentIndex)
+	if err != nil {
+		return fmt.Errorf("find the peer of %s in %s: %w", l.Veth, l.Netns, err)
+	}
+	if peer.Type() != "veth" {
+		return fmt.Errorf("find the peer of %s in %s: link %d is %s, a %s, not a veth", l.Veth, l.Netns, peer.Attrs().Index, peer.Attrs().Name, peer.Type())
+	}
+	return pin(host, hostEnd, h, peer, l)
+}
+
+// pin sets the host end's permanent entry for l.Addr (the sandbox end's
+// MAC) and the sandbox end's for l.Router (the host end's MAC), each link
+// as the kernel returned it after it was made. NeighSet replaces whatever
+// entry ARP left.
+func pin(host *netlink.Handle, hostEnd netlink.Link, sb *netlink.Handle, sbEnd netlink.Link, l RoutedLink) error {
+	if err := host.NeighSet(&netlink.Neigh{LinkIndex: hostEnd.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		IP: l.Addr.AsSlice(), HardwareAddr: sbEnd.Attrs().HardwareAddr}); err != nil {
+		return fmt.Errorf("permanent neighbour %s on %s: %w", l.Addr, l.Veth, err)
+	}
+	if err := sb.NeighSet(&netlink.Neigh{LinkIndex: sbEnd.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		IP: l.Router.Addr().AsSlice(), HardwareAddr: hostEnd.Attrs().HardwareAddr}); err != nil {
+		return fmt.Errorf("permanent neighbour %s on %s in %s: %w", l.Router.Addr(), sbEnd.Attrs().Name, l.Netns, err)
 	}
 	return nil
 }

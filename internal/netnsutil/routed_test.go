@@ -142,3 +142,214 @@ func TestAttachRouted(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, rootRPF, after, "the machine's own netns is never touched")
 }
+
+// routedHost makes a host netns for routed links, as the controller's: lo
+// up, a strict reverse-path filter, and router on a bridge of its own.
+func routedHost(t *testing.T, name string, router netip.Prefix) (string, *netlink.Handle) {
+	t.Helper()
+	ns := testNetns(t, name)
+	h, err := Handle(ns)
+	require.NoError(t, err)
+	t.Cleanup(h.Close)
+	lo, err := h.LinkByName("lo")
+	require.NoError(t, err)
+	require.NoError(t, h.LinkSetUp(lo))
+	require.NoError(t, TightenRPFilter(ns))
+	require.NoError(t, h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "rt0"}}))
+	br, err := h.LinkByName("rt0")
+	require.NoError(t, err)
+	require.NoError(t, AddAddr(h, br, router))
+	require.NoError(t, h.LinkSetUp(br))
+	return ns, h
+}
+
+// neighbours returns h's IPv4 entries on link index for addr.
+func neighbours(t *testing.T, h *netlink.Handle, index int, addr netip.Addr) []netlink.Neigh {
+	t.Helper()
+	all, err := h.NeighList(index, netlink.FAMILY_V4)
+	require.NoError(t, err)
+	var out []netlink.Neigh
+	for _, n := range all {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == addr {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// assertPinned checks that h has one entry for addr on link index: a
+// permanent one, for mac.
+func assertPinned(t *testing.T, h *netlink.Handle, index int, addr netip.Addr, mac net.HardwareAddr, msg string) {
+	t.Helper()
+	got := neighbours(t, h, index, addr)
+	if assert.Len(t, got, 1, msg) {
+		assert.Equal(t, netlink.NUD_PERMANENT, got[0].State, "%s: state %#x", msg, got[0].State)
+		assert.Equal(t, mac.String(), got[0].HardwareAddr.String(), msg)
+	}
+}
+
+// connect opens a TCP connection from the netns at from to ln (listening
+// at to) and returns the address ln saw it come from.
+func connect(t *testing.T, from string, ln net.Listener, to netip.AddrPort) netip.Addr {
+	t.Helper()
+	require.NoError(t, Do(from, func() error {
+		c, err := net.Dial("tcp", to.String())
+		if err == nil {
+			c.Close()
+		}
+		return err
+	}), "connect from %s to %s", from, to)
+	c, err := ln.Accept()
+	require.NoError(t, err)
+	defer c.Close()
+	return c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+}
+
+// listen listens on TCP at addr, port 0, in the netns at ns.
+func listen(t *testing.T, ns string, addr netip.Addr) (net.Listener, netip.AddrPort) {
+	t.Helper()
+	var ln net.Listener
+	require.NoError(t, Do(ns, func() (err error) {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(addr, 0).String())
+		return err
+	}))
+	t.Cleanup(func() { ln.Close() })
+	return ln, ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// TestAttachRoutedPinsNeighbours: after AttachRouted the host end holds a
+// permanent entry for the sandbox's address with eth0's MAC and the
+// sandbox one for the router with the host end's MAC, so traffic both
+// ways leaves no dynamic entry on either end, the kind the machine-wide
+// table limit (gc_thresh3) counts.
+func TestAttachRoutedPinsNeighbours(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	router := netip.MustParsePrefix("10.231.8.1/24")
+	hostNS, host := routedHost(t, "pinhost", router)
+	sbNS := testNetns(t, "pinsb")
+	addr := netip.MustParseAddr("10.231.8.9")
+	require.NoError(t, AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}))
+	veth, err := host.LinkByName("rtv0")
+	require.NoError(t, err)
+	sb, err := Handle(sbNS)
+	require.NoError(t, err)
+	defer sb.Close()
+	eth0, err := sb.LinkByName("eth0")
+	require.NoError(t, err)
+	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry for the sandbox")
+	assertPinned(t, sb, eth0.Attrs().Index, router.Addr(), veth.Attrs().HardwareAddr, "the sandbox's entry for the router")
+
+	ln, to := listen(t, hostNS, router.Addr())
+	assert.Equal(t, addr, connect(t, sbNS, ln, to), "the sandbox reaches the router")
+	lnSB, toSB := listen(t, sbNS, addr)
+	assert.Equal(t, router.Addr(), connect(t, hostNS, lnSB, toSB), "the host reaches the sandbox")
+	for _, end := range []struct {
+		h     *netlink.Handle
+		index int
+	}{{host, veth.Attrs().Index}, {sb, eth0.Attrs().Index}} {
+		all, err := end.h.NeighList(end.index, netlink.FAMILY_V4)
+		require.NoError(t, err)
+		for _, n := range all {
+			assert.Equal(t, netlink.NUD_PERMANENT, n.State, "entry %s is state %#x: ARP was used", n.IP, n.State)
+		}
+	}
+
+	// Again: the entries are replaced, not refused.
+	require.NoError(t, PinNeighbours(host, RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}))
+	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry, pinned again")
+	assertPinned(t, sb, eth0.Attrs().Index, router.Addr(), veth.Attrs().HardwareAddr, "the sandbox's entry, pinned again")
+}
+
+// TestPinNeighboursOfAnOlderLink: a link made before AttachRouted pinned
+// its neighbours, with the dynamic entries ARP left, gets permanent ones,
+// found through the host end's peer even when the sandbox renamed it.
+func TestPinNeighboursOfAnOlderLink(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	router := netip.MustParsePrefix("10.231.9.1/24")
+	hostNS, host := routedHost(t, "oldhost", router)
+	sbNS := testNetns(t, "oldsb")
+	addr := netip.MustParseAddr("10.231.9.9")
+	l := RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}
+	require.NoError(t, AttachRouted(host, l))
+	veth, err := host.LinkByName("rtv0")
+	require.NoError(t, err)
+	sb, err := Handle(sbNS)
+	require.NoError(t, err)
+	defer sb.Close()
+	eth0, err := sb.LinkByName("eth0")
+	require.NoError(t, err)
+	// As an older AttachRouted left it, once traffic went both ways.
+	for _, n := range append(neighbours(t, host, veth.Attrs().Index, addr), neighbours(t, sb, eth0.Attrs().Index, router.Addr())...) {
+		h := host
+		if n.LinkIndex == eth0.Attrs().Index {
+			h = sb
+		}
+		require.NoError(t, h.NeighDel(&n))
+	}
+	ln, to := listen(t, hostNS, router.Addr())
+	assert.Equal(t, addr, connect(t, sbNS, ln, to))
+	learnt := append(neighbours(t, host, veth.Attrs().Index, addr), neighbours(t, sb, eth0.Attrs().Index, router.Addr())...)
+	require.Len(t, learnt, 2, "ARP made an entry at each end")
+	for _, n := range learnt {
+		assert.NotEqual(t, netlink.NUD_PERMANENT, n.State, "ARP made entry %s", n.IP)
+	}
+	require.NoError(t, sb.LinkSetName(eth0, "wan0"))
+
+	require.NoError(t, PinNeighbours(host, l))
+	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry for the sandbox")
+	assertPinned(t, sb, eth0.Attrs().Index, router.Addr(), veth.Attrs().HardwareAddr, "the sandbox's entry for the router")
+	assert.Equal(t, addr, connect(t, sbNS, ln, to))
+
+	l.Veth = "nosuch0"
+	assert.ErrorContains(t, PinNeighbours(host, l), "find veth nosuch0")
+}
+
+// TestSandboxChangesItsNeighbours: the sandbox is root in its netns. When
+// it deletes its permanent entry for the router, it falls back to ARP and
+// both directions still work; the host's entry, which it cannot reach, is
+// still permanent. When it changes its MAC the host's entry keeps the old
+// one: only its own link breaks, and pinning again mends it.
+func TestSandboxChangesItsNeighbours(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	router := netip.MustParsePrefix("10.231.10.1/24")
+	hostNS, host := routedHost(t, "chhost", router)
+	sbNS := testNetns(t, "chsb")
+	addr := netip.MustParseAddr("10.231.10.9")
+	l := RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}
+	require.NoError(t, AttachRouted(host, l))
+	veth, err := host.LinkByName("rtv0")
+	require.NoError(t, err)
+	sb, err := Handle(sbNS)
+	require.NoError(t, err)
+	defer sb.Close()
+	eth0, err := sb.LinkByName("eth0")
+	require.NoError(t, err)
+	ln, to := listen(t, hostNS, router.Addr())
+	lnSB, toSB := listen(t, sbNS, addr)
+
+	pinned := neighbours(t, sb, eth0.Attrs().Index, router.Addr())
+	require.Len(t, pinned, 1)
+	require.NoError(t, sb.NeighDel(&pinned[0]))
+	assert.Equal(t, addr, connect(t, sbNS, ln, to), "the sandbox reaches the router by ARP")
+	assert.Equal(t, router.Addr(), connect(t, hostNS, lnSB, toSB), "the host still reaches the sandbox")
+	relearnt := neighbours(t, sb, eth0.Attrs().Index, router.Addr())
+	if assert.Len(t, relearnt, 1) {
+		assert.NotEqual(t, netlink.NUD_PERMANENT, relearnt[0].State, "ARP's entry")
+		assert.Equal(t, veth.Attrs().HardwareAddr.String(), relearnt[0].HardwareAddr.String())
+	}
+	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry is the host's")
+
+	oldMAC := eth0.Attrs().HardwareAddr
+	newMAC := net.HardwareAddr{0x02, 0x42, 0xac, 0x11, 0x00, 0x63}
+	require.NoError(t, sb.LinkSetHardwareAddr(eth0, newMAC))
+	assertPinned(t, host, veth.Attrs().Index, addr, oldMAC, "the host keeps the MAC it was given")
+	require.NoError(t, PinNeighbours(host, l))
+	assertPinned(t, host, veth.Attrs().Index, addr, newMAC, "pinned again, the host has the new MAC")
+	assert.Equal(t, addr, connect(t, sbNS, ln, to), "the sandbox reaches the router again")
+}
