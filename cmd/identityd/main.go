@@ -69,6 +69,7 @@ type serveCmd struct {
 	NoTokenCache    bool          `env:"IDENTITYD_NO_TOKEN_CACHE" help:"Sign every token request anew (a new jti each time). By default a token is reused for the same sandbox, secret, audiences and ttl while more than half of its lifetime remains and its key still signs, as SPIRE's agent does."`
 	SecretGrace     time.Duration `default:"1h" env:"IDENTITYD_SECRET_GRACE" help:"How long a replaced secret is still accepted."`
 	CredsMount      string        `name:"credentials-mount" default:"${default_credentials_mount}" env:"IDENTITYD_CREDENTIALS_MOUNT" help:"Where each sandbox's credentials directory (secret and token files) appears inside it; identityctl run mounts it there, and an adoption may name another."`
+	Pprof           bool          `env:"IDENTITYD_PPROF" help:"Serve Go's profiles (/debug/pprof/) on the operator endpoint, for measuring the daemon; anyone who reaches that address can then read them and load the daemon."`
 	LogLevel        string        `default:"info" enum:"debug,info,warn,error" env:"IDENTITYD_LOG_LEVEL" help:"debug, info, warn or error."`
 	LogFormat       string        `default:"text" enum:"text,json" env:"IDENTITYD_LOG_FORMAT" help:"text or json."`
 
@@ -126,6 +127,7 @@ func (s *serveCmd) Run(ctx context.Context) error {
 		EtcdKey: s.EtcdKey, Version: version,
 		CredentialsMount: s.CredsMount, SecretRotation: s.SecretRotation, SecretGrace: s.SecretGrace,
 		LinkLocalEndpoints: s.LinkLocal, InjectLinkLocalURL: s.InjectLinkLocal, NoTokenCache: s.NoTokenCache,
+		Pprof: s.Pprof,
 	})
 }
 

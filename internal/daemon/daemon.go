@@ -101,6 +101,8 @@ type Config struct {
 	// NoTokenCache signs every token request anew instead of reusing a
 	// token for a repeated request (tokenserver's cache).
 	NoTokenCache bool
+	// Pprof serves Go's profiles on the operator endpoint.
+	Pprof bool
 	// Upgrade, when it fires (SIGHUP), starts this daemon's binary as it is
 	// on disk now as its successor, which takes over (handover.go).
 	Upgrade <-chan struct{}
@@ -166,7 +168,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		socks.add(sockOperator, ln)
 		log.Info("operator endpoint listening", "addr", ln.Addr().String())
-		servers.serve(g, "operator", netutil.LimitListener(ln, serviceConns), &http.Server{Handler: operatorHandler(metrics, ready.err, ready.degraded),
+		servers.serve(g, "operator", netutil.LimitListener(ln, serviceConns), &http.Server{Handler: operatorHandler(metrics, ready.err, ready.degraded, cfg.Pprof),
 			ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second})
 	}
 

@@ -22,7 +22,7 @@ func TestOperatorHandler(t *testing.T) {
 	assert.Error(t, err, "registering twice is an error, not a panic")
 
 	var readyErr error = errors.New("rebuilding sandboxes")
-	srv := httptest.NewServer(operatorHandler(reg, func() error { return readyErr }, func() error { return nil }))
+	srv := httptest.NewServer(operatorHandler(reg, func() error { return readyErr }, func() error { return nil }, false))
 	defer srv.Close()
 	get := func(path string) (int, string) {
 		resp, err := http.Get(srv.URL + path)
@@ -42,4 +42,23 @@ func TestOperatorHandler(t *testing.T) {
 	readyErr = nil
 	code, _ = get("/readyz")
 	assert.Equal(t, 200, code)
+}
+
+// TestOperatorPprof: Go's profiles are served only when asked for.
+func TestOperatorPprof(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	for _, on := range []bool{false, true} {
+		srv := httptest.NewServer(operatorHandler(reg, func() error { return nil }, func() error { return nil }, on))
+		resp, err := http.Get(srv.URL + "/debug/pprof/goroutine?debug=1")
+		require.NoError(t, err)
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		srv.Close()
+		if on {
+			assert.Equal(t, http.StatusOK, resp.StatusCode)
+			assert.Contains(t, string(body), "goroutine profile")
+		} else {
+			assert.Equal(t, http.StatusNotFound, resp.StatusCode, "no profiles unless --pprof")
+		}
+	}
 }
