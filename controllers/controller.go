@@ -174,7 +174,7 @@ func New(ctx context.Context, cfg Config) (*Controller, error) {
 		c.Close()
 		return nil, err
 	}
-	c.warnLegacy()
+	c.checkLinks(ctx)
 	return c, nil
 }
 

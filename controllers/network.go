@@ -1,6 +1,7 @@
 package controllers
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -166,37 +167,90 @@ func (c *Controller) createNetwork(r *Record, addr netip.Prefix) error {
 	if err := netnsutil.NewNamed(filepath.Base(r.NetnsPath)); err != nil {
 		return err
 	}
-	if err := netnsutil.AttachRouted(c.host, netnsutil.RoutedLink{
-		HostNetns: c.cfg.HostNetns, Veth: r.Veth, Netns: r.NetnsPath, Addr: addr.Addr(), Router: netip.PrefixFrom(c.router, c.cfg.Subnet.Bits()),
-	}); err != nil {
+	if err := netnsutil.AttachRouted(c.host, c.routedLink(r, addr.Addr())); err != nil {
 		return fmt.Errorf("network of sandbox %s: %w", r.ID, err)
 	}
 	return nil
 }
 
-// warnLegacy logs the sandboxes made before routed links, whose veths are
-// still ports of the shared bridge: they are served as before, but a
-// neighbour on the bridge can reach them at layer 2, so the guarantee
-// against ARP man-in-the-middle does not hold for them until they are
-// re-created. They are left in place because moving a running sandbox to a
-// new link would break its open connections.
-func (c *Controller) warnLegacy() {
+// routedLink is the routed link of sandbox r, whose address is addr.
+func (c *Controller) routedLink(r *Record, addr netip.Addr) netnsutil.RoutedLink {
+	return netnsutil.RoutedLink{HostNetns: c.cfg.HostNetns, Veth: r.Veth, Netns: r.NetnsPath, Addr: addr, Router: netip.PrefixFrom(c.router, c.cfg.Subnet.Bits())}
+}
+
+// routedAddr is the address of r's routed link: its IPv4 address.
+func routedAddr(r *Record) (netip.Addr, bool) {
+	for _, p := range r.Addresses {
+		if p.Addr().Is4() {
+			return p.Addr(), true
+		}
+	}
+	return netip.Addr{}, false
+}
+
+// checkLinks looks, after the rebuild, at the host end of the veth of each
+// sandbox created here.
+//
+// One that is a port of the shared bridge was made before routed links: it
+// is served as before, but a neighbour on the bridge can reach it at layer
+// 2, so the guarantee against ARP man-in-the-middle does not hold for it
+// until it is re-created; that is logged. It is left in place because
+// moving a running sandbox to a new link would break its open connections.
+//
+// One on a routed link whose host end has no permanent neighbour entry for
+// the sandbox's address was made before AttachRouted pinned them: it has
+// ARP's dynamic entries, which count against the machine-wide neighbour
+// table's limit (see netnsutil.AttachRouted), and gets permanent ones. Not
+// getting them is a warning: the sandbox works as it did.
+func (c *Controller) checkLinks(ctx context.Context) {
 	links, err := netnsutil.Dump(c.host.LinkList)
 	if err != nil {
-		c.log.Warn("cannot list host links to find sandboxes on the shared bridge", "error", err)
+		c.log.Warn("cannot list host links to find sandboxes on the shared bridge or without permanent neighbour entries", "error", err)
 		return
 	}
-	onBridge := map[string]bool{}
+	byName := make(map[string]netlink.Link, len(links))
 	for _, l := range links {
-		if l.Attrs().MasterIndex == c.bridgeIndex {
-			onBridge[l.Attrs().Name] = true
+		byName[l.Attrs().Name] = l
+	}
+	// (A failed list leaves pinned empty, and each routed sandbox is
+	// pinned again: NeighSet replaces what is there.)
+	neighs, err := netnsutil.Dump(func() ([]netlink.Neigh, error) { return c.host.NeighList(0, netlink.FAMILY_V4) })
+	if err != nil {
+		c.log.Warn("cannot list the host's neighbour entries; giving every routed sandbox permanent ones again", "error", err)
+	}
+	type entry struct {
+		index int
+		addr  netip.Addr
+	}
+	pinned := map[entry]bool{}
+	for _, n := range neighs {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+			pinned[entry{n.LinkIndex, ip.Unmap()}] = true
 		}
 	}
 	for _, r := range c.live {
-		if r.Owned && onBridge[r.Veth] {
+		if ctx.Err() != nil {
+			return
+		}
+		l, ok := byName[r.Veth]
+		if !r.Owned || r.Veth == "" || !ok {
+			continue
+		}
+		if l.Attrs().MasterIndex == c.bridgeIndex {
 			c.log.Warn("sandbox is on the shared bridge of an older identityd: neighbours on the bridge reach it at layer 2 and the guarantee against ARP man-in-the-middle does not hold for it; re-create it to move it to a routed link",
 				"sandbox", r.ID, "veth", r.Veth, "bridge", c.cfg.Bridge)
+			continue
 		}
+		addr, ok := routedAddr(r)
+		if !ok || l.Attrs().MasterIndex != 0 || pinned[entry{l.Attrs().Index, addr}] {
+			continue
+		}
+		if err := netnsutil.PinNeighbours(c.host, c.routedLink(r, addr)); err != nil {
+			c.log.Warn("cannot give a sandbox of an older identityd permanent neighbour entries; it keeps ARP's, which count against the host's neighbour table limit (net.ipv4.neigh.default.gc_thresh3)",
+				"sandbox", r.ID, "veth", r.Veth, "error", err)
+			continue
+		}
+		c.log.Info("sandbox of an older identityd given permanent neighbour entries", "sandbox", r.ID, "veth", r.Veth)
 	}
 }
 

@@ -162,7 +162,9 @@ func TestLooseRPFilterRefusesCreate(t *testing.T) {
 
 // TestRouterAnswersARPWhateverArpIgnore: the host answers a sandbox's ARP
 // for the router on its veth with arp_ignore 1, 2 and 3 host-wide (set in the
-// world's host netns), as with the default 0.
+// world's host netns), as with the default 0. The sandbox's permanent entry
+// for the router is deleted first, as the sandbox itself may (root in its
+// netns), so that it asks.
 func TestRouterAnswersARPWhateverArpIgnore(t *testing.T) {
 	w := sandboxtest.New(t)
 	cfg := testConfig(t, w)
@@ -175,8 +177,13 @@ func TestRouterAnswersARPWhateverArpIgnore(t *testing.T) {
 		id := "arp" + v + "-" + suffix()
 		sb, err := c.Create(context.Background(), CreateRequest{ID: id, App: "web"})
 		require.NoError(t, err)
+		h := handle(t, sb.Sandbox.NetnsPath)
+		require.NoError(t, h.NeighDel(&netlink.Neigh{LinkIndex: link(t, h, "eth0").Attrs().Index, Family: netlink.FAMILY_V4, IP: c.Router().AsSlice()}))
+		require.Empty(t, neighbour(t, h, link(t, h, "eth0").Attrs().Index, c.Router()))
 		assert.Equal(t, sb.Sandbox.Addresses[0].Addr(), exchange(t, sb.Sandbox.NetnsPath, ln, ln.Addr().(*net.TCPAddr).AddrPort()),
 			"arp_ignore=%s", v)
+		assert.Equal(t, link(t, handle(t, w.HostNetns), sb.Sandbox.Veth).Attrs().HardwareAddr.String(), neighbour(t, h, link(t, h, "eth0").Attrs().Index, c.Router()),
+			"arp_ignore=%s: ARP answered with the host end's MAC", v)
 	}
 }
 
@@ -490,6 +497,93 @@ func rpFilterDrops(t *testing.T, netnsPath string) uint64 {
 	}
 	t.Fatalf("no TcpExt IPReversePathFilter in netstat:\n%s", b)
 	return 0
+}
+
+// TestStartPinsNeighboursOfOlderSandboxes: each routed sandbox the
+// controller creates has a permanent neighbour entry at both ends of its
+// veth, so that it uses none of the machine-wide neighbour table that ARP's
+// entries fill (see netnsutil.AttachRouted). A start gives them to
+// sandboxes an older identityd made with ARP's entries only, leaves those
+// that have them alone, and keeps serving one whose entries it cannot set
+// (it moved its end of the veth away), with a warning.
+func TestStartPinsNeighboursOfOlderSandboxes(t *testing.T) {
+	w := sandboxtest.New(t)
+	cfg := testConfig(t, w)
+	c1 := start(t, cfg)
+	ctx := context.Background()
+	idOld, idNew, idMoved := "old-"+suffix(), "new-"+suffix(), "moved-"+suffix()
+	sbs := map[string]Record{}
+	for _, id := range []string{idOld, idNew, idMoved} {
+		sb, err := c1.Create(ctx, CreateRequest{ID: id, App: "web"})
+		require.NoError(t, err)
+		sbs[id] = sb.Sandbox
+	}
+	host := handle(t, w.HostNetns)
+	for id, r := range sbs {
+		veth, h := link(t, host, r.Veth), handle(t, r.NetnsPath)
+		eth0 := link(t, h, "eth0")
+		assertPermanent(t, host, veth.Attrs().Index, r.Addresses[0].Addr(), eth0.Attrs().HardwareAddr, id+": the host's entry")
+		assertPermanent(t, h, eth0.Attrs().Index, c1.Router(), veth.Attrs().HardwareAddr, id+": the sandbox's entry for the router")
+	}
+	ln, err := w.Listen("tcp", netip.AddrPortFrom(c1.Router(), 0).String())
+	require.NoError(t, err)
+	defer ln.Close()
+	to := ln.Addr().(*net.TCPAddr).AddrPort()
+	require.NoError(t, c1.Close())
+
+	// old: as an older identityd left it, with ARP's entries.
+	old := sbs[idOld]
+	hOld := handle(t, old.NetnsPath)
+	vethOld, eth0Old := link(t, host, old.Veth), link(t, hOld, "eth0")
+	require.NoError(t, host.NeighDel(&netlink.Neigh{LinkIndex: vethOld.Attrs().Index, Family: netlink.FAMILY_V4, IP: old.Addresses[0].Addr().AsSlice()}))
+	require.NoError(t, hOld.NeighDel(&netlink.Neigh{LinkIndex: eth0Old.Attrs().Index, Family: netlink.FAMILY_V4, IP: c1.Router().AsSlice()}))
+	assert.Equal(t, old.Addresses[0].Addr(), exchange(t, old.NetnsPath, ln, to))
+	require.Equal(t, eth0Old.Attrs().HardwareAddr.String(), neighbour(t, host, vethOld.Attrs().Index, old.Addresses[0].Addr()), "ARP's entry")
+	// moved: without permanent entries, and its end of the veth in another
+	// netns.
+	moved := sbs[idMoved]
+	hMoved := handle(t, moved.NetnsPath)
+	vethMoved, eth0Moved := link(t, host, moved.Veth), link(t, hMoved, "eth0")
+	require.NoError(t, host.NeighDel(&netlink.Neigh{LinkIndex: vethMoved.Attrs().Index, Family: netlink.FAMILY_V4, IP: moved.Addresses[0].Addr().AsSlice()}))
+	elsewhere := w.AddSandbox("elsewhere")
+	require.NoError(t, hMoved.LinkSetName(eth0Moved, "away0"))
+	fd, err := unix.Open(elsewhere.Netns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	require.NoError(t, hMoved.LinkSetNsFd(eth0Moved, fd))
+
+	logs := &sandboxtest.LogBuffer{}
+	cfg.Logger = slog.New(slog.NewJSONHandler(logs, nil))
+	c2 := start(t, cfg)
+	assert.Len(t, c2.List(), 3, "all are served")
+	assert.Len(t, findLog(t, logs, "INFO", "given permanent neighbour entries", "sandbox", idOld), 1, logs.String())
+	assertPermanent(t, host, vethOld.Attrs().Index, old.Addresses[0].Addr(), eth0Old.Attrs().HardwareAddr, "old: the host's entry")
+	assertPermanent(t, hOld, eth0Old.Attrs().Index, c2.Router(), vethOld.Attrs().HardwareAddr, "old: the sandbox's entry for the router")
+	assert.Equal(t, old.Addresses[0].Addr(), exchange(t, old.NetnsPath, ln, to))
+	assert.Empty(t, findLog(t, logs, "INFO", "given permanent neighbour entries", "sandbox", idNew), "new had them")
+	warned := findLog(t, logs, "WARN", "cannot give a sandbox of an older identityd permanent neighbour entries", "sandbox", idMoved)
+	if assert.Len(t, warned, 1, logs.String()) {
+		assert.Contains(t, warned[0]["error"], "find the peer of "+moved.Veth)
+	}
+	assert.Empty(t, findLog(t, logs, "WARN", "retir"), "nobody is retired for it")
+}
+
+// assertPermanent checks that h has one IPv4 entry for addr on link index,
+// a permanent one, for mac.
+func assertPermanent(t *testing.T, h *netlink.Handle, index int, addr netip.Addr, mac net.HardwareAddr, msg string) {
+	t.Helper()
+	neighs, err := h.NeighList(index, netlink.FAMILY_V4)
+	require.NoError(t, err)
+	var found []netlink.Neigh
+	for _, n := range neighs {
+		if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == addr {
+			found = append(found, n)
+		}
+	}
+	if assert.Len(t, found, 1, msg) {
+		assert.Equal(t, netlink.NUD_PERMANENT, found[0].State, "%s: state %#x", msg, found[0].State)
+		assert.Equal(t, mac.String(), found[0].HardwareAddr.String(), msg)
+	}
 }
 
 // findLog returns the JSON log lines at level whose msg contains msg and
