@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -78,6 +79,9 @@ type config struct {
 	Audience  string `json:"audience"`
 	Rounds    int    `json:"rounds"`
 	Identityd string `json:"identityd"`
+	// HeldSocket: the token socket was held across the daemon's restarts
+	// (--hold-socket), as under systemd socket activation.
+	HeldSocket bool `json:"held_socket,omitempty"`
 }
 
 // result is everything a run reports (--json prints it).
@@ -138,7 +142,7 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	syscall.Uname(&uname)
 	res := &result{
 		Config: config{Sandboxes: r.Sandboxes, Clients: r.Clients, Duration: r.Duration.String(), Requests: r.Requests,
-			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds},
+			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds, HeldSocket: r.HoldSocket},
 		Machine: machine{CPUs: runtime.NumCPU(), Kernel: charsToString(uname.Release[:]), LoadBefore: loadavg()},
 	}
 	h, err := newHarness(r)
@@ -301,6 +305,20 @@ func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, ro
 			cpuMu.Unlock()
 		})
 		defer t1.Stop()
+	}
+	if target == "identityd" && h.pprof != "" && r.Duration > 0 {
+		// From the measured window's start, as long as it lasts.
+		file := filepath.Join(r.Profile, fmt.Sprintf("identityd-%s-%s-n%d-k%d-%s-%s-r%d.pprof", r.Alg, r.Audience, len(h.sandboxes), r.Clients, mode, "cpu", round))
+		started := make(chan func() error, 1)
+		tp := time.AfterFunc(time.Until(measureFrom), func() { started <- h.profile(ctx, r.Duration, file) })
+		defer func() {
+			if tp.Stop() {
+				return // never began
+			}
+			if err := (<-started)(); err != nil {
+				fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
+			}
+		}()
 	}
 	counts := make([]atomic.Int64, len(h.sandboxes))
 	var total atomic.Int64

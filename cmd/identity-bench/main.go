@@ -52,11 +52,13 @@ type runCmd struct {
 	SignOnly    time.Duration `default:"1s" help:"Length of each sign-only loop per algorithm and round (0: skip)."`
 	Storm       string        `enum:",start,restart" default:"" help:"Measure a storm instead: start (every sandbox asks for its first token at once) or restart (SIGKILL the daemon while every sandbox keeps asking, restart it)."`
 	StormDown   time.Duration `default:"2s" help:"Restart storm: how long the daemon stays dead."`
-	StormEvery  time.Duration `default:"5s" help:"Restart storm: each sandbox asks for a token this often (spread over the interval), before and after the kill."`
+	StormEvery  time.Duration `default:"1s" help:"Restart storm: each sandbox asks for a token this often (spread over the interval), before and after the kill. Shorter than --storm-down, so that every sandbox asks while the daemon is down and the figure is the daemon's, not the schedule's."`
 	JSON        bool          `name:"json" help:"Print the results as JSON on stdout (the progress line stays on stderr)."`
 	JSONOut     string        `name:"json-out" help:"Also write the results as JSON to this file."`
 	Parallelism int           `default:"16" help:"Sandboxes created (and clients started) at a time."`
 	Keep        bool          `help:"Leave the world behind (daemon killed) for inspection."`
+	Profile     string        `placeholder:"DIR" help:"Write a CPU profile of identityd (served with --pprof on an operator endpoint on loopback) for each of its measurements, and for the first 2 s of a start storm, into DIR."`
+	HoldSocket  bool          `help:"Hold identityd's token endpoint socket and pass it to every identityd started, as systemd socket activation does (deploy/identityd.socket): connections made while the daemon is down wait in the socket's backlog instead of being refused."`
 
 	DynamicNeighbours bool `help:"Leave the veths' neighbour entries to ARP, as identityd sets them up. By default both ends get permanent entries: the kernel's IPv4 neighbour table is shared by all namespaces and overflows at gc_thresh3 (1,024 by default), which about 500 sandboxes reach."`
 }

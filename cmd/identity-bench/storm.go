@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -30,6 +31,7 @@ type stormResult struct {
 	Cores     int     `json:"cores"`
 	// Restart storm: how long the daemon was dead and took to be ready.
 	Down       float64  `json:"down_s,omitempty"`
+	AskEvery   float64  `json:"ask_every_s,omitempty"`
 	ReadyAfter float64  `json:"ready_after_start_s,omitempty"`
 	Errors     []string `json:"errors,omitempty"`
 }
@@ -73,6 +75,15 @@ func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*s
 			return nil, err
 		}
 	}
+	if h.pprof != "" {
+		file := filepath.Join(r.Profile, fmt.Sprintf("identityd-%s-start-storm-n%d-cpu.pprof", r.Alg, len(h.sandboxes)))
+		wait := h.profile(ctx, 2*time.Second, file)
+		defer func() {
+			if err := wait(); err != nil {
+				fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
+			}
+		}()
+	}
 	var served atomic.Int64
 	times := make([]float64, len(h.sandboxes))
 	errs := make([]error, len(h.sandboxes))
@@ -109,6 +120,12 @@ func restartStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (
 	// Spread the asks over the interval, as workloads started at different
 	// times would.
 	interval := max(r.StormEvery, 100*time.Millisecond)
+	if interval >= r.StormDown {
+		// A sandbox that does not ask while the daemon is down would be
+		// counted when its schedule comes round, not when it is served.
+		return nil, fmt.Errorf("--storm-every %s must be shorter than --storm-down %s", interval, r.StormDown)
+	}
+	s.AskEvery = interval.Seconds()
 	start := time.Now().Add(200*time.Millisecond + time.Duration(n)*50*time.Microsecond)
 	for i, sb := range h.sandboxes {
 		at := start.Add(interval * time.Duration(i) / time.Duration(n))

@@ -8,6 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -23,6 +25,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sys/unix"
 
 	"github.com/identityd/identityd/controllers"
 	"github.com/identityd/identityd/internal/netnsutil"
@@ -109,6 +112,11 @@ type harness struct {
 	daemon    *exec.Cmd
 	daemonLog *os.File
 	exited    chan struct{}
+	// held is the token endpoint's listening socket when this process
+	// holds it for the daemon (--hold-socket), as systemd would.
+	held *os.File
+	// pprof is identityd's profile address with --profile.
+	pprof string
 
 	sandboxes []*benchSandbox
 	neighMu   sync.Mutex
@@ -183,8 +191,100 @@ func newHarness(r *runCmd) (*harness, error) {
 		"--max-conns", fmt.Sprint(conns), "--max-conns-per-sandbox", fmt.Sprint(r.Clients*2 + 16),
 		"--max-other-conns", "256",
 	}
+	if r.Profile != "" {
+		if err := os.MkdirAll(r.Profile, 0o755); err != nil {
+			h.close()
+			return nil, fmt.Errorf("profile directory: %w", err)
+		}
+		port, err := freeLoopbackPort()
+		if err != nil {
+			h.close()
+			return nil, err
+		}
+		h.pprof = fmt.Sprintf("127.0.0.1:%d", port)
+		h.args = append(h.args, "--operator-listen", h.pprof, "--pprof")
+	}
 	h.args = append(h.args, r.DaemonArgs...)
+	if r.HoldSocket {
+		if h.held, err = h.holdTokenSocket(); err != nil {
+			h.close()
+			return nil, err
+		}
+	}
 	return h, nil
+}
+
+// freeLoopbackPort is a port nothing listens on now, on 127.0.0.1.
+func freeLoopbackPort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// profile writes a CPU profile of identityd over the next d (whole
+// seconds, at least one) to file, in the background; wait returns when it
+// is written.
+func (h *harness) profile(ctx context.Context, d time.Duration, file string) (wait func() error) {
+	done := make(chan error, 1)
+	go func() {
+		secs := max(int((d+time.Second-1)/time.Second), 1)
+		done <- func() error {
+			req, err := http.NewRequestWithContext(ctx, "GET", fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", h.pprof, secs), nil)
+			if err != nil {
+				return err
+			}
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return fmt.Errorf("profile identityd: %w", err)
+			}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("profile identityd: %s", resp.Status)
+			}
+			f, err := os.Create(file)
+			if err != nil {
+				return err
+			}
+			if _, err := io.Copy(f, resp.Body); err != nil {
+				f.Close()
+				return fmt.Errorf("write profile %s: %w", file, err)
+			}
+			return f.Close()
+		}()
+	}()
+	return func() error { return <-done }
+}
+
+// holdTokenSocket binds the token endpoint's address in the world's host
+// netns the way deploy/identityd.socket does (FreeBind: the router address
+// appears when identityd first starts).
+func (h *harness) holdTokenSocket() (*os.File, error) {
+	var f *os.File
+	err := h.world.Do(func() error {
+		lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_IP, unix.IP_FREEBIND, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+		ln, err := lc.Listen(context.Background(), "tcp4", netip.AddrPortFrom(h.router, controllers.DefaultTokenPort).String())
+		if err != nil {
+			return err
+		}
+		defer ln.Close()
+		f, err = ln.(*net.TCPListener).File()
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("hold the token endpoint socket: %w", err)
+	}
+	return f, nil
 }
 
 // sweepDeadRuns removes the pins and credentials mount points of earlier
@@ -232,6 +332,13 @@ func (h *harness) startDaemon(ctx context.Context) (time.Duration, error) {
 	}
 	h.daemonLog = logf
 	h.daemon = exec.Command(h.bin, h.args...)
+	if h.held != nil {
+		// As systemd starts a socket-activated service: LISTEN_PID is the
+		// daemon's own pid, which only a shell exec'ing it knows.
+		h.daemon = exec.Command("sh", append([]string{"-c", `export LISTEN_PID=$$; exec "$0" "$@"`, h.bin}, h.args...)...)
+		h.daemon.Env = append(os.Environ(), "LISTEN_FDS=1", "LISTEN_FDNAMES=token")
+		h.daemon.ExtraFiles = []*os.File{h.held}
+	}
 	h.daemon.Stdout, h.daemon.Stderr = logf, logf
 	h.daemon.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	begin := time.Now()
@@ -373,6 +480,9 @@ func (h *harness) close() error {
 		sb.client.close()
 	}
 	h.killDaemon(syscall.SIGKILL)
+	if h.held != nil {
+		h.held.Close()
+	}
 	if h.netnsPrefix != "" {
 		names, err := controllers.ListNetns(h.netnsPrefix)
 		errs = append(errs, err)
