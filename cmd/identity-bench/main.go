@@ -33,6 +33,7 @@ import (
 
 type cli struct {
 	Run    runCmd    `cmd:"" default:"withargs" help:"Run the benchmark (the default command)."`
+	Chart  chartCmd  `cmd:"" help:"Draw SVG charts from results already written (--json-out files, bench/spire.sh results.jsonl); needs no root."`
 	Client clientCmd `cmd:"" name:"__client" hidden:"" help:"The in-sandbox load client; the benchmark runs it."`
 }
 
