@@ -42,6 +42,9 @@ type served struct {
 // serve runs srv on ln as a task of g. A server that stops for any reason
 // but a drain or a shutdown is an error, and ends the group.
 func (s *serverSet) serve(g *errgroup.Group, name string, ln net.Listener, srv *http.Server) *served {
+	// Both drain and Shutdown close the listener; the second close must
+	// not turn a clean stop into "use of closed network connection".
+	ln = &closeOnce{Listener: ln}
 	sv := &served{name: name, srv: srv, ln: ln}
 	prev := srv.ConnState
 	srv.ConnState = func(c net.Conn, st http.ConnState) {
@@ -112,4 +115,17 @@ func (s *serverSet) shutdownWhenDone(ctx context.Context, log *slog.Logger) erro
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// closeOnce is a listener whose Close closes it the first time and reports
+// that first result again after.
+type closeOnce struct {
+	net.Listener
+	once sync.Once
+	err  error
+}
+
+func (c *closeOnce) Close() error {
+	c.once.Do(func() { c.err = c.Listener.Close() })
+	return c.err
 }
