@@ -304,8 +304,22 @@ func figures(in inputs, warn io.Writer) []*figure {
 			if s.Kind == "restart" {
 				from = "after the restarted daemon was ready"
 			}
-			f.line("last sandbox served, "+from, styleIdentityd).add(n, same3(s.Last))
-			f.line("median sandbox", styleMedian).add(n, same3(s.P50))
+			if len(s.Targets) == 0 {
+				f.line("last sandbox served, "+from, styleIdentityd).add(n, same3(s.Last))
+				f.line("median sandbox", styleMedian).add(n, same3(s.P50))
+			}
+			// A start storm in rounds against several targets: the last
+			// sandbox per target, min-max over the rounds.
+			for _, t := range s.Targets {
+				if t.Last[1] <= 0 {
+					continue
+				}
+				name, style := targetName(t.Target)
+				f.line(name+": last sandbox served", style).add(n, t.Last)
+				if t.Target == "identityd" {
+					f.line("identityd: median sandbox", styleMedian).add(n, t.P50)
+				}
+			}
 			f.line("signature floor (N signatures over all cores)", styleFloor).add(n, same3(s.Floor))
 		}
 		for _, s := range r.Summaries {

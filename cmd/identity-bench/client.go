@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -69,6 +70,8 @@ type job struct {
 	// FreshAudience names a new audience in every request.
 	FreshAudience bool          `json:"fresh_audience,omitempty"`
 	Interval      time.Duration `json:"interval,omitempty"`
+	// Audience of a storm's tokens (default: the load's).
+	Audience string `json:"audience,omitempty"`
 }
 
 // report is a load client's answer: progress lines while a job runs, then
@@ -284,7 +287,7 @@ func runFirst(ctx context.Context, j job) report {
 	}
 	ctx, cancel := context.WithTimeout(ctx, j.Duration)
 	defer cancel()
-	if _, err := stormClient(j).Fetch(ctx, audience); err != nil {
+	if _, err := stormClient(j).Fetch(ctx, cmp.Or(j.Audience, audience)); err != nil {
 		return report{Failures: 1, Error: err.Error()}
 	}
 	return report{Successes: []int64{time.Now().UnixNano()}}

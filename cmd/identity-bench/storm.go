@@ -34,6 +34,10 @@ type stormResult struct {
 	AskEvery   float64  `json:"ask_every_s,omitempty"`
 	ReadyAfter float64  `json:"ready_after_start_s,omitempty"`
 	Errors     []string `json:"errors,omitempty"`
+	// Start storm: every round against every target, and per target over
+	// the rounds (Last and P50 above are then identityd's medians).
+	Rounds  []stormRound   `json:"rounds,omitempty"`
+	Targets []stormSummary `json:"targets,omitempty"`
 }
 
 func (s *stormResult) print() {
@@ -45,6 +49,10 @@ func (s *stormResult) print() {
 	}
 	fmt.Printf("\nsignature floor: %d x %.0fus / %d cores = %.3fs; last / floor = %.2f\n",
 		s.Sandboxes, s.PerSignUS, s.Cores, s.Floor, s.Last/max(s.Floor, 1e-9))
+	for _, t := range s.Targets {
+		fmt.Printf("  %-9s last %.3fs [%.3f-%.3f], median sandbox %.3fs, %.0f us CPU per token, %d failed; last / floor = %.2f\n",
+			t.Target, t.Last[1], t.Last[0], t.Last[2], t.P50[1], t.CPUPerToken, t.Failures, t.Last[1]/max(s.Floor, 1e-9))
+	}
 	for _, e := range s.Errors {
 		fmt.Printf("storm error: %s\n", e)
 	}
@@ -62,20 +70,78 @@ func (s *stormResult) measureFloor(h *harness, alg string) error {
 	return nil
 }
 
+// stormRound is one start storm against one target.
+type stormRound struct {
+	Target string  `json:"target"`
+	Round  int     `json:"round"`
+	Served int     `json:"served"`
+	Last   float64 `json:"last_s"`
+	P50    float64 `json:"p50_s"`
+	// CPU is the target server's CPU seconds from the storm's start until
+	// the last token (identityd's process; this one's for the others).
+	CPU    float64  `json:"cpu_s"`
+	Errors []string `json:"errors,omitempty"`
+}
+
+// stormSummary is a target's start storms over the rounds.
+type stormSummary struct {
+	Target string     `json:"target"`
+	Last   [3]float64 `json:"last_s_min_med_max"`
+	P50    [3]float64 `json:"p50_s_min_med_max"`
+	// CPUPerToken is the server's CPU per sandbox's first token (median).
+	CPUPerToken float64 `json:"cpu_us_per_token_median"`
+	Failures    int     `json:"failures"`
+}
+
 // startStorm: every sandbox (made, its client started) asks for its first
-// token at the same moment, with the client package's backoff.
+// token at the same moment, with the client package's backoff; round by
+// round against each target in turn, each round with an audience of its
+// own so that it is a first token for identityd's cache too. The bare
+// handler's storm is what the same clients cost without a token server:
+// beside the signature floor, the other part a storm cannot go below.
 func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*stormResult, error) {
 	s := &stormResult{Kind: "start", Sandboxes: len(h.sandboxes)}
 	if err := s.measureFloor(h, r.Alg); err != nil {
 		return nil, err
 	}
-	start := time.Now().Add(200*time.Millisecond + time.Duration(len(h.sandboxes))*50*time.Microsecond)
-	for _, sb := range h.sandboxes {
-		if err := sb.client.send(job{Kind: "first", URL: sb.url, Secret: sb.secret, Start: start.UnixNano(), Duration: 2 * time.Minute}); err != nil {
-			return nil, err
+	srv, err := startServers(h.world, h.router, h.dir, r.Alg, h.sandboxes)
+	if err != nil {
+		return nil, err
+	}
+	defer srv.close()
+	for round := 1; round <= max(r.Rounds, 1); round++ {
+		for _, target := range r.Targets {
+			sr, err := oneStartStorm(ctx, h, r, target, round, p)
+			if err != nil {
+				return nil, err
+			}
+			s.Rounds = append(s.Rounds, sr)
+			// A pause, so that one storm's stragglers (closing
+			// connections, exiting goroutines) are not the next one's load.
+			if err := sleep(ctx, time.Second); err != nil {
+				return nil, err
+			}
 		}
 	}
-	if h.pprof != "" {
+	s.summarize(r.Targets)
+	return s, ctx.Err()
+}
+
+func oneStartStorm(ctx context.Context, h *harness, r *runCmd, target string, round int, p *progressLine) (stormRound, error) {
+	sr := stormRound{Target: target, Round: round}
+	pid := os.Getpid()
+	if target == "identityd" {
+		pid = h.daemon.Process.Pid
+	}
+	start := time.Now().Add(200*time.Millisecond + time.Duration(len(h.sandboxes))*50*time.Microsecond)
+	aud := fmt.Sprintf("storm-%d", round)
+	for _, sb := range h.sandboxes {
+		if err := sb.client.send(job{Kind: "first", URL: targetURL(target, h.router, sb), Secret: sb.secret, Start: start.UnixNano(),
+			Duration: 2 * time.Minute, Audience: aud}); err != nil {
+			return sr, err
+		}
+	}
+	if h.pprof != "" && target == "identityd" && round == 1 {
 		file := filepath.Join(r.Profile, fmt.Sprintf("identityd-%s-start-storm-n%d-cpu.pprof", r.Alg, len(h.sandboxes)))
 		wait := h.profile(ctx, 2*time.Second, file)
 		defer func() {
@@ -84,6 +150,8 @@ func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*s
 			}
 		}()
 	}
+	var cpu0 time.Duration
+	t0 := time.AfterFunc(time.Until(start), func() { cpu0, _ = procCPU(pid) })
 	var served atomic.Int64
 	times := make([]float64, len(h.sandboxes))
 	errs := make([]error, len(h.sandboxes))
@@ -98,13 +166,52 @@ func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*s
 				errs[i] = fmt.Errorf("no token: %s", rep.Error)
 			default:
 				times[i] = time.Unix(0, rep.Successes[0]).Sub(start).Seconds()
-				p.show(false, "start storm: %d/%d sandboxes have a token", served.Add(1), len(h.sandboxes))
+				p.show(false, "[round %d/%d] start storm, %-9s %d/%d sandboxes have a token", round, r.Rounds, target, served.Add(1), len(h.sandboxes))
 			}
 		})
 	}
 	wg.Wait()
-	s.fill(times, errs)
-	return s, ctx.Err()
+	cpu1, _ := procCPU(pid)
+	if !t0.Stop() { // (it ran: every client waits for start)
+		sr.CPU = (cpu1 - cpu0).Seconds()
+	}
+	var one stormResult
+	one.fill(times, errs)
+	sr.Served, sr.Last, sr.P50, sr.Errors = one.Served, one.Last, one.P50, one.Errors
+	return sr, ctx.Err()
+}
+
+// summarize fills the per-target summaries, and the result's own figures
+// with identityd's medians.
+func (s *stormResult) summarize(targets []string) {
+	for _, t := range targets {
+		var last, p50, cpu []float64
+		sum := stormSummary{Target: t}
+		for _, sr := range s.Rounds {
+			if sr.Target != t {
+				continue
+			}
+			sum.Failures += s.Sandboxes - sr.Served
+			if sr.Served == 0 {
+				continue
+			}
+			last, p50 = append(last, sr.Last), append(p50, sr.P50)
+			cpu = append(cpu, sr.CPU/float64(sr.Served)*1e6)
+		}
+		sum.Last, sum.P50 = minMedMax(last), minMedMax(p50)
+		slices.Sort(cpu)
+		sum.CPUPerToken = median(cpu)
+		s.Targets = append(s.Targets, sum)
+		if t == "identityd" {
+			s.Last, s.P50 = sum.Last[1], sum.P50[1]
+			s.Served = s.Sandboxes - sum.Failures/max(len(last), 1)
+			for _, sr := range s.Rounds {
+				if sr.Target == t {
+					s.Errors = append(s.Errors, sr.Errors...)
+				}
+			}
+		}
+	}
 }
 
 // restartStorm: every sandbox asks for a token every interval, each ask
