@@ -8,7 +8,7 @@
 # Environment: IDENTITY_BENCH_BIN, a directory with identityd and
 # identity-bench to use instead of building them from the working tree.
 # Each run writes OUT/<name>.txt (the table) and OUT/<name>.json.
-# About 20 minutes on 2 vCPUs.
+# About 25 minutes on 2 vCPUs.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "identityd.sh: run as root" >&2; exit 1; }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,24 +25,34 @@ bench() { # name args...
 	echo "[identityd.sh $(date -u +%H:%M:%S)] $name: identity-bench $*" >&2
 	"$BIN/identity-bench" "$@" --json-out "$OUT/$name.json" >"$OUT/$name.txt" 2>/dev/null
 }
-# One sandbox, 1, 4 and 16 clients: identityd, baseline, bare HTTP, sign-only.
-for alg in RS256 ES256; do
-	for k in 1 4 16; do
-		bench "n1-k$k-$alg" --sandboxes 1 --clients "$k" --duration 2s --rounds 3 --alg "$alg"
-	done
-done
-bench n1-k4-EdDSA --sandboxes 1 --clients 4 --duration 2s --rounds 3 --alg EdDSA
-# Sandboxes multiply: 10, 100, 1,000 sandboxes, one client each.
+# 1. Sandboxes multiply: 1, 10, 100, 1,000 sandboxes, one client each, one
+#    audience repeated (what a workload refreshing its token does; the token
+#    cache answers): identityd, baseline, bare HTTP, sign-only.
 for alg in ES256 RS256; do
-	for n in 10 100 1000; do
+	for n in 1 10 100 1000; do
 		bench "n$n-k1-$alg" --sandboxes "$n" --clients 1 --duration 2s --rounds 3 --alg "$alg"
 	done
 done
-# Storms.
+# 2. One sandbox, 4 clients, a fresh audience per request (every token signed).
+for alg in EdDSA ES256 RS256; do
+	bench "n1-k4-fresh-$alg" --sandboxes 1 --clients 4 --duration 2s --rounds 3 --alg "$alg" --audience fresh
+done
+# 3. Start storms, 3 rounds each against identityd, the baseline and the
+#    bare handler.
 for alg in ES256 RS256; do
 	for n in 100 1000; do
-		bench "start-n$n-$alg" --sandboxes "$n" --storm start --alg "$alg"
-		bench "restart-n$n-$alg" --sandboxes "$n" --storm restart --alg "$alg"
+		bench "start-n$n-$alg" --sandboxes "$n" --storm start --rounds 3 --alg "$alg"
 	done
 done
+# 4. Restart storms, 3 runs each, with and without the token socket held
+#    across the restart (systemd socket activation).
+for alg in ES256 RS256; do
+	for n in 100 1000; do
+		for run in 1 2 3; do
+			bench "restart-n$n-$alg-$run" --sandboxes "$n" --storm restart --alg "$alg"
+			bench "restart-held-n$n-$alg-$run" --sandboxes "$n" --storm restart --alg "$alg" --hold-socket
+		done
+	done
+done
+"$BIN/identity-bench" chart --out "$OUT/charts" "$OUT"
 echo "results in $OUT" >&2
