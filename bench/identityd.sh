@@ -33,6 +33,14 @@ for alg in ES256 RS256; do
 		bench "n$n-k1-$alg" --sandboxes "$n" --clients 1 --duration 2s --rounds 3 --alg "$alg"
 	done
 done
+# 1b. The same load while the sandboxes the server knows multiply: N = 10,
+#     100, 1,000 sandboxes, the load from 10 of them (1,000 client processes
+#     on 2 CPUs load the machine, not only the server).
+for alg in ES256 RS256; do
+	for n in 10 100 1000; do
+		bench "n$n-active10-$alg" --sandboxes "$n" --active 10 --clients 1 --duration 2s --rounds 3 --alg "$alg"
+	done
+done
 # 2. One sandbox, 4 clients, a fresh audience per request (every token signed).
 for alg in EdDSA ES256 RS256; do
 	bench "n1-k4-fresh-$alg" --sandboxes 1 --clients 4 --duration 2s --rounds 3 --alg "$alg" --audience fresh

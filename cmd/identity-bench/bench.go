@@ -73,6 +73,7 @@ type machine struct {
 type config struct {
 	Sandboxes int    `json:"sandboxes"`
 	Clients   int    `json:"clients_per_sandbox"`
+	Active    int    `json:"active_sandboxes,omitempty"`
 	Duration  string `json:"duration"`
 	Requests  int    `json:"requests_per_client,omitempty"`
 	Alg       string `json:"alg"`
@@ -142,7 +143,7 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	syscall.Uname(&uname)
 	res := &result{
 		Config: config{Sandboxes: r.Sandboxes, Clients: r.Clients, Duration: r.Duration.String(), Requests: r.Requests,
-			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds, HeldSocket: r.HoldSocket},
+			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds, HeldSocket: r.HoldSocket, Active: r.Active},
 		Machine: machine{CPUs: runtime.NumCPU(), Kernel: charsToString(uname.Release[:]), LoadBefore: loadavg()},
 	}
 	h, err := newHarness(r)
@@ -267,7 +268,20 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 	return nil
 }
 
-// measure runs one target in one mode from every sandbox at once.
+// activeSandboxes are the m sandboxes (all, if m is 0 or more than there
+// are) that load the server, spread evenly over all of them.
+func activeSandboxes(all []*benchSandbox, m int) []*benchSandbox {
+	if m <= 0 || m >= len(all) {
+		return all
+	}
+	out := make([]*benchSandbox, 0, m)
+	for i := range m {
+		out = append(out, all[i*len(all)/m])
+	}
+	return out
+}
+
+// measure runs one target in one mode from every active sandbox at once.
 func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, round int, p *progressLine) (measurement, error) {
 	m := measurement{Target: target, Mode: mode, Round: round, Errors: map[string]int{}}
 	pid := os.Getpid()
@@ -275,9 +289,10 @@ func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, ro
 		pid = h.daemon.Process.Pid
 	}
 	// Every client starts at the same moment, once all have their job.
-	start := time.Now().Add(100*time.Millisecond + time.Duration(len(h.sandboxes))*50*time.Microsecond)
+	loaded := activeSandboxes(h.sandboxes, r.Active)
+	start := time.Now().Add(100*time.Millisecond + time.Duration(len(loaded))*50*time.Microsecond)
 	measureFrom := start.Add(r.Warmup)
-	for _, sb := range h.sandboxes {
+	for _, sb := range loaded {
 		j := job{Kind: "load", URL: targetURL(target, h.router, sb), Secret: sb.secret, Start: start.UnixNano(),
 			Warmup: r.Warmup, Duration: r.Duration, Requests: r.Requests, Clients: r.Clients,
 			KeepAlive: mode == "keepalive", FreshAudience: r.Audience == "fresh"}
@@ -320,13 +335,13 @@ func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, ro
 			}
 		}()
 	}
-	counts := make([]atomic.Int64, len(h.sandboxes))
+	counts := make([]atomic.Int64, len(loaded))
 	var total atomic.Int64
-	reports := make([]report, len(h.sandboxes))
-	errs := make([]error, len(h.sandboxes))
+	reports := make([]report, len(loaded))
+	errs := make([]error, len(loaded))
 	var wg sync.WaitGroup
 	label := fmt.Sprintf("[round %d/%d] %-9s %-9s", round, r.Rounds, target, mode)
-	for i, sb := range h.sandboxes {
+	for i, sb := range loaded {
 		wg.Go(func() {
 			reports[i], errs[i] = sb.client.wait(func(rep report) {
 				total.Add(rep.Progress - counts[i].Swap(rep.Progress))

@@ -258,6 +258,8 @@ func modeName(m string) string { return cmp.Or(modeNames[m], m) }
 type loadKey struct {
 	alg, mode, audience string
 	clients             int
+	// active: the load came from this many of the N sandboxes (0: all).
+	active int
 }
 
 // stormKey: a restart with the socket held (--hold-socket) is another
@@ -326,11 +328,16 @@ func figures(in inputs, warn io.Writer) []*figure {
 			if s.Rounds == 0 {
 				continue
 			}
-			k := loadKey{c.Alg, s.Mode, audience, clients}
+			k := loadKey{c.Alg, s.Mode, audience, clients, c.Active}
 			ft, fp := tput[k], p99[k]
 			if ft == nil {
 				what := fmt.Sprintf("%s, %s, %s, %d client(s)/sandbox", c.Alg, modeName(s.Mode), modeName(audience), clients)
-				base := fmt.Sprintf("%s-%s-%s-k%d.svg", fileWord(c.Alg), fileWord(s.Mode), fileWord(audience), clients)
+				base := fmt.Sprintf("%s-%s-%s-k%d", fileWord(c.Alg), fileWord(s.Mode), fileWord(audience), clients)
+				if c.Active > 0 {
+					what += fmt.Sprintf(", load from %d of them", c.Active)
+					base += fmt.Sprintf("-active%d", c.Active)
+				}
+				base += ".svg"
 				ft = &figure{file: "throughput-" + base, title: "Throughput: " + what,
 					xLabel: "sandboxes N (log)", yLabel: "requests/s (log)"}
 				fp = &figure{file: "p99-" + base, title: "p99 latency: " + what,
@@ -348,7 +355,7 @@ func figures(in inputs, warn io.Writer) []*figure {
 				continue
 			}
 			for _, m := range []string{"keepalive", "newconn"} {
-				k := loadKey{c.Alg, m, audience, clients}
+				k := loadKey{c.Alg, m, audience, clients, c.Active}
 				sign[k] = append(sign[k], s.Rate)
 			}
 		}

@@ -42,6 +42,7 @@ type runCmd struct {
 	DaemonArgs  []string      `name:"identityd-arg" help:"An extra argument for identityd serve (repeatable), e.g. --identityd-arg=--no-token-cache."`
 	Sandboxes   int           `default:"1" help:"Sandboxes (each a cgroup, a netns and a veth, made by identityd)."`
 	Clients     int           `default:"1" help:"Concurrent clients per sandbox."`
+	Active      int           `default:"0" help:"Load from only this many of the sandboxes, spread evenly over them (0: all): the load stays the same while the sandboxes the server knows multiply."`
 	Duration    time.Duration `default:"5s" help:"Length of each measurement (0: only --requests bounds it)."`
 	Requests    int           `default:"0" help:"Requests per client per measurement (0: only --duration bounds it)."`
 	Mode        string        `default:"both" enum:"keepalive,newconn,both" help:"keepalive: each client reuses one connection; newconn: a new connection per request; both."`
