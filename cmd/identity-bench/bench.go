@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -268,6 +269,29 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 	return nil
 }
 
+// profileSelf writes this process's CPU profile from `from` for d to file,
+// in the background; stop waits for it.
+func profileSelf(from time.Time, d time.Duration, file string) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		time.Sleep(time.Until(from))
+		f, err := os.Create(file)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
+			return
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			fmt.Fprintf(os.Stderr, "identity-bench: profile: %v\n", err)
+			return
+		}
+		time.Sleep(d)
+		pprof.StopCPUProfile()
+	}()
+	return func() { <-done }
+}
+
 // activeSandboxes are the m sandboxes (all, if m is 0 or more than there
 // are) that load the server, spread evenly over all of them.
 func activeSandboxes(all []*benchSandbox, m int) []*benchSandbox {
@@ -334,6 +358,13 @@ func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, ro
 				fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
 			}
 		}()
+	}
+	if target == "baseline" && r.Profile != "" && r.Duration > 0 {
+		// The baseline runs in this process: its profile is this process's
+		// over the window (the clients' reports are read after it).
+		file := filepath.Join(r.Profile, fmt.Sprintf("baseline-%s-%s-n%d-k%d-%s-cpu-r%d.pprof", r.Alg, r.Audience, len(h.sandboxes), r.Clients, mode, round))
+		stop := profileSelf(measureFrom, r.Duration, file)
+		defer stop()
 	}
 	counts := make([]atomic.Int64, len(loaded))
 	var total atomic.Int64

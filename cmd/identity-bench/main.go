@@ -59,7 +59,7 @@ type runCmd struct {
 	JSONOut     string        `name:"json-out" help:"Also write the results as JSON to this file."`
 	Parallelism int           `default:"16" help:"Sandboxes created (and clients started) at a time."`
 	Keep        bool          `help:"Leave the world behind (daemon killed) for inspection."`
-	Profile     string        `placeholder:"DIR" help:"Write a CPU profile of identityd (served with --pprof on an operator endpoint on loopback) for each of its measurements, and for the first 2 s of a start storm, into DIR."`
+	Profile     string        `placeholder:"DIR" help:"Write CPU profiles into DIR: of identityd (served with --pprof on an operator endpoint on loopback) for each of its measurements and for the first 2 s of a start storm, and of this process for each baseline measurement."`
 	HoldSocket  bool          `help:"Hold identityd's token endpoint socket and pass it to every identityd started, as systemd socket activation does (deploy/identityd.socket): connections made while the daemon is down wait in the socket's backlog instead of being refused."`
 
 	DynamicNeighbours bool `help:"Leave the veths' neighbour entries to ARP, as identityd sets them up. By default both ends get permanent entries: the kernel's IPv4 neighbour table is shared by all namespaces and overflows at gc_thresh3 (1,024 by default), which about 500 sandboxes reach."`
