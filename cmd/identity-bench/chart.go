@@ -217,6 +217,7 @@ var seriesStyles = []struct {
 	{color.RGBA{213, 94, 0, 255}, draw.PyramidGlyph{}, false},     // SPIRE
 	{color.RGBA{86, 180, 233, 255}, draw.RingGlyph{}, false},      // median sandbox, others
 	{color.RGBA{0, 158, 115, 255}, draw.CrossGlyph{}, true},       // floors
+	{color.RGBA{204, 121, 167, 255}, draw.PlusGlyph{}, true},      // floors with the clients' cost
 }
 
 const (
@@ -226,6 +227,7 @@ const (
 	styleSPIRE
 	styleMedian
 	styleFloor
+	styleFloorWithClients
 )
 
 var targetNames = map[string]struct {
@@ -323,6 +325,13 @@ func figures(in inputs, warn io.Writer) []*figure {
 				}
 			}
 			f.line("signature floor (N signatures over all cores)", styleFloor).add(n, same3(s.Floor))
+			for _, t := range s.Targets {
+				if t.Target == "http" && t.Last[1] > 0 {
+					// What a storm cannot go below on these cores: the
+					// clients' own exchanges, then the signatures.
+					f.line("bare handler's last + signature floor", styleFloorWithClients).add(n, same3(t.Last[1]+s.Floor))
+				}
+			}
 		}
 		for _, s := range r.Summaries {
 			if s.Rounds == 0 {
