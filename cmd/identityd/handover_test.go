@@ -335,24 +335,85 @@ func lastLine(s string) string {
 
 // TestSocketActivation: started the way systemd socket activation starts
 // it (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES), the daemon serves on the
-// sockets it is given instead of binding its own.
+// sockets it is given instead of binding its own. And with the sockets held
+// as systemd holds them, a daemon killed with SIGKILL refuses nobody: a
+// sandbox's request made while no daemon runs waits in the token socket's
+// backlog and is answered, with the sandbox's identity, by the daemon
+// started next.
 func TestSocketActivation(t *testing.T) {
 	ow := newWorld(t)
 	ow.start()
-	router := ow.router()
 	require.Equal(t, 0, ow.kill(syscall.SIGTERM))
+	held := holdSockets(t, ow)
+	held.start(t)
+	// Nobody accepts on the test's copies: the daemon does.
+	c := ow.create("activated-"+suffix(), "web")
+	client := sandboxtest.StartClient(t, c.Sandbox.CgroupPath, c.Sandbox.NetnsPath)
+	assert.Equal(t, c.Sandbox.ID, fetch(t, client, c.Env)["sandbox_id"])
+	assert.Contains(t, ow.stderr.String(), `"sockets_from":"systemd"`)
 
-	// The sockets, as systemd would make them from identityd.socket.
-	var token net.Listener
+	require.Equal(t, -1, ow.kill(syscall.SIGKILL))
+	type answer struct {
+		resps []sandboxtest.HTTPResponse
+		err   error
+		at    time.Time
+	}
+	answered := make(chan answer, 1)
+	asked := time.Now()
+	go func() {
+		resps, err := client.HTTP(sandboxtest.HTTPRequest{Method: "GET", URL: c.Env["MIREN_IDENTITY_TOKEN_URL"],
+			Header: map[string]string{"Authorization": "Bearer " + c.Env["MIREN_IDENTITY_TOKEN_SECRET"]}, Timeout: 20 * time.Second})
+		answered <- answer{resps, err, time.Now()}
+	}()
+	select {
+	case a := <-answered:
+		t.Fatalf("answered while no daemon ran: %+v", a)
+	case <-time.After(time.Second):
+	}
+	restarted := time.Now()
+	held.start(t)
+	a := <-answered
+	require.NoError(t, a.err)
+	require.Equal(t, http.StatusOK, a.resps[0].Status, a.resps[0].Body)
+	assert.Equal(t, c.Sandbox.ID, claimsOf(t, a.resps[0].Body)["sandbox_id"])
+	assert.True(t, a.at.After(restarted), "answered by the restarted daemon")
+	t.Logf("asked %s before the restart; answered %s after it",
+		restarted.Sub(asked).Round(time.Millisecond), a.at.Sub(restarted).Round(time.Millisecond))
+}
+
+// heldSockets are the token and admin sockets as systemd would make them
+// from identityd.socket, held by the test for the life of the test.
+type heldSockets struct {
+	ow    *world
+	token net.Listener
+	admin net.Listener
+}
+
+func holdSockets(t *testing.T, ow *world) *heldSockets {
+	t.Helper()
+	h := &heldSockets{ow: ow}
 	require.NoError(t, ow.w.Do(func() (err error) {
-		token, err = net.Listen("tcp", fmt.Sprintf("%s:%d", router, controllers.DefaultTokenPort))
+		h.token, err = net.Listen("tcp", fmt.Sprintf("%s:%d", ow.router(), controllers.DefaultTokenPort))
 		return err
 	}))
 	os.Remove(ow.admin)
-	admin, err := net.Listen("unix", ow.admin)
+	var err error
+	h.admin, err = net.Listen("unix", ow.admin)
 	require.NoError(t, err)
+	t.Cleanup(func() {
+		h.token.Close()
+		h.admin.Close()
+	})
+	return h
+}
+
+// start runs the daemon on copies of the held sockets, as a socket-activated
+// service is started, and waits until its admin API answers.
+func (h *heldSockets) start(t *testing.T) {
+	t.Helper()
+	ow := h.ow
 	var files []*os.File
-	for _, ln := range []net.Listener{token, admin} {
+	for _, ln := range []net.Listener{h.token, h.admin} {
 		f, err := ln.(interface{ File() (*os.File, error) }).File()
 		require.NoError(t, err)
 		files = append(files, f)
@@ -370,13 +431,6 @@ func TestSocketActivation(t *testing.T) {
 	api := controllers.NewAdminClient(ow.admin)
 	require.Eventually(t, func() bool { return api.Do(context.Background(), "GET", "/v1/sandboxes", nil, nil) == nil },
 		30*time.Second, 10*time.Millisecond, "%s", ow.stderr)
-	// Nobody accepts on the test's copies: the daemon does.
-	c := ow.create("activated-"+suffix(), "web")
-	client := sandboxtest.StartClient(t, c.Sandbox.CgroupPath, c.Sandbox.NetnsPath)
-	assert.Equal(t, c.Sandbox.ID, fetch(t, client, c.Env)["sandbox_id"])
-	assert.Contains(t, ow.stderr.String(), `"sockets_from":"systemd"`)
-	token.Close()
-	admin.Close()
 }
 
 // TestHandoverInFleet: a node of a fleet hands over five times (a new
