@@ -150,8 +150,11 @@ func oneStartStorm(ctx context.Context, h *harness, r *runCmd, target string, ro
 			}
 		}()
 	}
-	var cpu0 time.Duration
-	t0 := time.AfterFunc(time.Until(start), func() { cpu0, _ = procCPU(pid) })
+	cpu0 := make(chan time.Duration, 1)
+	t0 := time.AfterFunc(time.Until(start), func() {
+		c, _ := procCPU(pid)
+		cpu0 <- c
+	})
 	var served atomic.Int64
 	times := make([]float64, len(h.sandboxes))
 	errs := make([]error, len(h.sandboxes))
@@ -172,8 +175,8 @@ func oneStartStorm(ctx context.Context, h *harness, r *runCmd, target string, ro
 	}
 	wg.Wait()
 	cpu1, _ := procCPU(pid)
-	if !t0.Stop() { // (it ran: every client waits for start)
-		sr.CPU = (cpu1 - cpu0).Seconds()
+	if !t0.Stop() { // (it ran, or runs: every client waits for start)
+		sr.CPU = (cpu1 - <-cpu0).Seconds()
 	}
 	var one stormResult
 	one.fill(times, errs)
