@@ -546,6 +546,9 @@ func TestStartPinsNeighboursOfOlderSandboxes(t *testing.T) {
 	vethMoved, eth0Moved := link(t, host, moved.Veth), link(t, hMoved, "eth0")
 	require.NoError(t, host.NeighDel(&netlink.Neigh{LinkIndex: vethMoved.Attrs().Index, Family: netlink.FAMILY_V4, IP: moved.Addresses[0].Addr().AsSlice()}))
 	elsewhere := w.AddSandbox("elsewhere")
+	// (Down first: kernels before 6.2 refuse to rename an interface that is
+	// up, and this one leaves for another netns anyway.)
+	require.NoError(t, hMoved.LinkSetDown(eth0Moved))
 	require.NoError(t, hMoved.LinkSetName(eth0Moved, "away0"))
 	fd, err := unix.Open(elsewhere.Netns, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	require.NoError(t, err)

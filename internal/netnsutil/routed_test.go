@@ -1,6 +1,7 @@
 package netnsutil
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // testNetns makes a named netns unique to this test process and removes it
@@ -282,6 +284,7 @@ func TestPinNeighboursOfAnOlderLink(t *testing.T) {
 	defer sb.Close()
 	eth0, err := sb.LinkByName("eth0")
 	require.NoError(t, err)
+	renameSandboxEnd(t, sb, eth0, "wan0", router.Addr())
 	// As an older AttachRouted left it, once traffic went both ways.
 	for _, n := range append(neighbours(t, host, veth.Attrs().Index, addr), neighbours(t, sb, eth0.Attrs().Index, router.Addr())...) {
 		h := host
@@ -297,7 +300,6 @@ func TestPinNeighboursOfAnOlderLink(t *testing.T) {
 	for _, n := range learnt {
 		assert.NotEqual(t, netlink.NUD_PERMANENT, n.State, "ARP made entry %s", n.IP)
 	}
-	require.NoError(t, sb.LinkSetName(eth0, "wan0"))
 
 	require.NoError(t, PinNeighbours(host, l))
 	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry for the sandbox")
@@ -306,6 +308,25 @@ func TestPinNeighboursOfAnOlderLink(t *testing.T) {
 
 	l.Veth = "nosuch0"
 	assert.ErrorContains(t, PinNeighbours(host, l), "find veth nosuch0")
+}
+
+// renameSandboxEnd renames a routed link's sandbox end, as the sandbox's
+// code may. Kernels before 6.2 refuse to rename an interface that is up
+// (EBUSY): there it goes down and up around the rename and gets back the
+// routes AttachRouted gave it, which going down removed.
+func renameSandboxEnd(t *testing.T, h *netlink.Handle, link netlink.Link, name string, router netip.Addr) {
+	t.Helper()
+	err := h.LinkSetName(link, name)
+	if !errors.Is(err, unix.EBUSY) {
+		require.NoError(t, err)
+		return
+	}
+	require.NoError(t, h.LinkSetDown(link))
+	require.NoError(t, h.LinkSetName(link, name))
+	require.NoError(t, h.LinkSetUp(link))
+	idx := link.Attrs().Index
+	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: idx, Dst: IPNet(netip.PrefixFrom(router, 32)), Scope: netlink.SCOPE_LINK}))
+	require.NoError(t, h.RouteAdd(&netlink.Route{LinkIndex: idx, Gw: router.AsSlice()}))
 }
 
 // TestSandboxChangesItsNeighbours: the sandbox is root in its netns. When
