@@ -147,6 +147,9 @@ func run(ctx context.Context, r *runCmd) (err error) {
 			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds, HeldSocket: r.HoldSocket, Active: r.Active},
 		Machine: machine{CPUs: runtime.NumCPU(), Kernel: charsToString(uname.Release[:]), LoadBefore: loadavg()},
 	}
+	if err := r.checkStorm(); err != nil {
+		return err
+	}
 	h, err := newHarness(r)
 	if err != nil {
 		return err
@@ -242,7 +245,7 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 	}
 	for round := 1; round <= r.Rounds; round++ {
 		for _, mode := range modes {
-			for _, target := range r.Targets {
+			for _, target := range rotated(r.Targets, round-1) {
 				m, err := measure(ctx, h, r, target, mode, round, p)
 				if err != nil {
 					return fmt.Errorf("round %d, %s %s: %w", round, target, mode, err)
@@ -290,6 +293,17 @@ func profileSelf(from time.Time, d time.Duration, file string) (stop func()) {
 		pprof.StopCPUProfile()
 	}()
 	return func() { <-done }
+}
+
+// rotated is targets starting at the k-th (modulo their number): each round
+// starts with another target, so that none is always the one measured
+// right after the sign-only loops or the other mode's connections.
+func rotated(targets []string, k int) []string {
+	if len(targets) == 0 {
+		return nil
+	}
+	k %= len(targets)
+	return append(slices.Clone(targets[k:]), targets[:k]...)
 }
 
 // activeSandboxes are the m sandboxes (all, if m is 0 or more than there

@@ -124,3 +124,60 @@ func TestInterrupted(t *testing.T) {
 	}
 	assertNothingLeft(t, cmd.Process.Pid)
 }
+
+// TestStorms runs both storms on a few sandboxes, the restart storm with the
+// token socket held as socket activation holds it, and checks that every
+// sandbox was served by every target and that nothing is left. Times are
+// reported, not asserted.
+func TestStorms(t *testing.T) {
+	dir := build(t)
+	run := func(args ...string) stormResult {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(dir, "identity-bench"), append([]string{"--sandboxes", "3", "--alg", "ES256", "--json"}, args...)...)
+		var stdout, stderr bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		require.NoError(t, cmd.Run(), "stderr:\n%s", stderr.String())
+		assertNothingLeft(t, cmd.Process.Pid)
+		var res result
+		require.NoError(t, json.Unmarshal(stdout.Bytes(), &res), stdout.String())
+		require.NotNil(t, res.Storm, stdout.String())
+		return *res.Storm
+	}
+
+	start := run("--storm", "start", "--rounds", "2")
+	assert.Equal(t, 3, start.Served, "%v", start.Errors)
+	assert.Len(t, start.Rounds, 6, "two rounds of three targets")
+	require.Len(t, start.Targets, 3)
+	for _, s := range start.Targets {
+		assert.Zero(t, s.Failures, s.Target)
+		assert.Positive(t, s.Last[1], s.Target)
+		assert.LessOrEqual(t, s.Last[0], s.Last[2], s.Target)
+	}
+	t.Logf("start storm: last %.3fs, floor %.4fs", start.Last, start.Floor)
+
+	restart := run("--storm", "restart", "--hold-socket", "--storm-every", "500ms", "--storm-down", "1500ms")
+	assert.Equal(t, 3, restart.Served, "%v", restart.Errors)
+	assert.InDelta(t, 0.5, restart.AskEvery, 0.01)
+	assert.GreaterOrEqual(t, restart.Down, 1.5)
+	t.Logf("restart storm with the socket held: last %.3fs after readiness", restart.Last)
+
+	// An ask schedule no shorter than the outage is refused: some sandbox
+	// would not ask while the daemon is down.
+	cmd := exec.Command(filepath.Join(dir, "identity-bench"), "--sandboxes", "1", "--storm", "restart", "--storm-every", "2s", "--storm-down", "2s")
+	out, err := cmd.CombinedOutput()
+	require.Error(t, err)
+	assert.Contains(t, string(out), "must be shorter than --storm-down")
+	assertNothingLeft(t, cmd.Process.Pid)
+}
+
+// TestRotatedTargets: each round begins with the next target, and every
+// target is measured once per round.
+func TestRotatedTargets(t *testing.T) {
+	ts := []string{"identityd", "baseline", "http"}
+	assert.Equal(t, ts, rotated(ts, 0))
+	assert.Equal(t, []string{"baseline", "http", "identityd"}, rotated(ts, 1))
+	assert.Equal(t, []string{"http", "identityd", "baseline"}, rotated(ts, 2))
+	assert.Equal(t, ts, rotated(ts, 3))
+	assert.Equal(t, []string{"identityd", "baseline", "http"}, ts, "the flag's own slice is left as it was")
+	assert.Nil(t, rotated(nil, 1))
+}

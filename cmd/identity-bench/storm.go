@@ -229,12 +229,7 @@ func restartStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (
 	n := len(h.sandboxes)
 	// Spread the asks over the interval, as workloads started at different
 	// times would.
-	interval := max(r.StormEvery, 100*time.Millisecond)
-	if interval >= r.StormDown {
-		// A sandbox that does not ask while the daemon is down would be
-		// counted when its schedule comes round, not when it is served.
-		return nil, fmt.Errorf("--storm-every %s must be shorter than --storm-down %s", interval, r.StormDown)
-	}
+	interval := r.askEvery()
 	s.AskEvery = interval.Seconds()
 	start := time.Now().Add(200*time.Millisecond + time.Duration(n)*50*time.Microsecond)
 	for i, sb := range h.sandboxes {
@@ -346,4 +341,17 @@ func sleep(ctx context.Context, d time.Duration) error {
 	case <-time.After(d):
 		return nil
 	}
+}
+
+// askEvery is how often each sandbox asks in a restart storm.
+func (r *runCmd) askEvery() time.Duration { return max(r.StormEvery, 100*time.Millisecond) }
+
+// checkStorm refuses a restart storm whose asks are not more frequent than
+// the outage: a sandbox that does not ask while the daemon is down would be
+// counted when its schedule comes round, not when it is served.
+func (r *runCmd) checkStorm() error {
+	if r.Storm == "restart" && r.askEvery() >= r.StormDown {
+		return fmt.Errorf("--storm-every %s must be shorter than --storm-down %s", r.askEvery(), r.StormDown)
+	}
+	return nil
 }
