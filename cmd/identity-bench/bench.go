@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -99,6 +98,7 @@ type result struct {
 	SignSummary    []signSummary `json:"sign_only_summary,omitempty"`
 	DaemonPeakRSS  float64       `json:"identityd_peak_rss_mb"`
 	BenchPeakRSS   float64       `json:"bench_process_peak_rss_mb"`
+	ServersPeakRSS float64       `json:"servers_process_peak_rss_mb,omitempty"`
 	Storm          *stormResult  `json:"storm,omitempty"`
 	BaselineTokenB int           `json:"token_bytes"`
 }
@@ -233,11 +233,16 @@ func charsToString(b []int8) string {
 // measureAll runs every target and mode once per round, interleaved, and
 // the sign-only loops.
 func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *progressLine) error {
-	srv, err := startServers(h.world, h.router, h.dir, r.Alg, h.sandboxes)
+	srv, err := startServerProcess(h, r.Alg)
 	if err != nil {
 		return err
 	}
-	defer srv.close()
+	defer func() {
+		if rss, err := peakRSS(srv.pid()); err == nil {
+			res.ServersPeakRSS = float64(rss) / (1 << 20)
+		}
+		srv.close()
+	}()
 	res.BaselineTokenB = srv.tokenLen
 	modes := []string{"keepalive", "newconn"}
 	if r.Mode != "both" {
@@ -246,7 +251,7 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 	for round := 1; round <= r.Rounds; round++ {
 		for _, mode := range modes {
 			for _, target := range rotated(r.Targets, round-1) {
-				m, err := measure(ctx, h, r, target, mode, round, p)
+				m, err := measure(ctx, h, srv, r, target, mode, round, p)
 				if err != nil {
 					return fmt.Errorf("round %d, %s %s: %w", round, target, mode, err)
 				}
@@ -270,29 +275,6 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 	}
 	summarize(res, r)
 	return nil
-}
-
-// profileSelf writes this process's CPU profile from `from` for d to file,
-// in the background; stop waits for it.
-func profileSelf(from time.Time, d time.Duration, file string) (stop func()) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		time.Sleep(time.Until(from))
-		f, err := os.Create(file)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
-			return
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			fmt.Fprintf(os.Stderr, "identity-bench: profile: %v\n", err)
-			return
-		}
-		time.Sleep(d)
-		pprof.StopCPUProfile()
-	}()
-	return func() { <-done }
 }
 
 // rotated is targets starting at the k-th (modulo their number): each round
@@ -320,9 +302,9 @@ func activeSandboxes(all []*benchSandbox, m int) []*benchSandbox {
 }
 
 // measure runs one target in one mode from every active sandbox at once.
-func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, round int, p *progressLine) (measurement, error) {
+func measure(ctx context.Context, h *harness, srv *serverProc, r *runCmd, target, mode string, round int, p *progressLine) (measurement, error) {
 	m := measurement{Target: target, Mode: mode, Round: round, Errors: map[string]int{}}
-	pid := os.Getpid()
+	pid := srv.pid()
 	if target == "identityd" {
 		pid = h.daemon.Process.Pid
 	}
@@ -374,11 +356,16 @@ func measure(ctx context.Context, h *harness, r *runCmd, target, mode string, ro
 		}()
 	}
 	if target == "baseline" && r.Profile != "" && r.Duration > 0 {
-		// The baseline runs in this process: its profile is this process's
-		// over the window (the clients' reports are read after it).
 		file := filepath.Join(r.Profile, fmt.Sprintf("baseline-%s-%s-n%d-k%d-%s-cpu-r%d.pprof", r.Alg, r.Audience, len(h.sandboxes), r.Clients, mode, round))
-		stop := profileSelf(measureFrom, r.Duration, file)
-		defer stop()
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			time.Sleep(time.Until(measureFrom))
+			if err := srv.profile(r.Duration, file); err != nil {
+				fmt.Fprintf(os.Stderr, "identity-bench: %v\n", err)
+			}
+		}()
+		defer func() { <-done }()
 	}
 	counts := make([]atomic.Int64, len(loaded))
 	var total atomic.Int64
@@ -568,7 +555,7 @@ func printResult(res *result) {
 	if res.Storm != nil {
 		res.Storm.print()
 	}
-	fmt.Printf("peak RSS: identityd %.1f MB, identity-bench (baseline and bare servers) %.1f MB\n", res.DaemonPeakRSS, res.BenchPeakRSS)
+	fmt.Printf("peak RSS: identityd %.1f MB, baseline and bare servers %.1f MB, identity-bench %.1f MB\n", res.DaemonPeakRSS, res.ServersPeakRSS, res.BenchPeakRSS)
 	for _, m := range res.Measurements {
 		for e, n := range m.Errors {
 			fmt.Printf("errors: round %d %s %s: %dx %s\n", m.Round, m.Target, m.Mode, n, e)

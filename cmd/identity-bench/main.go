@@ -7,7 +7,7 @@
 //  1. identityd as shipped (kernel-attested callers, secrets checked on disk);
 //  2. the same token server with attestation replaced by an in-memory
 //     lookup of the caller's source address and the secrets held in memory
-//     (what the runtime identityd replaces does), in this process;
+//     (what the runtime identityd replaces does), in a process of its own;
 //  3. the floors: a bare net/http handler answering a token-sized body on
 //     the same kind of listener, and a sign-only loop per algorithm.
 //
@@ -32,9 +32,10 @@ import (
 )
 
 type cli struct {
-	Run    runCmd    `cmd:"" default:"withargs" help:"Run the benchmark (the default command)."`
-	Chart  chartCmd  `cmd:"" help:"Draw SVG charts from results already written (--json-out files, bench/spire.sh results.jsonl); needs no root."`
-	Client clientCmd `cmd:"" name:"__client" hidden:"" help:"The in-sandbox load client; the benchmark runs it."`
+	Run     runCmd     `cmd:"" default:"withargs" help:"Run the benchmark (the default command)."`
+	Chart   chartCmd   `cmd:"" help:"Draw SVG charts from results already written (--json-out files, bench/spire.sh results.jsonl); needs no root."`
+	Client  clientCmd  `cmd:"" name:"__client" hidden:"" help:"The in-sandbox load client; the benchmark runs it."`
+	Servers serversCmd `cmd:"" name:"__servers" hidden:"" help:"The baseline and the bare handler, in a process of their own; the benchmark runs it."`
 }
 
 type runCmd struct {

@@ -18,7 +18,6 @@ import (
 
 	"github.com/identityd/identityd/bpf"
 	"github.com/identityd/identityd/internal/registry"
-	"github.com/identityd/identityd/internal/sandboxtest"
 	"github.com/identityd/identityd/tokenserver"
 )
 
@@ -71,7 +70,7 @@ func (b *bySource) Verify(id, bearer string) (bool, error) {
 	return subtle.ConstantTimeCompare([]byte(s), []byte(bearer)) == 1, nil
 }
 
-// servers are the in-process servers of modes 2 and 3.
+// servers are the servers of modes 2 and 3, run by the server process.
 type servers struct {
 	baseline, bare *http.Server
 	wg             sync.WaitGroup
@@ -79,19 +78,20 @@ type servers struct {
 	tokenLen       int
 }
 
-// startServers serves the baseline and the bare handler in the world's
-// host netns on identityd's router address, with keys of alg in dir.
-func startServers(w *sandboxtest.World, router netip.Addr, dir, alg string, sbs []*benchSandbox) (*servers, error) {
+// startServers serves the baseline and the bare handler on identityd's
+// router address, with keys of spec.Alg in spec.Dir; the calling process is
+// in the world's host netns.
+func startServers(spec serversSpec) (*servers, error) {
+	router, dir, alg := spec.Router, spec.Dir, spec.Alg
 	keys, err := tokenserver.OpenKeys(filepath.Join(dir, "baseline-keys-"+alg), alg, nil)
 	if err != nil {
 		return nil, fmt.Errorf("baseline keys: %w", err)
 	}
 	src := &bySource{index: map[netip.Addr]uint64{}, secrets: map[string]string{}}
-	for i, sb := range sbs {
-		src.index[sb.addr] = uint64(i + 1)
-		r := sb.created.Sandbox
-		src.sbs = append(src.sbs, registry.Sandbox{ID: r.ID, App: r.App, Org: r.Org})
-		src.secrets[r.ID] = sb.secret
+	for i, sb := range spec.Sandboxes {
+		src.index[sb.Addr] = uint64(i + 1)
+		src.sbs = append(src.sbs, registry.Sandbox{ID: sb.ID, App: sb.App, Org: sb.Org})
+		src.secrets[sb.ID] = sb.Secret
 	}
 	s := &servers{}
 	// The baseline logs its audit lines as identityd does, to a file.
@@ -117,11 +117,11 @@ func startServers(w *sandboxtest.World, router netip.Addr, dir, alg string, sbs 
 	s.tokenLen = len(tok)
 	body := []byte(`{"value":"` + strings.Repeat("x", len(tok)) + `"}` + "\n")
 
-	bl, err := w.Listen("tcp", netip.AddrPortFrom(router, baselinePort).String())
+	bl, err := net.Listen("tcp", netip.AddrPortFrom(router, baselinePort).String())
 	if err != nil {
 		return nil, fmt.Errorf("baseline listener: %w", err)
 	}
-	bareLn, err := w.Listen("tcp", netip.AddrPortFrom(router, barePort).String())
+	bareLn, err := net.Listen("tcp", netip.AddrPortFrom(router, barePort).String())
 	if err != nil {
 		bl.Close()
 		return nil, fmt.Errorf("bare listener: %w", err)

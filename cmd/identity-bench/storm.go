@@ -78,7 +78,7 @@ type stormRound struct {
 	Last   float64 `json:"last_s"`
 	P50    float64 `json:"p50_s"`
 	// CPU is the target server's CPU seconds from the storm's start until
-	// the last token (identityd's process; this one's for the others).
+	// the last token (identityd's process, or the server process's).
 	CPU    float64  `json:"cpu_s"`
 	Errors []string `json:"errors,omitempty"`
 }
@@ -104,14 +104,14 @@ func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*s
 	if err := s.measureFloor(h, r.Alg); err != nil {
 		return nil, err
 	}
-	srv, err := startServers(h.world, h.router, h.dir, r.Alg, h.sandboxes)
+	srv, err := startServerProcess(h, r.Alg)
 	if err != nil {
 		return nil, err
 	}
 	defer srv.close()
 	for round := 1; round <= max(r.Rounds, 1); round++ {
 		for _, target := range r.Targets {
-			sr, err := oneStartStorm(ctx, h, r, target, round, p)
+			sr, err := oneStartStorm(ctx, h, srv, r, target, round, p)
 			if err != nil {
 				return nil, err
 			}
@@ -127,9 +127,9 @@ func startStorm(ctx context.Context, h *harness, r *runCmd, p *progressLine) (*s
 	return s, ctx.Err()
 }
 
-func oneStartStorm(ctx context.Context, h *harness, r *runCmd, target string, round int, p *progressLine) (stormRound, error) {
+func oneStartStorm(ctx context.Context, h *harness, srv *serverProc, r *runCmd, target string, round int, p *progressLine) (stormRound, error) {
 	sr := stormRound{Target: target, Round: round}
-	pid := os.Getpid()
+	pid := srv.pid()
 	if target == "identityd" {
 		pid = h.daemon.Process.Pid
 	}
