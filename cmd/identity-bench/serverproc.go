@@ -50,21 +50,11 @@ func startServerProcess(h *harness, alg string) (*serverProc, error) {
 		r := sb.created.Sandbox
 		spec.Sandboxes = append(spec.Sandboxes, serverSandbox{Addr: sb.addr, ID: r.ID, App: r.App, Org: r.Org, Secret: sb.secret})
 	}
-	cmd := exec.Command(h.self, "__servers")
-	cmd.Env = append(os.Environ(), netnsEnv+"="+h.world.HostNetns)
-	cmd.Stderr = os.Stderr
-	stdin, err := cmd.StdinPipe()
+	cmd, stdin, out, err := startInNetns(h.self, "__servers", h.world.HostNetns, nil)
 	if err != nil {
-		return nil, err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start the server process: %w", err)
 	}
-	p := &serverProc{cmd: cmd, stdin: stdin, out: bufio.NewReader(stdout)}
+	p := &serverProc{cmd: cmd, stdin: stdin, out: out}
 	if err := json.NewEncoder(stdin).Encode(spec); err != nil {
 		p.close()
 		return nil, fmt.Errorf("server process: %w", err)

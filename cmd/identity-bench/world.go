@@ -519,23 +519,34 @@ func startLoadClient(self, cgroupDir, netnsPath string) (*loadClient, error) {
 		return nil, fmt.Errorf("open cgroup: %w", err)
 	}
 	defer cg.Close()
-	cmd := exec.Command(self, "__client")
-	cmd.Env = append(os.Environ(), netnsEnv+"="+netnsPath, "GOMAXPROCS=2")
-	cmd.Stderr = os.Stderr
 	// In the sandbox's cgroup from its first instruction (CLONE_INTO_CGROUP).
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	cmd, stdin, out, err := startInNetns(self, "__client", netnsPath, &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}, "GOMAXPROCS=2")
+	if err != nil {
+		return nil, fmt.Errorf("start load client: %w", err)
+	}
+	return &loadClient{cmd: cmd, stdin: stdin, out: out}, nil
+}
+
+// startInNetns starts this binary's hidden command in the netns at
+// netnsPath (enterNetnsIfAsked re-executes it there), talking over its
+// stdin and stdout; its stdin closing tells it to end.
+func startInNetns(self, command, netnsPath string, attr *syscall.SysProcAttr, env ...string) (*exec.Cmd, io.WriteCloser, *bufio.Reader, error) {
+	cmd := exec.Command(self, command)
+	cmd.Env = append(append(os.Environ(), netnsEnv+"="+netnsPath), env...)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = attr
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start load client: %w", err)
+		return nil, nil, nil, err
 	}
-	return &loadClient{cmd: cmd, stdin: stdin, out: bufio.NewReaderSize(stdout, 1<<20)}, nil
+	return cmd, stdin, bufio.NewReaderSize(stdout, 1<<20), nil
 }
 
 // send hands the client a job.
