@@ -228,18 +228,8 @@ func TestAttachRoutedPinsNeighbours(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	router := netip.MustParsePrefix("10.231.8.1/24")
-	hostNS, host := routedHost(t, "pinhost", router)
-	sbNS := testNetns(t, "pinsb")
-	addr := netip.MustParseAddr("10.231.8.9")
-	require.NoError(t, AttachRouted(host, RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}))
-	veth, err := host.LinkByName("rtv0")
-	require.NoError(t, err)
-	sb, err := Handle(sbNS)
-	require.NoError(t, err)
-	defer sb.Close()
-	eth0, err := sb.LinkByName("eth0")
-	require.NoError(t, err)
+	p := newRoutedPair(t, "10.231.8", "pinhost", "pinsb")
+	router, hostNS, host, sbNS, addr, veth, sb, eth0 := p.router, p.hostNS, p.host, p.sbNS, p.addr, p.veth, p.sb, p.eth0
 	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry for the sandbox")
 	assertPinned(t, sb, eth0.Attrs().Index, router.Addr(), veth.Attrs().HardwareAddr, "the sandbox's entry for the router")
 
@@ -259,7 +249,7 @@ func TestAttachRoutedPinsNeighbours(t *testing.T) {
 	}
 
 	// Again: the entries are replaced, not refused.
-	require.NoError(t, PinNeighbours(host, RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}))
+	require.NoError(t, PinNeighbours(host, p.link))
 	assertPinned(t, host, veth.Attrs().Index, addr, eth0.Attrs().HardwareAddr, "the host's entry, pinned again")
 	assertPinned(t, sb, eth0.Attrs().Index, router.Addr(), veth.Attrs().HardwareAddr, "the sandbox's entry, pinned again")
 }
@@ -271,19 +261,8 @@ func TestPinNeighboursOfAnOlderLink(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	router := netip.MustParsePrefix("10.231.9.1/24")
-	hostNS, host := routedHost(t, "oldhost", router)
-	sbNS := testNetns(t, "oldsb")
-	addr := netip.MustParseAddr("10.231.9.9")
-	l := RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}
-	require.NoError(t, AttachRouted(host, l))
-	veth, err := host.LinkByName("rtv0")
-	require.NoError(t, err)
-	sb, err := Handle(sbNS)
-	require.NoError(t, err)
-	defer sb.Close()
-	eth0, err := sb.LinkByName("eth0")
-	require.NoError(t, err)
+	p := newRoutedPair(t, "10.231.9", "oldhost", "oldsb")
+	router, hostNS, host, sbNS, addr, l, veth, sb, eth0 := p.router, p.hostNS, p.host, p.sbNS, p.addr, p.link, p.veth, p.sb, p.eth0
 	renameSandboxEnd(t, sb, eth0, "wan0", router.Addr())
 	// As an older AttachRouted left it, once traffic went both ways.
 	for _, n := range append(neighbours(t, host, veth.Attrs().Index, addr), neighbours(t, sb, eth0.Attrs().Index, router.Addr())...) {
@@ -308,6 +287,39 @@ func TestPinNeighboursOfAnOlderLink(t *testing.T) {
 
 	l.Veth = "nosuch0"
 	assert.ErrorContains(t, PinNeighbours(host, l), "find veth nosuch0")
+}
+
+// routedPair is a routed link, made by AttachRouted, between a host netns
+// and a sandbox netns of the test's own, with both ends' links.
+type routedPair struct {
+	router     netip.Prefix
+	hostNS     string
+	host       *netlink.Handle
+	sbNS       string
+	addr       netip.Addr
+	link       RoutedLink
+	veth, eth0 netlink.Link
+	sb         *netlink.Handle
+}
+
+// newRoutedPair links hostName and sbName (netns names unique to the test)
+// in net.0/24: the router is net.1, the sandbox net.9.
+func newRoutedPair(t *testing.T, net, hostName, sbName string) routedPair {
+	t.Helper()
+	p := routedPair{router: netip.MustParsePrefix(net + ".1/24"), addr: netip.MustParseAddr(net + ".9")}
+	p.hostNS, p.host = routedHost(t, hostName, p.router)
+	p.sbNS = testNetns(t, sbName)
+	p.link = RoutedLink{HostNetns: p.hostNS, Veth: "rtv0", Netns: p.sbNS, Addr: p.addr, Router: p.router}
+	require.NoError(t, AttachRouted(p.host, p.link))
+	var err error
+	p.veth, err = p.host.LinkByName("rtv0")
+	require.NoError(t, err)
+	p.sb, err = Handle(p.sbNS)
+	require.NoError(t, err)
+	t.Cleanup(func() { p.sb.Close() })
+	p.eth0, err = p.sb.LinkByName("eth0")
+	require.NoError(t, err)
+	return p
 }
 
 // renameSandboxEnd renames a routed link's sandbox end, as the sandbox's
@@ -338,19 +350,8 @@ func TestSandboxChangesItsNeighbours(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root")
 	}
-	router := netip.MustParsePrefix("10.231.10.1/24")
-	hostNS, host := routedHost(t, "chhost", router)
-	sbNS := testNetns(t, "chsb")
-	addr := netip.MustParseAddr("10.231.10.9")
-	l := RoutedLink{HostNetns: hostNS, Veth: "rtv0", Netns: sbNS, Addr: addr, Router: router}
-	require.NoError(t, AttachRouted(host, l))
-	veth, err := host.LinkByName("rtv0")
-	require.NoError(t, err)
-	sb, err := Handle(sbNS)
-	require.NoError(t, err)
-	defer sb.Close()
-	eth0, err := sb.LinkByName("eth0")
-	require.NoError(t, err)
+	p := newRoutedPair(t, "10.231.10", "chhost", "chsb")
+	router, hostNS, host, sbNS, addr, l, veth, sb, eth0 := p.router, p.hostNS, p.host, p.sbNS, p.addr, p.link, p.veth, p.sb, p.eth0
 	ln, to := listen(t, hostNS, router.Addr())
 	lnSB, toSB := listen(t, sbNS, addr)
 
