@@ -46,10 +46,12 @@ for alg in EdDSA ES256 RS256; do
 	bench "n1-k4-fresh-$alg" --sandboxes 1 --clients 4 --duration 2s --rounds 3 --alg "$alg" --audience fresh
 done
 # 3. Start storms, 3 rounds each against identityd, the baseline and the
-#    bare handler.
+#    bare handler: with each sandbox's own client process, then with the
+#    clients in one process on sockets the sandboxes made.
 for alg in ES256 RS256; do
 	for n in 100 1000; do
 		bench "start-n$n-$alg" --sandboxes "$n" --storm start --rounds 3 --alg "$alg"
+		bench "start-shared-n$n-$alg" --sandboxes "$n" --storm start --storm-clients shared --rounds 3 --alg "$alg"
 	done
 done
 # 4. Restart storms, 3 runs each, with and without the token socket held

@@ -83,6 +83,9 @@ type config struct {
 	// HeldSocket: the token socket was held across the daemon's restarts
 	// (--hold-socket), as under systemd socket activation.
 	HeldSocket bool `json:"held_socket,omitempty"`
+	// StormClients: a start storm's clients were each sandbox's own
+	// process ("own") or this process on the sandboxes' sockets ("shared").
+	StormClients string `json:"storm_clients,omitempty"`
 }
 
 // result is everything a run reports (--json prints it).
@@ -149,6 +152,9 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	}
 	if err := r.checkStorm(); err != nil {
 		return err
+	}
+	if r.Storm == "start" {
+		res.Config.StormClients = r.StormClients
 	}
 	h, err := newHarness(r)
 	if err != nil {
@@ -514,7 +520,11 @@ func summarize(res *result, r *runCmd) {
 func printResult(res *result) {
 	c := res.Config
 	if res.Storm != nil {
-		fmt.Printf("identity-bench: %s storm, %d sandboxes, %s\n", res.Storm.Kind, c.Sandboxes, c.Alg)
+		fmt.Printf("identity-bench: %s storm, %d sandboxes, %s", res.Storm.Kind, c.Sandboxes, c.Alg)
+		if c.StormClients != "" {
+			fmt.Printf(", clients: %s", c.StormClients)
+		}
+		fmt.Println()
 	} else {
 		fmt.Printf("identity-bench: %d sandboxes x %d clients, %s per measurement, %d round(s), %s, audience %s\n",
 			c.Sandboxes, c.Clients, c.Duration, c.Rounds, c.Alg, c.Audience)

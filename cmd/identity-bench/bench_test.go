@@ -155,6 +155,17 @@ func TestStorms(t *testing.T) {
 	}
 	t.Logf("start storm: last %.3fs, floor %.4fs", start.Last, start.Floor)
 
+	// Shared clients ask from identity-bench on sockets each sandbox's
+	// process made: identityd serves them only if the kernel attributes
+	// each socket to its sandbox, whose secret it carries.
+	shared := run("--storm", "start", "--storm-clients", "shared", "--rounds", "1")
+	assert.Equal(t, 3, shared.Served, "%v", shared.Errors)
+	require.Len(t, shared.Targets, 3)
+	for _, s := range shared.Targets {
+		assert.Zero(t, s.Failures, s.Target)
+	}
+	t.Logf("start storm, shared clients: last %.3fs", shared.Last)
+
 	restart := run("--storm", "restart", "--hold-socket", "--storm-every", "500ms", "--storm-down", "1500ms")
 	assert.Equal(t, 3, restart.Served, "%v", restart.Errors)
 	assert.InDelta(t, 0.5, restart.AskEvery, 0.01)
@@ -167,6 +178,12 @@ func TestStorms(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	require.Error(t, err)
 	assert.Contains(t, string(out), "must be shorter than --storm-down")
+	assertNothingLeft(t, cmd.Process.Pid)
+
+	cmd = exec.Command(filepath.Join(dir, "identity-bench"), "--sandboxes", "1", "--storm", "restart", "--storm-clients", "shared")
+	out, err = cmd.CombinedOutput()
+	require.Error(t, err)
+	assert.Contains(t, string(out), "--storm-clients shared is for --storm start")
 	assertNothingLeft(t, cmd.Process.Pid)
 }
 

@@ -218,6 +218,7 @@ var seriesStyles = []struct {
 	{color.RGBA{86, 180, 233, 255}, draw.RingGlyph{}, false},      // median sandbox, others
 	{color.RGBA{0, 158, 115, 255}, draw.CrossGlyph{}, true},       // floors
 	{color.RGBA{204, 121, 167, 255}, draw.PlusGlyph{}, true},      // floors with the clients' cost
+	{color.RGBA{0, 114, 178, 255}, draw.BoxGlyph{}, true},         // floors at the measured all-cores rate
 }
 
 const (
@@ -228,6 +229,7 @@ const (
 	styleMedian
 	styleFloor
 	styleFloorWithClients
+	styleFloorMeasured
 )
 
 var targetNames = map[string]struct {
@@ -264,11 +266,13 @@ type loadKey struct {
 	active int
 }
 
-// stormKey: a restart with the socket held (--hold-socket) is another
-// experiment than one without, not another run of the same.
+// stormKey: a restart with the socket held (--hold-socket), or a start
+// storm with shared clients (--storm-clients shared), is another experiment
+// than one without, not another run of the same.
 type stormKey struct {
 	kind, alg string
 	held      bool
+	shared    bool
 }
 
 type spireKey struct{ alg, mode string }
@@ -285,12 +289,15 @@ func figures(in inputs, warn io.Writer) []*figure {
 		audience := cmp.Or(c.Audience, "same")
 		clients := max(c.Clients, 1)
 		if s := r.Storm; s != nil {
-			k := stormKey{s.Kind, c.Alg, c.HeldSocket}
+			k := stormKey{s.Kind, c.Alg, c.HeldSocket, c.StormClients == "shared"}
 			f := storms[k]
 			if f == nil {
 				file, held := fmt.Sprintf("storm-%s-%s", fileWord(s.Kind), fileWord(c.Alg)), ""
 				if c.HeldSocket {
 					file, held = file+"-held-socket", ", token socket held"
+				}
+				if k.shared {
+					file, held = file+"-shared-clients", held+", clients in one process"
 				}
 				f = &figure{
 					file:   file + ".svg",
@@ -325,6 +332,9 @@ func figures(in inputs, warn io.Writer) []*figure {
 				}
 			}
 			f.line("signature floor (N signatures over all cores)", styleFloor).add(n, same3(s.Floor))
+			if s.FloorAllCores > 0 {
+				f.line("N signatures at the all-cores sign-only rate", styleFloorMeasured).add(n, same3(s.FloorAllCores))
+			}
 			for _, t := range s.Targets {
 				if t.Target == "http" && t.Last[1] > 0 {
 					// What a storm cannot go below on these cores: the

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"runtime"
@@ -54,8 +55,11 @@ func enterNetnsIfAsked() {
 // job is one command to a load client, a JSON line on its stdin.
 type job struct {
 	// Kind is "load" (measure), "first" (one token, with the client
-	// package's backoff: a start storm) or "keep" (a token every Interval
-	// with the client package's backoff until "stop": a restart storm).
+	// package's backoff: a start storm), "keep" (a token every Interval
+	// with the client package's backoff until "stop": a restart storm),
+	// "sockets" (make Sockets unconnected TCP sockets of URL's address
+	// family and hold them, for identity-bench to take with pidfd_getfd)
+	// or "release" (close the sockets held).
 	Kind   string `json:"kind"`
 	URL    string `json:"url"`
 	Secret string `json:"secret"`
@@ -72,6 +76,7 @@ type job struct {
 	Interval      time.Duration `json:"interval,omitempty"`
 	// Audience of a storm's tokens (default: the load's).
 	Audience string `json:"audience,omitempty"`
+	Sockets  int    `json:"sockets,omitempty"`
 }
 
 // report is a load client's answer: progress lines while a job runs, then
@@ -87,7 +92,10 @@ type report struct {
 	Elapsed time.Duration `json:"elapsed,omitempty"`
 	// Successes are the Unix nanoseconds of the storms' tokens.
 	Successes []int64 `json:"successes,omitempty"`
-	Error     string  `json:"error,omitempty"`
+	// FDs are the descriptors of a "sockets" job's sockets, in this
+	// process.
+	FDs   []int  `json:"fds,omitempty"`
+	Error string `json:"error,omitempty"`
 }
 
 // audience is the one every request of a "same audience" load names.
@@ -107,7 +115,13 @@ func (clientCmd) Run(ctx context.Context) error {
 		close(lines)
 	}()
 	out := &replies{enc: json.NewEncoder(os.Stdout)}
+	// held: the last "sockets" job's, until any next job.
+	var held []int
 	for line := range lines {
+		for _, fd := range held {
+			syscall.Close(fd)
+		}
+		held = nil
 		var j job
 		if err := json.Unmarshal([]byte(line), &j); err != nil {
 			out.send(report{Done: true, Error: "bad job: " + err.Error()})
@@ -115,6 +129,10 @@ func (clientCmd) Run(ctx context.Context) error {
 		}
 		var r report
 		switch j.Kind {
+		case "sockets":
+			held, r.Error = makeSockets(j)
+			r.FDs = held
+		case "release":
 		case "load":
 			r = runLoad(ctx, j, out)
 		case "first":
@@ -273,6 +291,36 @@ func fetch(ctx context.Context, hc *http.Client, u, secret string) error {
 		return fmt.Errorf("short body %q", body)
 	}
 	return nil
+}
+
+// makeSockets makes j.Sockets TCP sockets of j.URL's address family, in
+// this process's cgroup and netns, which the kernel stamps on each socket
+// for good: whoever connects them later connects as this sandbox.
+func makeSockets(j job) ([]int, string) {
+	u, err := url.Parse(j.URL)
+	if err != nil {
+		return nil, err.Error()
+	}
+	ap, err := netip.ParseAddrPort(u.Host)
+	if err != nil {
+		return nil, fmt.Sprintf("target %q is not an address and port: %v", u.Host, err)
+	}
+	family := syscall.AF_INET
+	if ap.Addr().Is6() {
+		family = syscall.AF_INET6
+	}
+	var fds []int
+	for range j.Sockets {
+		fd, err := syscall.Socket(family, syscall.SOCK_STREAM|syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			for _, fd := range fds {
+				syscall.Close(fd)
+			}
+			return nil, fmt.Sprintf("make socket: %v", err)
+		}
+		fds = append(fds, fd)
+	}
+	return fds, ""
 }
 
 func stormClient(j job) *client.Client {
