@@ -226,7 +226,7 @@ func BenchmarkAuditLine(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		alg, kid := signedBy(token)
-		srv.audit("10.136.167.2:52218", "sb-a", issued{token: token, claims: c, alg: alg, kid: kid}, rec)
+		srv.audit(b.Context(), "10.136.167.2:52218", "sb-a", issued{token: token, claims: c, alg: alg, kid: kid}, rec)
 	}
 }
 

@@ -404,8 +404,8 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	outcome = "issued"
-	s.audit(r.RemoteAddr, sb.ID, t, att.rec)
-	writeJSON(w, http.StatusOK, map[string]string{"value": t.token})
+	s.audit(r.Context(), r.RemoteAddr, sb.ID, t, att.rec)
+	writeToken(w, t.token)
 }
 
 // issued is a token served, with what its audit line says of it.
@@ -479,7 +479,7 @@ func (s *Server) TokenFor(ctx context.Context, sb registry.Sandbox) (string, err
 		return "", fmt.Errorf("issue token file of %s: %w", sb.ID, err)
 	}
 	alg, kid := signedBy(token)
-	s.audit("token-file", sb.ID, issued{token: token, claims: c, alg: alg, kid: kid}, bpf.Record{})
+	s.audit(ctx, "token-file", sb.ID, issued{token: token, claims: c, alg: alg, kid: kid}, bpf.Record{})
 	return token, nil
 }
 
@@ -488,11 +488,14 @@ func (s *Server) TokenFor(ctx context.Context, sb registry.Sandbox) (string, err
 // which process on which host obtained jti X. It never logs the token nor
 // anything of the request but its remote address. A token reused from the
 // cache has its line too, with cached=true and the jti it was signed with.
-func (s *Server) audit(remote, sandbox string, t issued, caller bpf.Record) {
+func (s *Server) audit(ctx context.Context, remote, sandbox string, t issued, caller bpf.Record) {
 	s.cfg.Metrics.issued(t.alg, t.cached)
 	c := t.claims
-	s.log.Info("token issued", "sandbox", sandbox, "jti", c.ID, "sub", c.Subject, "aud", c.Audience,
-		"iat", c.IssuedAt, "exp", c.Expiry, "alg", t.alg, "kid", t.kid, "cached", t.cached, "remote", remote, "caller", caller)
+	// Typed attributes: one line per token, so no boxing of each value.
+	s.log.LogAttrs(ctx, slog.LevelInfo, "token issued",
+		slog.String("sandbox", sandbox), slog.String("jti", c.ID), slog.String("sub", c.Subject), slog.Any("aud", c.Audience),
+		slog.Int64("iat", c.IssuedAt), slog.Int64("exp", c.Expiry), slog.String("alg", t.alg), slog.String("kid", t.kid),
+		slog.Bool("cached", t.cached), slog.String("remote", remote), slog.Any("caller", caller))
 }
 
 // signedBy reads alg and kid from the header of a compact JWS the server
@@ -701,9 +704,39 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // writeBody writes a JSON body b (not modified) and a newline.
 func writeBody(w http.ResponseWriter, status int, b []byte) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Content-Length", strconv.Itoa(len(b)+1))
-	w.WriteHeader(status)
+	writeJSONHeader(w, status, len(b)+1)
 	w.Write(b)
-	w.Write([]byte{'\n'})
+	w.Write(newline)
+}
+
+// writeToken answers a token as {"value":"<token>"} and a newline, in one
+// buffer and without encoding/json, which was an eighth of what a cached
+// answer allocated: a compact JWS (base64url parts and dots) holds nothing
+// JSON escapes. Anything else goes through encoding/json.
+func writeToken(w http.ResponseWriter, token string) {
+	for i := 0; i < len(token); i++ {
+		if c := token[i]; !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
+			writeJSON(w, http.StatusOK, map[string]string{"value": token})
+			return
+		}
+	}
+	const open, end = `{"value":"`, "\"}\n"
+	b := make([]byte, 0, len(open)+len(token)+len(end))
+	b = append(append(append(b, open...), token...), end...)
+	writeJSONHeader(w, http.StatusOK, len(b))
+	w.Write(b)
+}
+
+// jsonContentType is the Content-Type header's value, shared by every
+// answer rather than allocated with each (net/http only reads it).
+var jsonContentType = []string{"application/json"}
+
+var newline = []byte{'\n'}
+
+// writeJSONHeader writes the header of a JSON answer of n bytes.
+func writeJSONHeader(w http.ResponseWriter, status, n int) {
+	h := w.Header()
+	h["Content-Type"] = jsonContentType
+	h["Content-Length"] = []string{strconv.Itoa(n)}
+	w.WriteHeader(status)
 }
