@@ -12,6 +12,8 @@ import (
 	"runtime/pprof"
 	"strings"
 	"time"
+
+	"github.com/identityd/identityd/internal/daemon"
 )
 
 // serversSpec is what the server process needs: where to listen, keys, and
@@ -114,6 +116,8 @@ func (p *serverProc) close() {
 type serversCmd struct{}
 
 func (serversCmd) Run() error {
+	// The same server as identityd's, collected as identityd's is.
+	daemon.TuneGC()
 	in := bufio.NewReader(os.Stdin)
 	out := json.NewEncoder(os.Stdout)
 	var spec serversSpec

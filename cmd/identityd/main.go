@@ -95,6 +95,7 @@ func (s *serveCmd) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	log.Info("garbage collection target", "gogc", daemon.TuneGC())
 	// SIGHUP: start the binary as it is on disk now, which takes over.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
