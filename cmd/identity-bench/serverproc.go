@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -117,7 +118,7 @@ type serversCmd struct{}
 
 func (serversCmd) Run() error {
 	// The same server as identityd's, collected as identityd's is.
-	daemon.TuneGC()
+	go daemon.TuneGC(context.Background())
 	in := bufio.NewReader(os.Stdin)
 	out := json.NewEncoder(os.Stdout)
 	var spec serversSpec

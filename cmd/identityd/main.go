@@ -95,7 +95,7 @@ func (s *serveCmd) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	log.Info("garbage collection target", "gogc", daemon.TuneGC())
+	go daemon.TuneGC(ctx)
 	// SIGHUP: start the binary as it is on disk now, which takes over.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
