@@ -9,10 +9,20 @@ import (
 // TestGCPercent: a small heap may grow by the headroom, a large one by Go's
 // default doubling, and neither bound is crossed.
 func TestGCPercent(t *testing.T) {
-	assert.Equal(t, 3200, gcPercent(1<<20), "1 MB live: 32 MB of headroom")
-	assert.Equal(t, 400, gcPercent(8<<20))
+	// The runtime's goal for a heap of live bytes at GOGC p: live grown by
+	// p %, or its minimum heap, 4 MB scaled by p/100.
+	goal := func(live uint64) uint64 {
+		p := uint64(gcPercent(live))
+		return max(live+live*p/100, 4<<20*p/100)
+	}
+	const mb = 1 << 20
+	for _, live := range []uint64{0, 1 << 10, 1 * mb, 3 * mb, 8 * mb, 16 * mb} {
+		assert.LessOrEqual(t, goal(live), live+GCHeadroom+mb, "a %d-byte heap grows by the headroom at most", live)
+		assert.GreaterOrEqual(t, goal(live), live+GCHeadroom-mb, "a %d-byte heap grows by about the headroom", live)
+	}
+	assert.Equal(t, 425, gcPercent(1*mb), "1 MB live: the runtime's minimum decides")
+	assert.Equal(t, 200, gcPercent(8*mb), "8 MB live: the growth decides")
 	assert.Equal(t, 100, gcPercent(GCHeadroom), "from the headroom on, Go's default")
 	assert.Equal(t, 100, gcPercent(1<<30))
-	assert.Equal(t, 10000, gcPercent(1<<10), "a tiny heap is capped")
-	assert.Equal(t, 10000, gcPercent(0))
+	assert.Equal(t, uint64(2<<30), goal(1<<30), "a large heap doubles, as by default")
 }
