@@ -3,46 +3,63 @@ package daemon
 import (
 	"context"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
-	"time"
+	"sync"
+	"sync/atomic"
 )
 
-// GCHeadroom is the least the heap may grow past what is live before the
+// GCHeadroom is how far a small heap may grow past what is live before the
 // garbage collector runs, unless the environment sets GOGC. identityd's
 // live heap is one to a few megabytes, and a token request allocates about
 // 2 KB; with Go's default (collect when the heap has doubled, 4 MB at
-// least) it collected some 25 times a second at 10,000 requests a second,
+// least) it collected 23 times a second at 10,000 requests a second,
 // and each collection scans every goroutine's stack and the globals
-// whatever the heap holds: 10 to 15 µs of CPU per request, a sixth of the
-// total (BENCHMARKS.md, section 2c). 16 MB is what GOGC=400 gives a small
-// heap, which removed most of that; a larger heap (1,000 keep-alive
+// whatever the heap holds: about 7 µs of CPU per request of some 60
+// (BENCHMARKS.md, section 2c). 16 MB is what GOGC=400 gives a small
+// heap; a larger heap (1,000 keep-alive
 // connections, a full token cache) gets Go's default doubling instead of
 // GOGC=400's quintupling, which took such a daemon to 160 MB.
 const GCHeadroom = 16 << 20
 
-// gcTuneEvery is how often the target follows the live heap.
-const gcTuneEvery = time.Second
-
-// TuneGC keeps the collector's target (GOGC) at max(100, GCHeadroom over
-// the live heap) until ctx ends, checking every second; it does nothing if
-// GOGC is set in the environment. GOMEMLIMIT still bounds the heap.
+// TuneGC keeps the collector's target (GOGC) at gcPercent of the live heap
+// after every collection until ctx ends, so that a heap that grows fast
+// (1,000 clients connecting at once) is not collected for a while by a
+// target set for a small one; it does nothing if GOGC is set in the
+// environment. GOMEMLIMIT still bounds the heap.
 func TuneGC(ctx context.Context) {
 	if os.Getenv("GOGC") != "" {
 		return
 	}
-	live := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	t := time.NewTicker(gcTuneEvery)
-	defer t.Stop()
-	for {
-		metrics.Read(live)
-		debug.SetGCPercent(gcPercent(live[0].Value.Uint64()))
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	t := &gcTuner{live: []metrics.Sample{{Name: "/gc/heap/live:bytes"}}}
+	t.after()
+	<-ctx.Done()
+	t.stopped.Store(true)
+}
+
+// gcTuner sets the target after each collection: a sentinel made after
+// one collection is unreachable at the next, and its cleanup, run after
+// that collection, sets the target and makes the next sentinel.
+type gcTuner struct {
+	mu      sync.Mutex
+	live    []metrics.Sample
+	stopped atomic.Bool
+}
+
+// gcSentinel holds a pointer so that it is never a tiny allocation, whose
+// cleanups may not run.
+type gcSentinel struct{ _ *gcTuner }
+
+func (t *gcTuner) after() {
+	if t.stopped.Load() {
+		return
 	}
+	t.mu.Lock()
+	metrics.Read(t.live)
+	debug.SetGCPercent(gcPercent(t.live[0].Value.Uint64()))
+	t.mu.Unlock()
+	runtime.AddCleanup(&gcSentinel{}, func(t *gcTuner) { t.after() }, t)
 }
 
 // gcPercent is the GOGC that lets a heap of live bytes grow by GCHeadroom,
