@@ -53,20 +53,26 @@ func assertNothingLeft(t *testing.T, pid int) {
 	}
 }
 
-// TestSmoke runs the tool for a tiny configuration and checks that it
-// completes, reports figures that make sense, and cleans up. It asserts no
-// speed: the machine is shared.
-func TestSmoke(t *testing.T) {
-	dir := build(t)
-	cmd := exec.Command(filepath.Join(dir, "identity-bench"), "--sandboxes", "2", "--clients", "1", "--duration", "1s",
-		"--warmup", "100ms", "--sign-only", "200ms", "--alg", "ES256", "--json")
+// runBench runs the identity-bench built in dir with args and --json, checks
+// that it succeeded and left nothing behind, and returns its result.
+func runBench(t *testing.T, dir string, args ...string) result {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(dir, "identity-bench"), append(args, "--json")...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	require.NoError(t, cmd.Run(), "stderr:\n%s", stderr.String())
 	assertNothingLeft(t, cmd.Process.Pid)
-
 	var res result
 	require.NoError(t, json.Unmarshal(stdout.Bytes(), &res), stdout.String())
+	return res
+}
+
+// TestSmoke runs the tool for a tiny configuration and checks that it
+// completes, reports figures that make sense, and cleans up. It asserts no
+// speed: the machine is shared.
+func TestSmoke(t *testing.T) {
+	res := runBench(t, build(t), "--sandboxes", "2", "--clients", "1", "--duration", "1s",
+		"--warmup", "100ms", "--sign-only", "200ms", "--alg", "ES256")
 	assert.Equal(t, 2, res.Config.Sandboxes)
 	require.Len(t, res.Measurements, 6, "three targets in two modes")
 	seen := map[string]bool{}
@@ -133,14 +139,8 @@ func TestStorms(t *testing.T) {
 	dir := build(t)
 	run := func(args ...string) stormResult {
 		t.Helper()
-		cmd := exec.Command(filepath.Join(dir, "identity-bench"), append([]string{"--sandboxes", "3", "--alg", "ES256", "--json"}, args...)...)
-		var stdout, stderr bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &stderr
-		require.NoError(t, cmd.Run(), "stderr:\n%s", stderr.String())
-		assertNothingLeft(t, cmd.Process.Pid)
-		var res result
-		require.NoError(t, json.Unmarshal(stdout.Bytes(), &res), stdout.String())
-		require.NotNil(t, res.Storm, stdout.String())
+		res := runBench(t, dir, append([]string{"--sandboxes", "3", "--alg", "ES256"}, args...)...)
+		require.NotNil(t, res.Storm, "%+v", res)
 		return *res.Storm
 	}
 

@@ -6,21 +6,20 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
-	"sync"
 	"sync/atomic"
 )
 
 // GCHeadroom is how far a small heap may grow past what is live before the
 // garbage collector runs, unless the environment sets GOGC. identityd's
-// live heap is one to a few megabytes, and a token request allocates about
-// 2 KB; with Go's default (collect when the heap has doubled, 4 MB at
-// least) it collected 23 times a second at 10,000 requests a second,
-// and each collection scans every goroutine's stack and the globals
-// whatever the heap holds: about 7 µs of CPU per request of some 60
-// (BENCHMARKS.md, section 2c). 16 MB is what GOGC=400 gives a small
-// heap; a larger heap (1,000 keep-alive
-// connections, a full token cache) gets Go's default doubling instead of
-// GOGC=400's quintupling, which took such a daemon to 160 MB.
+// live heap is one to a few megabytes, and a cached token answer allocates
+// a few KB; with Go's default (collect when the heap has doubled, 4 MB at
+// least) it collected 23 times a second at 10,000 requests a second, and
+// each collection scans every goroutine's stack and the globals whatever
+// the heap holds: about 7 µs of CPU per request of some 60 (BENCHMARKS.md,
+// section 2c). 16 MB is what GOGC=400 gives a small heap; a larger heap
+// (1,000 keep-alive connections, a full token cache) gets Go's default
+// doubling instead of GOGC=400's quintupling, which took such a daemon to
+// 160 MB.
 const GCHeadroom = 16 << 20
 
 // TuneGC keeps the collector's target (GOGC) at gcPercent of the live heap
@@ -40,9 +39,9 @@ func TuneGC(ctx context.Context) {
 
 // gcTuner sets the target after each collection: a sentinel made after
 // one collection is unreachable at the next, and its cleanup, run after
-// that collection, sets the target and makes the next sentinel.
+// that collection, sets the target and makes the next sentinel. There is
+// one sentinel at a time, so the calls of after never overlap.
 type gcTuner struct {
-	mu      sync.Mutex
 	live    []metrics.Sample
 	stopped atomic.Bool
 }
@@ -55,10 +54,8 @@ func (t *gcTuner) after() {
 	if t.stopped.Load() {
 		return
 	}
-	t.mu.Lock()
 	metrics.Read(t.live)
 	debug.SetGCPercent(gcPercent(t.live[0].Value.Uint64()))
-	t.mu.Unlock()
 	runtime.AddCleanup(&gcSentinel{}, func(t *gcTuner) { t.after() }, t)
 }
 
