@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,17 +16,21 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/identityd/identityd/controllers"
 )
 
 // measurement is one target, one mode, one round.
 type measurement struct {
-	Target   string         `json:"target"`
-	Mode     string         `json:"mode"`
-	Round    int            `json:"round"`
-	Requests int            `json:"requests"`
-	Failures int            `json:"failures"`
-	Errors   map[string]int `json:"errors,omitempty"`
-	Elapsed  float64        `json:"elapsed_s"`
+	Target string `json:"target"`
+	Mode   string `json:"mode"`
+	Round  int    `json:"round"`
+	// Sandboxes is how many existed while it was measured.
+	Sandboxes int            `json:"sandboxes"`
+	Requests  int            `json:"requests"`
+	Failures  int            `json:"failures"`
+	Errors    map[string]int `json:"errors,omitempty"`
+	Elapsed   float64        `json:"elapsed_s"`
 	// Throughput is successful requests per second.
 	Throughput float64 `json:"throughput"`
 	P50        float64 `json:"p50_ms"`
@@ -44,6 +49,7 @@ type measurement struct {
 type summary struct {
 	Target     string     `json:"target"`
 	Mode       string     `json:"mode"`
+	Sandboxes  int        `json:"sandboxes"`
 	Rounds     int        `json:"rounds"`
 	Throughput [3]float64 `json:"throughput_min_med_max"`
 	P50        float64    `json:"p50_ms_median"`
@@ -55,12 +61,27 @@ type summary struct {
 }
 
 type ratio struct {
-	Mode string `json:"mode"`
+	Mode      string `json:"mode"`
+	Sandboxes int    `json:"sandboxes"`
 	// Of medians: identityd / baseline, identityd / bare HTTP, identityd /
 	// the all-cores sign-only rate of its algorithm.
 	VsBaseline float64 `json:"identityd_over_baseline,omitempty"`
 	VsHTTP     float64 `json:"identityd_over_http,omitempty"`
 	VsSign     float64 `json:"identityd_over_sign,omitempty"`
+}
+
+// growth is a target's throughput with --grow-to sandboxes over that with
+// --sandboxes, in one mode.
+type growth struct {
+	Target string `json:"target"`
+	Mode   string `json:"mode"`
+	From   int    `json:"from_sandboxes"`
+	To     int    `json:"to_sandboxes"`
+	// PerRound is min, median and max of the rounds' own ratios: each
+	// round measures both sizes, so drift between rounds cancels.
+	PerRound [3]float64 `json:"per_round_min_med_max"`
+	// OfMedians is the median throughput at To over that at From.
+	OfMedians float64 `json:"of_medians"`
 }
 
 type machine struct {
@@ -74,6 +95,7 @@ type config struct {
 	Sandboxes int    `json:"sandboxes"`
 	Clients   int    `json:"clients_per_sandbox"`
 	Active    int    `json:"active_sandboxes,omitempty"`
+	GrowTo    int    `json:"grow_to,omitempty"`
 	Duration  string `json:"duration"`
 	Requests  int    `json:"requests_per_client,omitempty"`
 	Alg       string `json:"alg"`
@@ -97,6 +119,7 @@ type result struct {
 	Measurements   []measurement `json:"measurements,omitempty"`
 	Summaries      []summary     `json:"summaries,omitempty"`
 	Ratios         []ratio       `json:"ratios,omitempty"`
+	Growth         []growth      `json:"growth,omitempty"`
 	Sign           []signFloor   `json:"sign_only,omitempty"`
 	SignSummary    []signSummary `json:"sign_only_summary,omitempty"`
 	DaemonPeakRSS  float64       `json:"identityd_peak_rss_mb"`
@@ -143,11 +166,14 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	if r.Storm == "" && r.Duration <= 0 && r.Requests <= 0 {
 		return errors.New("give --duration or --requests")
 	}
+	if r.GrowTo != 0 && (r.GrowTo <= r.Sandboxes || r.Storm != "") {
+		return errors.New("--grow-to must be more than --sandboxes, and is not for storms")
+	}
 	var uname syscall.Utsname
 	syscall.Uname(&uname)
 	res := &result{
 		Config: config{Sandboxes: r.Sandboxes, Clients: r.Clients, Duration: r.Duration.String(), Requests: r.Requests,
-			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds, HeldSocket: r.HoldSocket, Active: r.Active},
+			Alg: r.Alg, Audience: r.Audience, Rounds: r.Rounds, HeldSocket: r.HoldSocket, Active: r.Active, GrowTo: r.GrowTo},
 		Machine: machine{CPUs: runtime.NumCPU(), Kernel: charsToString(uname.Release[:]), LoadBefore: loadavg()},
 	}
 	if err := r.checkStorm(); err != nil {
@@ -180,7 +206,7 @@ func run(ctx context.Context, r *runCmd) (err error) {
 	}
 	res.DaemonReady = ready.Seconds()
 	begin := time.Now()
-	if err := h.createSandboxes(ctx, r.Sandboxes, r.Parallelism, !r.DynamicNeighbours, func(s string) { p.show(false, "%s", s) }); err != nil {
+	if _, err := h.createSandboxes(ctx, r.Sandboxes, r.Parallelism, !r.DynamicNeighbours, func(s string) { p.show(false, "%s", s) }); err != nil {
 		return err
 	}
 	res.CreateSeconds = time.Since(begin).Seconds()
@@ -254,14 +280,28 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 	if r.Mode != "both" {
 		modes = []string{r.Mode}
 	}
+	sizes := []int{r.Sandboxes}
+	if r.GrowTo > 0 {
+		sizes = append(sizes, r.GrowTo)
+	}
 	for round := 1; round <= r.Rounds; round++ {
-		for _, mode := range modes {
-			for _, target := range rotated(r.Targets, round-1) {
-				m, err := measure(ctx, h, srv, r, target, mode, round, p)
-				if err != nil {
-					return fmt.Errorf("round %d, %s %s: %w", round, target, mode, err)
+		// Every other round the other size first: one resize per round,
+		// and neither size always measured after the other.
+		if round > 1 {
+			slices.Reverse(sizes)
+		}
+		for _, n := range sizes {
+			if err := resize(ctx, h, srv, r, n, p); err != nil {
+				return fmt.Errorf("round %d: %w", round, err)
+			}
+			for _, mode := range modes {
+				for _, target := range rotated(r.Targets, round-1) {
+					m, err := measure(ctx, h, srv, r, target, mode, round, p)
+					if err != nil {
+						return fmt.Errorf("round %d, %s %s, %d sandboxes: %w", round, target, mode, n, err)
+					}
+					res.Measurements = append(res.Measurements, m)
 				}
-				res.Measurements = append(res.Measurements, m)
 			}
 		}
 		if r.SignOnly > 0 {
@@ -280,6 +320,43 @@ func measureAll(ctx context.Context, h *harness, r *runCmd, res *result, p *prog
 		}
 	}
 	summarize(res, r)
+	return nil
+}
+
+// resize grows or shrinks the world to n sandboxes, and tells the
+// baseline. Sandboxes are made and deleted at the end of the list, so the
+// loaded ones, among the first --sandboxes, stay.
+func resize(ctx context.Context, h *harness, srv *serverProc, r *runCmd, n int, p *progressLine) error {
+	progress := func(s string) { p.show(false, "%s", s) }
+	switch {
+	case n > len(h.sandboxes):
+		made, err := h.createSandboxes(ctx, n, r.Parallelism, !r.DynamicNeighbours, progress)
+		if err != nil {
+			return fmt.Errorf("grow to %d sandboxes: %w", n, err)
+		}
+		if err := srv.add(made); err != nil {
+			return err
+		}
+	case n < len(h.sandboxes):
+		gone, err := h.deleteSandboxes(ctx, n, r.Parallelism, progress)
+		if err != nil {
+			return fmt.Errorf("shrink to %d sandboxes: %w", n, err)
+		}
+		if err := srv.drop(gone); err != nil {
+			return err
+		}
+	default:
+		return nil
+	}
+	// The figure is only worth its label if identityd holds what was
+	// asked for.
+	var live []controllers.Record
+	if err := controllers.NewAdminClient(h.admin).Do(ctx, "GET", "/v1/sandboxes", nil, &live); err != nil {
+		return fmt.Errorf("list identityd's sandboxes: %w", err)
+	}
+	if len(live) != n {
+		return fmt.Errorf("identityd holds %d sandboxes after resizing to %d", len(live), n)
+	}
 	return nil
 }
 
@@ -309,13 +386,13 @@ func activeSandboxes(all []*benchSandbox, m int) []*benchSandbox {
 
 // measure runs one target in one mode from every active sandbox at once.
 func measure(ctx context.Context, h *harness, srv *serverProc, r *runCmd, target, mode string, round int, p *progressLine) (measurement, error) {
-	m := measurement{Target: target, Mode: mode, Round: round, Errors: map[string]int{}}
+	m := measurement{Target: target, Mode: mode, Round: round, Sandboxes: len(h.sandboxes), Errors: map[string]int{}}
 	pid := srv.pid()
 	if target == "identityd" {
 		pid = h.daemon.Process.Pid
 	}
 	// Every client starts at the same moment, once all have their job.
-	loaded := activeSandboxes(h.sandboxes, r.Active)
+	loaded := activeSandboxes(h.sandboxes[:min(r.Sandboxes, len(h.sandboxes))], r.Active)
 	start := time.Now().Add(100*time.Millisecond + time.Duration(len(loaded))*50*time.Microsecond)
 	measureFrom := start.Add(r.Warmup)
 	for _, sb := range loaded {
@@ -379,6 +456,9 @@ func measure(ctx context.Context, h *harness, srv *serverProc, r *runCmd, target
 	errs := make([]error, len(loaded))
 	var wg sync.WaitGroup
 	label := fmt.Sprintf("[round %d/%d] %-9s %-9s", round, r.Rounds, target, mode)
+	if r.GrowTo > 0 {
+		label += fmt.Sprintf(" N=%-5d", len(h.sandboxes))
+	}
 	for i, sb := range loaded {
 		wg.Go(func() {
 			reports[i], errs[i] = sb.client.wait(func(rep report) {
@@ -459,21 +539,26 @@ func med(v []float64) float64 {
 }
 
 func summarize(res *result, r *runCmd) {
-	type key struct{ target, mode string }
+	type key struct {
+		target, mode string
+		sandboxes    int
+	}
 	var order []key
 	groups := map[key][]measurement{}
 	for _, m := range res.Measurements {
-		k := key{m.Target, m.Mode}
+		k := key{m.Target, m.Mode, m.Sandboxes}
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
 		}
 		groups[k] = append(groups[k], m)
 	}
+	// By size, then as measured: the tables read down the sizes.
+	slices.SortStableFunc(order, func(a, b key) int { return cmp.Compare(a.sandboxes, b.sandboxes) })
 	tput := map[key]float64{}
 	for _, k := range order {
 		ms := groups[k]
 		var t, p50, p90, p99, cpu []float64
-		s := summary{Target: k.target, Mode: k.mode, Rounds: len(ms)}
+		s := summary{Target: k.target, Mode: k.mode, Sandboxes: k.sandboxes, Rounds: len(ms)}
 		for _, m := range ms {
 			t = append(t, m.Throughput)
 			p50, p90, p99, cpu = append(p50, m.P50), append(p90, m.P90), append(p99, m.P99), append(cpu, m.CPUPerRequest)
@@ -498,23 +583,74 @@ func summarize(res *result, r *runCmd) {
 			signRate[alg] = med(rates)
 		}
 	}
-	for _, mode := range []string{"keepalive", "newconn"} {
-		id, ok := tput[key{"identityd", mode}]
-		if !ok {
+	sizes := []int{r.Sandboxes}
+	if r.GrowTo > 0 {
+		sizes = append(sizes, r.GrowTo)
+	}
+	for _, n := range sizes {
+		for _, mode := range []string{"keepalive", "newconn"} {
+			id, ok := tput[key{"identityd", mode, n}]
+			if !ok {
+				continue
+			}
+			rt := ratio{Mode: mode, Sandboxes: n}
+			if b := tput[key{"baseline", mode, n}]; b > 0 {
+				rt.VsBaseline = id / b
+			}
+			if b := tput[key{"http", mode, n}]; b > 0 {
+				rt.VsHTTP = id / b
+			}
+			if s := signRate[r.Alg]; s > 0 {
+				rt.VsSign = id / s
+			}
+			res.Ratios = append(res.Ratios, rt)
+		}
+	}
+	if r.GrowTo > 0 {
+		res.Growth = growthOf(res.Measurements, r.Sandboxes, r.GrowTo)
+	}
+}
+
+// growthOf is each target's throughput with to sandboxes over that with
+// from, per mode, from measurements that hold both.
+func growthOf(ms []measurement, from, to int) []growth {
+	type key struct{ target, mode string }
+	type pair struct{ from, to float64 }
+	var order []key
+	rounds := map[key]map[int]*pair{}
+	for _, m := range ms {
+		k := key{m.Target, m.Mode}
+		if rounds[k] == nil {
+			rounds[k] = map[int]*pair{}
+			order = append(order, k)
+		}
+		pr := rounds[k][m.Round]
+		if pr == nil {
+			pr = &pair{}
+			rounds[k][m.Round] = pr
+		}
+		switch m.Sandboxes {
+		case from:
+			pr.from = m.Throughput
+		case to:
+			pr.to = m.Throughput
+		}
+	}
+	var out []growth
+	for _, k := range order {
+		var per, fromT, toT []float64
+		for _, pr := range rounds[k] {
+			if pr.from > 0 && pr.to > 0 {
+				per = append(per, pr.to/pr.from)
+				fromT, toT = append(fromT, pr.from), append(toT, pr.to)
+			}
+		}
+		if len(per) == 0 {
 			continue
 		}
-		rt := ratio{Mode: mode}
-		if b := tput[key{"baseline", mode}]; b > 0 {
-			rt.VsBaseline = id / b
-		}
-		if b := tput[key{"http", mode}]; b > 0 {
-			rt.VsHTTP = id / b
-		}
-		if s := signRate[r.Alg]; s > 0 {
-			rt.VsSign = id / s
-		}
-		res.Ratios = append(res.Ratios, rt)
+		out = append(out, growth{Target: k.target, Mode: k.mode, From: from, To: to, PerRound: minMedMax(per), OfMedians: med(toT) / med(fromT)})
 	}
+	return out
 }
 
 func printResult(res *result) {
@@ -535,9 +671,9 @@ func printResult(res *result) {
 		res.DaemonReady, c.Sandboxes, res.CreateSeconds)
 	if len(res.Summaries) > 0 {
 		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "target\tmode\trounds\treq/s min\tmedian\tmax\tp50 ms\tp90 ms\tp99 ms\tmax ms\tCPU us/req\tfailures\t")
+		fmt.Fprintln(tw, "sandboxes\ttarget\tmode\trounds\treq/s min\tmedian\tmax\tp50 ms\tp90 ms\tp99 ms\tmax ms\tCPU us/req\tfailures\t")
 		for _, s := range res.Summaries {
-			fmt.Fprintf(tw, "%s\t%s\t%d\t%.0f\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%.0f\t%d\t\n", s.Target, s.Mode, s.Rounds,
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%.0f\t%.0f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%.0f\t%d\t\n", s.Sandboxes, s.Target, s.Mode, s.Rounds,
 				s.Throughput[0], s.Throughput[1], s.Throughput[2], s.P50, s.P90, s.P99[1], s.Max, s.CPUPerReq, s.Failures)
 		}
 		tw.Flush()
@@ -559,8 +695,12 @@ func printResult(res *result) {
 		return fmt.Sprintf("%.2f", v)
 	}
 	for _, rt := range res.Ratios {
-		fmt.Printf("ratios (%s, medians): identityd/baseline %s  identityd/http %s  identityd/sign-only(%s, all cores) %s\n",
-			rt.Mode, ratioText(rt.VsBaseline), ratioText(rt.VsHTTP), c.Alg, ratioText(rt.VsSign))
+		fmt.Printf("ratios (%d sandboxes, %s, medians): identityd/baseline %s  identityd/http %s  identityd/sign-only(%s, all cores) %s\n",
+			rt.Sandboxes, rt.Mode, ratioText(rt.VsBaseline), ratioText(rt.VsHTTP), c.Alg, ratioText(rt.VsSign))
+	}
+	for _, g := range res.Growth {
+		fmt.Printf("throughput at %d over %d sandboxes (%s %s): per round %.2f [%.2f-%.2f], of medians %.2f\n",
+			g.To, g.From, g.Target, g.Mode, g.PerRound[1], g.PerRound[0], g.PerRound[2], g.OfMedians)
 	}
 	if res.Storm != nil {
 		res.Storm.print()

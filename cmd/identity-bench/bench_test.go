@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -185,6 +186,77 @@ func TestStorms(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, string(out), "--storm-clients shared is for --storm start")
 	assertNothingLeft(t, cmd.Process.Pid)
+}
+
+// TestGrowTo: with --grow-to each round measures every target at both
+// sizes, the world really growing and shrinking between them (identityd
+// holds as many sandboxes as the label says; the same ids are made again
+// after their deletion), and the growth ratios come from the same rounds.
+func TestGrowTo(t *testing.T) {
+	dir := build(t)
+	res := runBench(t, dir, "--sandboxes", "2", "--grow-to", "4", "--rounds", "3", "--mode", "keepalive",
+		"--duration", "500ms", "--warmup", "100ms", "--sign-only", "0", "--alg", "ES256")
+	assert.Equal(t, 4, res.Config.GrowTo)
+	require.Len(t, res.Measurements, 18, "three rounds, two sizes, three targets")
+	// One resize per round: 2 then 4, 4 then 2, 2 then 4.
+	var sizes []int
+	for i, m := range res.Measurements {
+		assert.Zero(t, m.Failures, "%+v", m)
+		assert.Positive(t, m.Requests, "%+v", m)
+		if i%3 == 0 {
+			sizes = append(sizes, m.Sandboxes)
+		}
+	}
+	assert.Equal(t, []int{2, 4, 4, 2, 2, 4}, sizes)
+	require.Len(t, res.Growth, 3)
+	for _, g := range res.Growth {
+		assert.Equal(t, 2, g.From, g.Target)
+		assert.Equal(t, 4, g.To, g.Target)
+		assert.Positive(t, g.PerRound[0], g.Target)
+		assert.LessOrEqual(t, g.PerRound[0], g.PerRound[1], g.Target)
+		assert.LessOrEqual(t, g.PerRound[1], g.PerRound[2], g.Target)
+		assert.Positive(t, g.OfMedians, g.Target)
+	}
+	require.Len(t, res.Ratios, 2, "identityd/baseline at each size")
+	require.Len(t, res.Summaries, 6)
+	assert.Equal(t, 2, res.Summaries[0].Sandboxes, "by size")
+	assert.Equal(t, 4, res.Summaries[5].Sandboxes)
+
+	cmd := exec.Command(filepath.Join(dir, "identity-bench"), "--sandboxes", "2", "--grow-to", "2")
+	out, err := cmd.CombinedOutput()
+	require.Error(t, err)
+	assert.Contains(t, string(out), "--grow-to must be more than --sandboxes")
+}
+
+// TestBaselineAddDrop: the baseline learns sandboxes made after it started
+// and forgets deleted ones, as identityd's registry does.
+func TestBaselineAddDrop(t *testing.T) {
+	b := newBySource()
+	sb := func(i int) serverSandbox {
+		return serverSandbox{Addr: netip.AddrFrom4([4]byte{10, 0, 0, byte(i)}), ID: fmt.Sprintf("b%05d", i), App: "a", Org: "o", Secret: fmt.Sprint("s", i)}
+	}
+	b.add([]serverSandbox{sb(1), sb(2)})
+	b.add([]serverSandbox{sb(3)})
+	n := b.index[sb(3).Addr]
+	got, err := b.Resolve(n, n)
+	require.NoError(t, err)
+	assert.Equal(t, "b00003", got.ID)
+	ok, err := b.Verify("b00003", "s3")
+	require.NoError(t, err)
+	assert.True(t, ok)
+
+	b.drop([]string{"b00002", "b00003"})
+	_, err = b.Resolve(n, n)
+	assert.Error(t, err)
+	ok, _ = b.Verify("b00003", "s3")
+	assert.False(t, ok)
+	assert.Len(t, b.index, 1)
+	ok, _ = b.Verify("b00001", "s1")
+	assert.True(t, ok, "the others stay")
+
+	// A deleted sandbox made again is known under a new number.
+	b.add([]serverSandbox{sb(3)})
+	assert.NotEqual(t, n, b.index[sb(3).Addr])
 }
 
 // TestRotatedTargets: each round begins with the next target, and every

@@ -344,7 +344,9 @@ func figures(in inputs, warn io.Writer) []*figure {
 			}
 		}
 		for _, s := range r.Summaries {
-			if s.Rounds == 0 {
+			// A --grow-to run measures two sizes in the same rounds: a
+			// ratio of its own, not points of the series of runs by N.
+			if s.Rounds == 0 || c.GrowTo > 0 {
 				continue
 			}
 			k := loadKey{c.Alg, s.Mode, audience, clients, c.Active}

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"runtime/pprof"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/identityd/identityd/internal/daemon"
@@ -43,16 +44,14 @@ type serverProc struct {
 	stdin    io.WriteCloser
 	out      *bufio.Reader
 	tokenLen int
+	// mu keeps one command and its reply together.
+	mu sync.Mutex
 }
 
 // startServerProcess starts the server process for h's sandboxes and waits
 // until it serves.
 func startServerProcess(h *harness, alg string) (*serverProc, error) {
-	spec := serversSpec{Router: h.router, Dir: h.dir, Alg: alg}
-	for _, sb := range h.sandboxes {
-		r := sb.created.Sandbox
-		spec.Sandboxes = append(spec.Sandboxes, serverSandbox{Addr: sb.addr, ID: r.ID, App: r.App, Org: r.Org, Secret: sb.secret})
-	}
+	spec := serversSpec{Router: h.router, Dir: h.dir, Alg: alg, Sandboxes: serverSandboxes(h.sandboxes)}
 	cmd, stdin, out, err := startInNetns(h.self, "__servers", h.world.HostNetns, nil)
 	if err != nil {
 		return nil, fmt.Errorf("start the server process: %w", err)
@@ -81,20 +80,69 @@ func startServerProcess(h *harness, alg string) (*serverProc, error) {
 	return p, nil
 }
 
+// serverSandboxes is what the baseline knows of sbs.
+func serverSandboxes(sbs []*benchSandbox) []serverSandbox {
+	out := make([]serverSandbox, 0, len(sbs))
+	for _, sb := range sbs {
+		r := sb.created.Sandbox
+		out = append(out, serverSandbox{Addr: sb.addr, ID: r.ID, App: r.App, Org: r.Org, Secret: sb.secret})
+	}
+	return out
+}
+
 func (p *serverProc) pid() int { return p.cmd.Process.Pid }
 
 // profile has the server process write its CPU profile over d, from now,
 // to file; it returns when the profile is written.
 func (p *serverProc) profile(d time.Duration, file string) error {
-	if _, err := fmt.Fprintf(p.stdin, "profile %d %s\n", d, file); err != nil {
+	if err := p.do(fmt.Sprintf("profile %d %s", d, file)); err != nil {
 		return fmt.Errorf("profile the server process: %w", err)
 	}
-	line, err := p.out.ReadString('\n')
+	return nil
+}
+
+// add tells the baseline of sandboxes made after it started.
+func (p *serverProc) add(sbs []*benchSandbox) error {
+	b, err := json.Marshal(serverSandboxes(sbs))
 	if err != nil {
-		return fmt.Errorf("profile the server process: %w", err)
+		return err
 	}
-	if line = strings.TrimSpace(line); line != "ok" {
-		return fmt.Errorf("profile the server process: %s", line)
+	if err := p.do("add " + string(b)); err != nil {
+		return fmt.Errorf("tell the baseline of new sandboxes: %w", err)
+	}
+	return nil
+}
+
+// drop tells the baseline of sandboxes deleted.
+func (p *serverProc) drop(sbs []*benchSandbox) error {
+	ids := make([]string, 0, len(sbs))
+	for _, sb := range sbs {
+		ids = append(ids, sb.created.Sandbox.ID)
+	}
+	b, err := json.Marshal(ids)
+	if err != nil {
+		return err
+	}
+	if err := p.do("drop " + string(b)); err != nil {
+		return fmt.Errorf("tell the baseline of deleted sandboxes: %w", err)
+	}
+	return nil
+}
+
+// do sends one command line and waits for its "ok". One caller at a time:
+// the benchmark's main goroutine, or a profile it waits for.
+func (p *serverProc) do(line string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, err := fmt.Fprintln(p.stdin, line); err != nil {
+		return err
+	}
+	reply, err := p.out.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if reply = strings.TrimSpace(reply); reply != "ok" {
+		return errors.New(reply)
 	}
 	return nil
 }
@@ -141,14 +189,39 @@ func (serversCmd) Run() error {
 		if err != nil {
 			return nil // stdin closed: the benchmark is done, or gone
 		}
+		fmt.Fprintln(os.Stdout, srv.command(strings.TrimSpace(line)))
+	}
+}
+
+// command carries out one line from the benchmark and says "ok" or why
+// not: "profile DURATION FILE", "add [serverSandbox...]" (JSON) or "drop
+// [id...]" (JSON).
+func (s *servers) command(line string) string {
+	verb, arg, _ := strings.Cut(line, " ")
+	switch verb {
+	case "profile":
 		var d time.Duration
 		var file string
-		if _, err := fmt.Sscanf(line, "profile %d %s", &d, &file); err != nil {
-			fmt.Fprintf(os.Stdout, "unknown command %q\n", strings.TrimSpace(line))
-			continue
+		if _, err := fmt.Sscanf(arg, "%d %s", &d, &file); err != nil {
+			return fmt.Sprintf("bad profile command %q: %v", line, err)
 		}
-		fmt.Fprintln(os.Stdout, profileFor(d, file))
+		return profileFor(d, file)
+	case "add":
+		var sbs []serverSandbox
+		if err := json.Unmarshal([]byte(arg), &sbs); err != nil {
+			return fmt.Sprintf("bad add command: %v", err)
+		}
+		s.known.add(sbs)
+		return "ok"
+	case "drop":
+		var ids []string
+		if err := json.Unmarshal([]byte(arg), &ids); err != nil {
+			return fmt.Sprintf("bad drop command: %v", err)
+		}
+		s.known.drop(ids)
+		return "ok"
 	}
+	return fmt.Sprintf("unknown command %q", line)
 }
 
 // profileFor writes this process's CPU profile over d to file, and says

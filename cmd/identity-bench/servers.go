@@ -31,12 +31,49 @@ const (
 // bySource is the baseline's "attestation": the caller is whoever holds
 // the connection's source address, as the runtime identityd replaces
 // decides it. Sandboxes are numbered; the number stands in for the cgroup
-// id and netns cookie of a record.
+// id and netns cookie of a record. The lock is for --grow-to, which adds
+// and drops sandboxes while the baseline serves (identityd's registry has
+// its own).
 type bySource struct {
+	mu    sync.RWMutex
+	next  uint64
 	index map[netip.Addr]uint64
-	sbs   []registry.Sandbox
+	sbs   map[uint64]registry.Sandbox
 	// secrets by sandbox id, in memory.
 	secrets map[string]string
+}
+
+func newBySource() *bySource {
+	return &bySource{index: map[netip.Addr]uint64{}, sbs: map[uint64]registry.Sandbox{}, secrets: map[string]string{}}
+}
+
+// add makes the baseline know sbs by their addresses.
+func (b *bySource) add(sbs []serverSandbox) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, sb := range sbs {
+		b.next++
+		b.index[sb.Addr] = b.next
+		b.sbs[b.next] = registry.Sandbox{ID: sb.ID, App: sb.App, Org: sb.Org}
+		b.secrets[sb.ID] = sb.Secret
+	}
+}
+
+// drop forgets the sandboxes with these ids.
+func (b *bySource) drop(ids []string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	gone := map[string]bool{}
+	for _, id := range ids {
+		gone[id] = true
+		delete(b.secrets, id)
+	}
+	for addr, n := range b.index {
+		if gone[b.sbs[n].ID] {
+			delete(b.index, addr)
+			delete(b.sbs, n)
+		}
+	}
 }
 
 func (b *bySource) Lookup(c syscall.Conn) (bpf.Record, error) {
@@ -48,7 +85,9 @@ func (b *bySource) Lookup(c syscall.Conn) (bpf.Record, error) {
 	if err != nil {
 		return bpf.Record{}, bpf.ErrNoRecord
 	}
+	b.mu.RLock()
 	n, ok := b.index[ap.Addr().Unmap()]
+	b.mu.RUnlock()
 	if !ok {
 		return bpf.Record{}, bpf.ErrNoRecord
 	}
@@ -56,14 +95,19 @@ func (b *bySource) Lookup(c syscall.Conn) (bpf.Record, error) {
 }
 
 func (b *bySource) Resolve(cgroupID, _ uint64) (registry.Sandbox, error) {
-	if cgroupID == 0 || cgroupID > uint64(len(b.sbs)) {
+	b.mu.RLock()
+	sb, ok := b.sbs[cgroupID]
+	b.mu.RUnlock()
+	if !ok {
 		return registry.Sandbox{}, errors.New("no such sandbox")
 	}
-	return b.sbs[cgroupID-1], nil
+	return sb, nil
 }
 
 func (b *bySource) Verify(id, bearer string) (bool, error) {
+	b.mu.RLock()
 	s, ok := b.secrets[id]
+	b.mu.RUnlock()
 	if !ok {
 		return false, nil
 	}
@@ -73,6 +117,7 @@ func (b *bySource) Verify(id, bearer string) (bool, error) {
 // servers are the servers of modes 2 and 3, run by the server process.
 type servers struct {
 	baseline, bare *http.Server
+	known          *bySource
 	wg             sync.WaitGroup
 	logf           *os.File
 	tokenLen       int
@@ -87,13 +132,9 @@ func startServers(spec serversSpec) (*servers, error) {
 	if err != nil {
 		return nil, fmt.Errorf("baseline keys: %w", err)
 	}
-	src := &bySource{index: map[netip.Addr]uint64{}, secrets: map[string]string{}}
-	for i, sb := range spec.Sandboxes {
-		src.index[sb.Addr] = uint64(i + 1)
-		src.sbs = append(src.sbs, registry.Sandbox{ID: sb.ID, App: sb.App, Org: sb.Org})
-		src.secrets[sb.ID] = sb.Secret
-	}
-	s := &servers{}
+	src := newBySource()
+	src.add(spec.Sandboxes)
+	s := &servers{known: src}
 	// The baseline logs its audit lines as identityd does, to a file.
 	if s.logf, err = os.OpenFile(filepath.Join(dir, "baseline.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err != nil {
 		return nil, err

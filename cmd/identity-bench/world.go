@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -118,7 +119,10 @@ type harness struct {
 	// pprof is identityd's profile address with --profile.
 	pprof string
 
+	// sandboxes in the order of their ids (b00000, ...). Only the main
+	// goroutine changes it, under sbMu, which abortOnCancel also takes.
 	sandboxes []*benchSandbox
+	sbMu      sync.Mutex
 	neighMu   sync.Mutex
 }
 
@@ -386,18 +390,20 @@ func (h *harness) logTail() string {
 	return strings.Join(lines[max(0, len(lines)-15):], "\n")
 }
 
-// createSandboxes makes n sandboxes through the admin API, parallel
-// requests at a time, and starts a load client in each.
-func (h *harness) createSandboxes(ctx context.Context, n, parallel int, pinNeighbours bool, progress func(string)) error {
+// createSandboxes makes sandboxes through the admin API until there are n,
+// parallel requests at a time, and starts a load client in each. It
+// returns those it made.
+func (h *harness) createSandboxes(ctx context.Context, n, parallel int, pinNeighbours bool, progress func(string)) ([]*benchSandbox, error) {
 	api := controllers.NewAdminClient(h.admin)
-	out := make([]*benchSandbox, n)
+	from := len(h.sandboxes)
+	out := make([]*benchSandbox, max(n-from, 0))
 	var made atomic.Int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(max(parallel, 1))
-	for i := range n {
+	for i := range out {
 		g.Go(func() error {
 			var c controllers.Created
-			id := fmt.Sprintf("b%05d", i)
+			id := fmt.Sprintf("b%05d", from+i)
 			if err := api.Do(gctx, "POST", "/v1/sandboxes", controllers.CreateRequest{ID: id, App: "bench", Org: "bench"}, &c); err != nil {
 				return fmt.Errorf("create sandbox %s: %w", id, err)
 			}
@@ -421,17 +427,56 @@ func (h *harness) createSandboxes(ctx context.Context, n, parallel int, pinNeigh
 			}
 			sb.client = lc
 			out[i] = sb
-			progress(fmt.Sprintf("sandboxes: %d/%d created, clients started", made.Add(1), n))
+			progress(fmt.Sprintf("sandboxes: %d/%d created, clients started", made.Add(1), len(out)))
 			return nil
 		})
 	}
 	err := g.Wait()
+	h.sbMu.Lock()
+	defer h.sbMu.Unlock()
+	// With err set the run ends: what was made is kept for the cleanup.
+	var fresh []*benchSandbox
 	for _, sb := range out {
 		if sb != nil {
 			h.sandboxes = append(h.sandboxes, sb)
+			fresh = append(fresh, sb)
 		}
 	}
-	return err
+	return fresh, err
+}
+
+// deleteSandboxes stops the load clients of the sandboxes past the first n
+// and deletes those sandboxes through the admin API, parallel requests at a
+// time. It returns those it deleted.
+func (h *harness) deleteSandboxes(ctx context.Context, n, parallel int, progress func(string)) ([]*benchSandbox, error) {
+	if n >= len(h.sandboxes) {
+		return nil, nil
+	}
+	api := controllers.NewAdminClient(h.admin)
+	gone := slices.Clone(h.sandboxes[n:])
+	var done atomic.Int64
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(max(parallel, 1))
+	for _, sb := range gone {
+		g.Go(func() error {
+			sb.client.close()
+			if err := api.Do(gctx, "DELETE", "/v1/sandboxes/"+sb.created.Sandbox.ID, nil, nil); err != nil {
+				return fmt.Errorf("delete sandbox %s: %w", sb.created.Sandbox.ID, err)
+			}
+			progress(fmt.Sprintf("sandboxes: %d/%d deleted", done.Add(1), len(gone)))
+			return nil
+		})
+	}
+	err := g.Wait()
+	if err != nil {
+		// Some may be left: the cleanup removes whatever has the run's
+		// prefix.
+		return nil, err
+	}
+	h.sbMu.Lock()
+	h.sandboxes = h.sandboxes[:n]
+	h.sbMu.Unlock()
+	return gone, nil
 }
 
 // pinNeighbours gives both ends of the sandbox's veth a permanent
@@ -603,6 +648,8 @@ func (c *loadClient) close() {
 // nothing waits for their jobs to run out; the cleanup follows.
 func (h *harness) abortOnCancel(ctx context.Context) (stop func() bool) {
 	return context.AfterFunc(ctx, func() {
+		h.sbMu.Lock()
+		defer h.sbMu.Unlock()
 		for _, sb := range h.sandboxes {
 			sb.client.close()
 		}
