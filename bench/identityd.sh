@@ -8,7 +8,7 @@
 # Environment: IDENTITY_BENCH_BIN, a directory with identityd and
 # identity-bench to use instead of building them from the working tree.
 # Each run writes OUT/<name>.txt (the table) and OUT/<name>.json.
-# About 25 minutes on 2 vCPUs.
+# About 35 minutes on 2 vCPUs.
 set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "identityd.sh: run as root" >&2; exit 1; }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,6 +40,11 @@ for alg in ES256 RS256; do
 	for n in 10 100 1000; do
 		bench "n$n-active10-$alg" --sandboxes "$n" --active 10 --clients 1 --duration 2s --rounds 3 --alg "$alg"
 	done
+done
+# 1c. The same, 10 against 1,000 sandboxes in the same rounds: the world
+#     grows to 1,000 and shrinks back to 10 between measurements.
+for alg in ES256 RS256; do
+	bench "grow-n10-to1000-$alg" --sandboxes 10 --grow-to 1000 --clients 1 --duration 2s --rounds 5 --alg "$alg"
 done
 # 2. One sandbox, 4 clients, a fresh audience per request (every token signed).
 for alg in EdDSA ES256 RS256; do

@@ -357,7 +357,13 @@ func resize(ctx context.Context, h *harness, srv *serverProc, r *runCmd, n int, 
 	if len(live) != n {
 		return fmt.Errorf("identityd holds %d sandboxes after resizing to %d", len(live), n)
 	}
-	return nil
+	p.show(true, "%d sandboxes; settling for %s", n, r.Settle)
+	select {
+	case <-time.After(r.Settle):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // rotated is targets starting at the k-th (modulo their number): each round

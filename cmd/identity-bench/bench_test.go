@@ -195,7 +195,7 @@ func TestStorms(t *testing.T) {
 func TestGrowTo(t *testing.T) {
 	dir := build(t)
 	res := runBench(t, dir, "--sandboxes", "2", "--grow-to", "4", "--rounds", "3", "--mode", "keepalive",
-		"--duration", "500ms", "--warmup", "100ms", "--sign-only", "0", "--alg", "ES256")
+		"--duration", "500ms", "--warmup", "100ms", "--sign-only", "0", "--alg", "ES256", "--settle", "100ms")
 	assert.Equal(t, 4, res.Config.GrowTo)
 	require.Len(t, res.Measurements, 18, "three rounds, two sizes, three targets")
 	// One resize per round: 2 then 4, 4 then 2, 2 then 4.

@@ -45,6 +45,7 @@ type runCmd struct {
 	Clients      int           `default:"1" help:"Concurrent clients per sandbox."`
 	Active       int           `default:"0" help:"Load from only this many of the sandboxes, spread evenly over them (0: all): the load stays the same while the sandboxes the server knows multiply."`
 	GrowTo       int           `placeholder:"M" help:"Measure every round twice: with --sandboxes, and with the world grown to M sandboxes (created and deleted between the two, the order alternating by round), the load from the same sandboxes of the first --sandboxes (--active of them, if given). Reports each target's throughput at M over that at --sandboxes, round by round: how it falls as sandboxes multiply, from rounds minutes apart at most."`
+	Settle       time.Duration `default:"5s" help:"With --grow-to, the pause after each resize before measuring: the new client processes, the kernel's new interfaces and the daemon's first look at the new sandboxes are done by then."`
 	Duration     time.Duration `default:"5s" help:"Length of each measurement (0: only --requests bounds it)."`
 	Requests     int           `default:"0" help:"Requests per client per measurement (0: only --duration bounds it)."`
 	Mode         string        `default:"both" enum:"keepalive,newconn,both" help:"keepalive: each client reuses one connection; newconn: a new connection per request; both."`
