@@ -68,6 +68,13 @@ type ratio struct {
 	VsBaseline float64 `json:"identityd_over_baseline,omitempty"`
 	VsHTTP     float64 `json:"identityd_over_http,omitempty"`
 	VsSign     float64 `json:"identityd_over_sign,omitempty"`
+	// Min, median and max of the same ratios taken round by round: the
+	// two targets of a round are measured seconds apart, so what the
+	// machine does from one round to the next cancels, where the ratio
+	// of medians may pair a fast round of one with a slow one of the
+	// other.
+	VsBaselineRounds [3]float64 `json:"identityd_over_baseline_per_round,omitzero"`
+	VsHTTPRounds     [3]float64 `json:"identityd_over_http_per_round,omitzero"`
 }
 
 // growth is a target's throughput with --grow-to sandboxes over that with
@@ -602,9 +609,11 @@ func summarize(res *result, r *runCmd) {
 			rt := ratio{Mode: mode, Sandboxes: n}
 			if b := tput[key{"baseline", mode, n}]; b > 0 {
 				rt.VsBaseline = id / b
+				rt.VsBaselineRounds = minMedMax(perRound(res.Measurements, mode, n, "baseline"))
 			}
 			if b := tput[key{"http", mode, n}]; b > 0 {
 				rt.VsHTTP = id / b
+				rt.VsHTTPRounds = minMedMax(perRound(res.Measurements, mode, n, "http"))
 			}
 			if s := signRate[r.Alg]; s > 0 {
 				rt.VsSign = id / s
@@ -615,6 +624,30 @@ func summarize(res *result, r *runCmd) {
 	if r.GrowTo > 0 {
 		res.Growth = growthOf(res.Measurements, r.Sandboxes, r.GrowTo)
 	}
+}
+
+// perRound is identityd's throughput over other's in each round that
+// measured both, in mode with n sandboxes.
+func perRound(ms []measurement, mode string, n int, other string) []float64 {
+	id, o := map[int]float64{}, map[int]float64{}
+	for _, m := range ms {
+		if m.Mode != mode || m.Sandboxes != n {
+			continue
+		}
+		switch m.Target {
+		case "identityd":
+			id[m.Round] = m.Throughput
+		case other:
+			o[m.Round] = m.Throughput
+		}
+	}
+	var out []float64
+	for round, v := range id {
+		if d := o[round]; d > 0 {
+			out = append(out, v/d)
+		}
+	}
+	return out
 }
 
 // growthOf is each target's throughput with to sandboxes over that with
@@ -700,9 +733,16 @@ func printResult(res *result) {
 		}
 		return fmt.Sprintf("%.2f", v)
 	}
+	perRoundText := func(v [3]float64) string {
+		if v[1] == 0 {
+			return ""
+		}
+		return fmt.Sprintf(" (per round %.2f [%.2f-%.2f])", v[1], v[0], v[2])
+	}
 	for _, rt := range res.Ratios {
-		fmt.Printf("ratios (%d sandboxes, %s, medians): identityd/baseline %s  identityd/http %s  identityd/sign-only(%s, all cores) %s\n",
-			rt.Sandboxes, rt.Mode, ratioText(rt.VsBaseline), ratioText(rt.VsHTTP), c.Alg, ratioText(rt.VsSign))
+		fmt.Printf("ratios (%d sandboxes, %s, medians): identityd/baseline %s%s  identityd/http %s%s  identityd/sign-only(%s, all cores) %s\n",
+			rt.Sandboxes, rt.Mode, ratioText(rt.VsBaseline), perRoundText(rt.VsBaselineRounds),
+			ratioText(rt.VsHTTP), perRoundText(rt.VsHTTPRounds), c.Alg, ratioText(rt.VsSign))
 	}
 	for _, g := range res.Growth {
 		fmt.Printf("throughput at %d over %d sandboxes (%s %s): per round %.2f [%.2f-%.2f], of medians %.2f\n",

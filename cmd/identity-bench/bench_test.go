@@ -100,6 +100,11 @@ func TestSmoke(t *testing.T) {
 		assert.Positive(t, r.VsBaseline, r.Mode)
 		assert.Positive(t, r.VsHTTP, r.Mode)
 		assert.Positive(t, r.VsSign, r.Mode)
+		for _, pr := range [][3]float64{r.VsBaselineRounds, r.VsHTTPRounds} {
+			assert.Positive(t, pr[0], r.Mode)
+			assert.LessOrEqual(t, pr[0], pr[1], r.Mode)
+			assert.LessOrEqual(t, pr[1], pr[2], r.Mode)
+		}
 	}
 	require.Len(t, res.SignSummary, 3, "RS256, ES256, EdDSA")
 	for _, s := range res.SignSummary {
@@ -226,6 +231,24 @@ func TestGrowTo(t *testing.T) {
 	out, err := cmd.CombinedOutput()
 	require.Error(t, err)
 	assert.Contains(t, string(out), "--grow-to must be more than --sandboxes")
+}
+
+// TestPerRound pairs each round's identityd with the same round's other
+// target, whatever order the rounds were measured in, and leaves out
+// rounds that lack either.
+func TestPerRound(t *testing.T) {
+	ms := []measurement{
+		{Target: "baseline", Mode: "keepalive", Round: 1, Sandboxes: 10, Throughput: 100},
+		{Target: "identityd", Mode: "keepalive", Round: 1, Sandboxes: 10, Throughput: 90},
+		{Target: "identityd", Mode: "keepalive", Round: 2, Sandboxes: 10, Throughput: 50},
+		{Target: "baseline", Mode: "keepalive", Round: 2, Sandboxes: 10, Throughput: 40},
+		{Target: "identityd", Mode: "keepalive", Round: 3, Sandboxes: 10, Throughput: 70},
+		{Target: "baseline", Mode: "newconn", Round: 3, Sandboxes: 10, Throughput: 70},
+		{Target: "baseline", Mode: "keepalive", Round: 1, Sandboxes: 1000, Throughput: 1},
+	}
+	assert.ElementsMatch(t, []float64{0.9, 1.25}, perRound(ms, "keepalive", 10, "baseline"))
+	assert.Empty(t, perRound(ms, "keepalive", 10, "http"))
+	assert.Equal(t, [3]float64{0.9, 1.075, 1.25}, minMedMax(perRound(ms, "keepalive", 10, "baseline")))
 }
 
 // TestBaselineAddDrop: the baseline learns sandboxes made after it started
