@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -629,65 +630,58 @@ func summarize(res *result, r *runCmd) {
 // perRound is identityd's throughput over other's in each round that
 // measured both, in mode with n sandboxes.
 func perRound(ms []measurement, mode string, n int, other string) []float64 {
-	id, o := map[int]float64{}, map[int]float64{}
-	for _, m := range ms {
-		if m.Mode != mode || m.Sandboxes != n {
-			continue
-		}
-		switch m.Target {
-		case "identityd":
-			id[m.Round] = m.Throughput
-		case other:
-			o[m.Round] = m.Throughput
-		}
+	of := func(target string) map[int]float64 {
+		return byRound(ms, func(m measurement) bool { return m.Target == target && m.Mode == mode && m.Sandboxes == n })
 	}
-	var out []float64
-	for round, v := range id {
-		if d := o[round]; d > 0 {
-			out = append(out, v/d)
-		}
-	}
-	return out
+	return roundRatios(of("identityd"), of(other))
 }
 
 // growthOf is each target's throughput with to sandboxes over that with
 // from, per mode, from measurements that hold both.
 func growthOf(ms []measurement, from, to int) []growth {
 	type key struct{ target, mode string }
-	type pair struct{ from, to float64 }
 	var order []key
-	rounds := map[key]map[int]*pair{}
+	seen := map[key]bool{}
 	for _, m := range ms {
-		k := key{m.Target, m.Mode}
-		if rounds[k] == nil {
-			rounds[k] = map[int]*pair{}
+		if k := (key{m.Target, m.Mode}); !seen[k] {
+			seen[k] = true
 			order = append(order, k)
-		}
-		pr := rounds[k][m.Round]
-		if pr == nil {
-			pr = &pair{}
-			rounds[k][m.Round] = pr
-		}
-		switch m.Sandboxes {
-		case from:
-			pr.from = m.Throughput
-		case to:
-			pr.to = m.Throughput
 		}
 	}
 	var out []growth
 	for _, k := range order {
-		var per, fromT, toT []float64
-		for _, pr := range rounds[k] {
-			if pr.from > 0 && pr.to > 0 {
-				per = append(per, pr.to/pr.from)
-				fromT, toT = append(fromT, pr.from), append(toT, pr.to)
-			}
+		at := func(n int) map[int]float64 {
+			return byRound(ms, func(m measurement) bool { return m.Target == k.target && m.Mode == k.mode && m.Sandboxes == n })
 		}
+		small, large := at(from), at(to)
+		per := roundRatios(large, small)
 		if len(per) == 0 {
 			continue
 		}
-		out = append(out, growth{Target: k.target, Mode: k.mode, From: from, To: to, PerRound: minMedMax(per), OfMedians: med(toT) / med(fromT)})
+		out = append(out, growth{Target: k.target, Mode: k.mode, From: from, To: to,
+			PerRound: minMedMax(per), OfMedians: med(slices.Collect(maps.Values(large))) / med(slices.Collect(maps.Values(small)))})
+	}
+	return out
+}
+
+// byRound is the throughput of the measurements keep picks, by round.
+func byRound(ms []measurement, keep func(measurement) bool) map[int]float64 {
+	out := map[int]float64{}
+	for _, m := range ms {
+		if keep(m) {
+			out[m.Round] = m.Throughput
+		}
+	}
+	return out
+}
+
+// roundRatios is num over den in each round that has both.
+func roundRatios(num, den map[int]float64) []float64 {
+	var out []float64
+	for round, v := range num {
+		if d := den[round]; d > 0 {
+			out = append(out, v/d)
+		}
 	}
 	return out
 }

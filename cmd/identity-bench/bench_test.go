@@ -251,6 +251,20 @@ func TestPerRound(t *testing.T) {
 	assert.Equal(t, [3]float64{0.9, 1.075, 1.25}, minMedMax(perRound(ms, "keepalive", 10, "baseline")))
 }
 
+// TestGrowthOf pairs each round's two sizes per target and mode; a round
+// that measured one size only is left out of the per-round ratios.
+func TestGrowthOf(t *testing.T) {
+	m := func(round, n int, tput float64) measurement {
+		return measurement{Target: "identityd", Mode: "keepalive", Round: round, Sandboxes: n, Throughput: tput}
+	}
+	g := growthOf([]measurement{m(1, 10, 100), m(1, 1000, 90), m(2, 1000, 60), m(2, 10, 50), m(3, 10, 80)}, 10, 1000)
+	require.Len(t, g, 1)
+	assert.Equal(t, [3]float64{0.9, 1.05, 1.2}, g[0].PerRound)
+	assert.InDelta(t, 75.0/80, g[0].OfMedians, 1e-9, "medians over all rounds of each size")
+	assert.Equal(t, 10, g[0].From)
+	assert.Equal(t, 1000, g[0].To)
+}
+
 // TestBaselineAddDrop: the baseline learns sandboxes made after it started
 // and forgets deleted ones, as identityd's registry does.
 func TestBaselineAddDrop(t *testing.T) {
